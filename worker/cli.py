@@ -1,0 +1,207 @@
+"""The ``sealstream`` command line: ``keygen``, ``worker``, ``send``, ``demo``.
+
+Flags override ``SEALSTREAM_*`` variables. Configuration errors print one line
+naming the setting and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from worker.errors import ConfigError, SealstreamError
+from worker.handlers import App
+from worker.logging import configure
+from worker.settings import Settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sealstream`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:
+        print(f"sealstream: error: {exc}", file=sys.stderr)
+        return 2
+    except SealstreamError as exc:
+        print(f"sealstream: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sealstream", description="Encrypted Redis Streams workers."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    keygen = sub.add_parser("keygen", help="write a service key pair and a master key")
+    keygen.add_argument("--dir", required=True, type=Path, help="directory for the key files")
+    keygen.add_argument("--bits", type=int, default=2048, choices=(2048, 3072, 4096))
+    keygen.set_defaults(run=_keygen)
+
+    worker = sub.add_parser("worker", help="run a worker process")
+    worker.add_argument("app", nargs="?", help="module:attribute of the App (default: demo app)")
+    worker.add_argument("--concurrency", type=int, help="handlers run at once (SEALSTREAM_CONCURRENCY)")
+    worker.add_argument("--burst", action="store_true", help="exit once the shards are drained")
+    worker.add_argument("--shards", type=int, help="request shards (SEALSTREAM_SHARDS)")
+    worker.add_argument("--redis-url", help="SEALSTREAM_REDIS_URL")
+    worker.add_argument("--prefix", help="SEALSTREAM_PREFIX")
+    worker.add_argument("--grace", type=float, help="seconds to finish in-flight work on stop")
+    worker.set_defaults(run=_worker)
+
+    send = sub.add_parser("send", help="send one request and print its reply")
+    send.add_argument("type", help="handler type")
+    send.add_argument("payload", help="JSON payload")
+    send.add_argument("--kid", help="pinned service kid (SEALSTREAM_KID)")
+    send.add_argument("--service-public-key-file", type=Path, help="SEALSTREAM_SERVICE_PUBLIC_KEY_FILE")
+    send.add_argument("--alg", default="SK+A256GCM", choices=("SK+A256GCM", "RSA-OAEP-256+A256GCM"))
+    send.add_argument("--encoding", default="e", choices=("e", "j"))
+    send.add_argument("--timeout", type=float, default=30.0)
+    send.add_argument("--redis-url", help="SEALSTREAM_REDIS_URL")
+    send.add_argument("--prefix", help="SEALSTREAM_PREFIX")
+    send.set_defaults(run=_send)
+
+    demo = sub.add_parser("demo", help="run workers and a producer on a private Redis")
+    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--sessions", type=int, default=8)
+    demo.add_argument("--jobs", type=int, default=400)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from worker.keys import write_keys
+
+    service = write_keys(args.dir, bits=args.bits)
+    print(f"wrote {args.dir}/service.pem, service.pub.pem, master.key", file=sys.stderr)
+    print(service.kid)
+    return 0
+
+
+def load_app(spec: str | None) -> App:
+    """Import ``module:attribute`` (an :class:`App`); None gives the demo app."""
+    if spec is None:
+        from worker.demo import app
+
+        return app
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"APP: expected module:attribute, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"APP: cannot import {module_name!r}: {exc}") from None
+    app = getattr(module, attr, None)
+    if not isinstance(app, App):
+        raise ConfigError(f"APP: {spec!r} is not a sealstream App")
+    return app
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings.from_env()
+    overrides: dict[str, Any] = {}
+    for flag, name in (
+        ("redis_url", "redis_url"), ("prefix", "prefix"), ("concurrency", "concurrency"),
+        ("shards", "shards"), ("grace", "grace_s"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[name] = value
+    if getattr(args, "burst", False):
+        overrides["burst"] = True
+    if overrides.get("concurrency", 1) < 1 or overrides.get("shards", 1) < 1:
+        raise ConfigError("--concurrency and --shards must be at least 1")
+    return replace(settings, **overrides).validated()
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker.pool import Worker
+
+    settings = _settings(args)
+    configure(settings.log_level, settings.log_format)
+    app = load_app(args.app)
+    worker = Worker(
+        app,
+        settings,
+        service_key=settings.load_service_key(),
+        master_keys=settings.load_master_keys(),
+    )
+
+    async def run() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, worker, tg.cancel_scope)
+            await worker.run()
+            tg.cancel_scope.cancel()
+
+    anyio.run(run)
+    return 0
+
+
+async def _watch_signals(worker: Any, scope: anyio.CancelScope) -> None:
+    """First SIGTERM/SIGINT: graceful stop. A second: stop now."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        count = 0
+        async for _ in signals:
+            count += 1
+            if count == 1:
+                worker.stop()
+            else:
+                scope.cancel()
+                return
+
+
+def _send(args: argparse.Namespace) -> int:
+    import os
+
+    from worker.client import Client
+    from worker.errors import ClientError
+
+    settings = _settings(args)
+    configure(settings.log_level, settings.log_format)
+    try:
+        payload = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"PAYLOAD: not JSON: {exc.msg}") from None
+    kid = args.kid or os.environ.get("SEALSTREAM_KID")
+    pub_file = args.service_public_key_file or os.environ.get("SEALSTREAM_SERVICE_PUBLIC_KEY_FILE")
+    pem = None
+    if pub_file:
+        try:
+            pem = Path(pub_file).read_text()
+        except OSError as exc:
+            raise ConfigError(f"SEALSTREAM_SERVICE_PUBLIC_KEY_FILE: {exc.strerror}") from None
+    if kid is None and pem is None:
+        raise ConfigError("pin the service key: --kid / SEALSTREAM_KID or --service-public-key-file")
+
+    async def run() -> Any:
+        async with Client.from_url(
+            settings.redis_url, kid=kid, service_public_key=pem, prefix=settings.prefix,
+            encoding=args.encoding,
+        ) as client, client.session(alg=args.alg, timeout=args.timeout) as session:
+            return await session.request(args.type, payload, timeout=args.timeout)
+
+    try:
+        result = anyio.run(run)
+    except ClientError as exc:
+        print(json.dumps({"error": str(exc)}))
+        return 1
+    print(json.dumps(result, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from worker.rundemo import run_demo
+
+    return run_demo(workers=args.workers, sessions=args.sessions, jobs=args.jobs)

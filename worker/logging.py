@@ -1,0 +1,40 @@
+"""structlog configuration: once at start, contextvars first, JSON off a terminal.
+
+Events are snake_case; ``session_id``/``message_id`` are bound per message. No
+key, plaintext or token is ever passed to a logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+def configure(level: str = "info", fmt: str = "auto") -> None:
+    """Configure structlog for the process (call once, at start)."""
+    json_out = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json_out else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str) -> Any:
+    """A lazy logger with ``logger=name``: it takes the configuration in force when used."""
+    return structlog.get_logger(logger=name)

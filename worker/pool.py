@@ -1,0 +1,263 @@
+"""The worker runtime: an anyio task group that owns every task.
+
+- one reader per shard (XREADGROUP ``>``), reading only as many entries as there
+  are free processing slots, so nothing waits in memory unstarted;
+- a reclaimer (XAUTOCLAIM past the claim timeout, from any consumer), which also
+  enforces the delivery limit;
+- a heartbeat that keeps this worker's in-flight entries from looking idle, so a
+  long handler is not run twice;
+- a trimmer (XTRIM MINID behind the group) every ``trim_interval_s``;
+- :meth:`Worker.stop` (SIGTERM/SIGINT in the CLI): stop reading, let in-flight
+  handlers finish within ``grace_s``, write their replies and acks, return.
+
+Every Redis call goes through :meth:`Worker._redis`, which rides out an outage
+with capped, jittered backoff and logs once per outage.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from worker.handlers import App
+from worker.keys import MasterKeys, ServiceKey
+from worker.logging import get_logger
+from worker.names import Names
+from worker.processor import Clock, Delivery, Processor, wall_clock_ms
+from worker.settings import Settings
+from worker.streams import Entry, Retrier, Store, connect
+
+log = get_logger("sealstream.worker")
+_READ_BLOCK_MS = 500
+
+
+class Worker:
+    """A worker process's runtime. Run it with ``await worker.run()`` in a task group."""
+
+    def __init__(
+        self,
+        app: App,
+        settings: Settings,
+        *,
+        service_key: ServiceKey,
+        master_keys: MasterKeys,
+        older_service_keys: tuple[ServiceKey, ...] = (),
+        clock: Clock = wall_clock_ms,
+        consumer: str | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.service_key = service_key
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        self._keys = {k.kid: k for k in (*older_service_keys, service_key)}
+        self._master_keys = master_keys
+        self._clock = clock
+        self._stopping = anyio.Event()
+        self._slots = anyio.Semaphore(settings.concurrency)
+        self._in_flight: dict[int, set[str]] = {s: set() for s in range(settings.shards)}
+        self._redis = Retrier()
+        self.processor: Processor | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the worker to stop reading and finish what it has (idempotent)."""
+        self._stopping.set()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters of what this worker has done."""
+        return self.processor.stats.snapshot() if self.processor else {}
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`stop` (or, with ``burst``, until the shards are drained)."""
+        s = self.settings
+        client = connect(s.redis_url)
+        try:
+            store = Store(
+                client, Names(s.prefix), reply_maxlen=s.reply_maxlen, dlq_maxlen=s.dlq_maxlen
+            )
+            self.processor = Processor(
+                store=store,
+                app=self.app,
+                settings=s,
+                service_keys=self._keys,
+                master_keys=self._master_keys,
+                consumer=self.consumer,
+                clock=self._clock,
+                retry=self._redis,
+            )
+            await self._redis(lambda: store.ensure_groups(s.shards))
+            await self._redis(
+                lambda: store.publish_config(
+                    shards=s.shards, public_pem=self.service_key.public_pem, kid=self.service_key.kid
+                )
+            )
+            log.info(
+                "worker_started",
+                consumer=self.consumer,
+                shards=s.shards,
+                concurrency=s.concurrency,
+                kid=self.service_key.kid,
+                handlers=self.app.names,
+            )
+            async with anyio.create_task_group() as work:
+                async with anyio.create_task_group() as feeders:
+                    for shard in range(s.shards):
+                        feeders.start_soon(self._read_loop, store, shard, work)
+                    feeders.start_soon(self._reclaim_loop, store, work)
+                    feeders.start_soon(self._heartbeat_loop, store)
+                    feeders.start_soon(self._trim_loop, store)
+                    if s.burst:
+                        feeders.start_soon(self._burst_watch, store)
+                    task_status.started()
+                    await self._stopping.wait()
+                    # Readers notice the flag within one blocking read and return on
+                    # their own, so no read is cut off after Redis delivered to us.
+                    feeders.cancel_scope.deadline = anyio.current_time() + 2.0
+                log.info("worker_stopping", in_flight=self._count_in_flight())
+                work.cancel_scope.deadline = anyio.current_time() + s.grace_s
+            if work.cancel_scope.cancel_called:
+                log.warning("worker_grace_expired", left=self._count_in_flight())
+            log.info("worker_stopped", **self.stats)
+        finally:
+            with anyio.move_on_after(2, shield=True):
+                await client.aclose()
+
+    # -- loops -----------------------------------------------------------------------
+
+    async def _read_loop(self, store: Store, shard: int, work: TaskGroup) -> None:
+        while not self._stopping.is_set():
+            slots = await self._take_slots()
+            try:
+                entries = await self._redis(
+                    lambda: store.read(shard, self.consumer, count=slots, block_ms=_READ_BLOCK_MS)
+                )
+            except BaseException:
+                self._give_back(slots)
+                raise
+            self._give_back(slots - len(entries))
+            for entry in entries:
+                self._start(work, shard, entry, attempts=1)
+
+    async def _reclaim_loop(self, store: Store, work: TaskGroup) -> None:
+        s = self.settings
+        interval = max(0.05, min(s.claim_idle_ms / 4000, 5.0))
+        while not self._stopping.is_set():
+            for shard in range(s.shards):
+                start = "0-0"
+                while not self._stopping.is_set():
+                    slots = await self._take_slots()
+                    try:
+                        start, entries = await self._redis(
+                            lambda: store.autoclaim(
+                                shard,
+                                self.consumer,
+                                min_idle_ms=s.claim_idle_ms,
+                                start=start,  # noqa: B023 - read before the next iteration
+                                count=slots,
+                            )
+                        )
+                        entries = [e for e in entries if e.id not in self._in_flight[shard]]
+                        counts = await self._redis(
+                            lambda: store.delivery_counts(shard, [e.id for e in entries])  # noqa: B023
+                        )
+                    except BaseException:
+                        self._give_back(slots)
+                        raise
+                    self._give_back(slots - len(entries))
+                    for entry in entries:
+                        log.info("entry_reclaimed", entry_id=entry.id, attempts=counts.get(entry.id))
+                        self._start(work, shard, entry, attempts=counts.get(entry.id, 1))
+                    if start == "0-0":
+                        break
+            with anyio.move_on_after(interval):
+                await self._stopping.wait()
+
+    async def _heartbeat_loop(self, store: Store) -> None:
+        interval = max(0.05, self.settings.claim_idle_ms / 3000)
+        while True:
+            await anyio.sleep(interval)
+            for shard, ids in self._in_flight.items():
+                if ids:
+                    await self._redis(lambda: store.touch(shard, self.consumer, list(ids)))  # noqa: B023
+
+    async def _trim_loop(self, store: Store) -> None:
+        while True:
+            for shard in range(self.settings.shards):
+                trimmed = await self._redis(lambda: store.trim(shard))  # noqa: B023
+                if trimmed:
+                    log.debug("shard_trimmed", shard=shard, entries=trimmed)
+                await self._redis(lambda: store.delete_idle_consumers(shard, idle_ms=3_600_000))  # noqa: B023
+            await anyio.sleep(self.settings.trim_interval_s)
+
+    async def _burst_watch(self, store: Store) -> None:
+        """In burst mode, stop once nothing is pending, in flight or unread."""
+        quiet = 0
+        while not self._stopping.is_set():
+            await anyio.sleep(0.2)
+            if self._count_in_flight():
+                quiet = 0
+                continue
+            drained = True
+            for shard in range(self.settings.shards):
+                pending = await self._redis(lambda: store.pending(shard))  # noqa: B023
+                lag = await self._redis(lambda: _lag(store, shard))  # noqa: B023
+                drained = drained and pending.count == 0 and lag == 0
+            quiet = quiet + 1 if drained else 0
+            if quiet >= 2:
+                log.info("burst_drained")
+                self.stop()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _start(self, work: TaskGroup, shard: int, entry: Entry, *, attempts: int) -> None:
+        assert self.processor is not None
+        self._in_flight[shard].add(entry.id)
+        work.start_soon(self._process, shard, entry, attempts)
+
+    async def _process(self, shard: int, entry: Entry, attempts: int) -> None:
+        assert self.processor is not None
+        processor = self.processor
+        try:
+            await processor.process(Delivery(shard=shard, entry=entry, attempts=attempts))
+        except Exception:
+            # A bug, not bad input: keep serving; the entry stays pending and is
+            # reclaimed (and eventually dead-lettered by the delivery limit).
+            log.exception("entry_failed", entry_id=entry.id)
+        finally:
+            self._in_flight[shard].discard(entry.id)
+            self._slots.release()
+
+    async def _take_slots(self) -> int:
+        """Wait for one free processing slot, then take up to 100 that are free."""
+        await self._slots.acquire()
+        taken = 1
+        while taken < 100:
+            try:
+                self._slots.acquire_nowait()
+            except anyio.WouldBlock:
+                break
+            taken += 1
+        return taken
+
+    def _give_back(self, n: int) -> None:
+        for _ in range(n):
+            self._slots.release()
+
+    def _count_in_flight(self) -> int:
+        return sum(len(ids) for ids in self._in_flight.values())
+
+
+async def _lag(store: Store, shard: int) -> int:
+    groups: list[dict[Any, Any]] = await store.redis.xinfo_groups(store.names.request_stream(shard))
+    for g in groups:
+        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+        if name == "workers":
+            lag = g.get("lag")
+            return int(lag) if lag is not None else 1
+    return 0

@@ -1,0 +1,134 @@
+"""Worker settings: a frozen value read from ``SEALSTREAM_*`` variables (pure).
+
+CLI flags override the environment by building a new value with
+:func:`dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker.errors import ConfigError
+from worker.keys import (
+    MasterKeys,
+    ServiceKey,
+    load_master_key_file,
+    load_service_key,
+    parse_master_keys,
+)
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything a worker is configured with. Secrets never appear in ``repr``."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    prefix: str = "sealstream"
+    service_key_file: Path | None = None
+    master_key_file: Path | None = None
+    master_key: str | None = field(default=None, repr=False)
+    shards: int = 1
+    concurrency: int = 32
+    claim_idle_ms: int = 30_000
+    replay_window_ms: int = 120_000
+    delivery_limit: int = 10
+    handler_timeout_s: float = 60.0
+    grace_s: float = 30.0
+    max_entry_size: int = 1024 * 1024
+    reply_maxlen: int = 1000
+    dlq_maxlen: int = 100_000
+    session_key_bits: int = 2048
+    trim_interval_s: float = 10.0
+    burst: bool = False
+    log_level: str = "info"
+    log_format: str = "auto"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read ``SEALSTREAM_*`` variables; :class:`ConfigError` names a bad one."""
+        env = os.environ if environ is None else environ
+
+        def text(name: str, default: str) -> str:
+            return env.get(f"SEALSTREAM_{name}", default) or default
+
+        def path(name: str) -> Path | None:
+            value = env.get(f"SEALSTREAM_{name}")
+            return Path(value) if value else None
+
+        return cls(
+            redis_url=text("REDIS_URL", DEFAULT_REDIS_URL),
+            prefix=text("PREFIX", "sealstream"),
+            service_key_file=path("SERVICE_KEY_FILE"),
+            master_key_file=path("MASTER_KEY_FILE"),
+            master_key=env.get("SEALSTREAM_MASTER_KEY") or None,
+            shards=_int(env, "SHARDS", 1, low=1, high=1024),
+            concurrency=_int(env, "CONCURRENCY", 32, low=1, high=10_000),
+            claim_idle_ms=_int(env, "CLAIM_IDLE_MS", 30_000, low=100),
+            replay_window_ms=_int(env, "REPLAY_WINDOW_MS", 120_000, low=1000),
+            delivery_limit=_int(env, "DELIVERY_LIMIT", 10, low=1),
+            handler_timeout_s=_float(env, "HANDLER_TIMEOUT_S", 60.0),
+            grace_s=_float(env, "GRACE_S", 30.0),
+            max_entry_size=_int(env, "MAX_ENTRY_SIZE", 1024 * 1024, low=1024),
+            session_key_bits=_int(env, "SESSION_KEY_BITS", 2048, low=2048, high=4096),
+            log_level=text("LOG_LEVEL", "info").lower(),
+            log_format=text("LOG_FORMAT", "auto").lower(),
+        ).validated()
+
+    def validated(self) -> Settings:
+        """Check cross-field rules; return self or raise :class:`ConfigError`."""
+        if self.session_key_bits not in (2048, 3072, 4096):
+            raise ConfigError("SEALSTREAM_SESSION_KEY_BITS: expected 2048, 3072 or 4096")
+        if self.log_format not in ("auto", "json", "console"):
+            raise ConfigError("SEALSTREAM_LOG_FORMAT: expected auto, json or console")
+        if not self.prefix or any(c in self.prefix for c in "{} \n"):
+            raise ConfigError("SEALSTREAM_PREFIX: must be non-empty, without braces or spaces")
+        return self
+
+    def load_service_key(self) -> ServiceKey:
+        """The service key pair from ``service_key_file``."""
+        if self.service_key_file is None:
+            raise ConfigError("SEALSTREAM_SERVICE_KEY_FILE is not set (see `sealstream keygen`)")
+        return load_service_key(self.service_key_file)
+
+    def load_master_keys(self) -> MasterKeys:
+        """The KEK ring from ``master_key`` (base64) or ``master_key_file``."""
+        if self.master_key:
+            return parse_master_keys(self.master_key, setting="SEALSTREAM_MASTER_KEY")
+        if self.master_key_file is None:
+            raise ConfigError(
+                "SEALSTREAM_MASTER_KEY_FILE or SEALSTREAM_MASTER_KEY is not set"
+                " (see `sealstream keygen`)"
+            )
+        return load_master_key_file(self.master_key_file)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, low: int = 0, high: int | None = None) -> int:
+    raw = env.get(f"SEALSTREAM_{name}")
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"SEALSTREAM_{name}: expected an integer, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ConfigError(f"SEALSTREAM_{name}: expected {bound}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(f"SEALSTREAM_{name}")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"SEALSTREAM_{name}: expected a number, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"SEALSTREAM_{name}: expected a positive number, got {raw!r}")
+    return value

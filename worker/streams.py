@@ -1,0 +1,345 @@
+"""Every Redis command the worker and client issue, in one place.
+
+Composes a ``redis.asyncio.Redis`` (never subclasses it). The two Lua scripts make
+the protocol's atomic steps: a reply is added only while the replay record is still
+this entry's, and in the same step the record becomes ``<entry id>|done`` (and, for
+a handshake, the session record is created). Each script touches one slot.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker.logging import get_logger
+from worker.names import GROUP, Names
+
+Fields = dict[bytes, bytes]
+T = TypeVar("T")
+log = get_logger("sealstream.redis")
+
+_ADD_REPLY = """
+local cur = redis.call('GET', KEYS[1])
+if cur ~= ARGV[1] then return 0 end
+if ARGV[6] then
+  if not redis.call('SET', KEYS[3], ARGV[6], 'NX', 'PXAT', ARGV[7]) then return -1 end
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', ARGV[4], ARGV[5])
+local pt = redis.call('PTTL', KEYS[3])
+if pt > 0 then redis.call('PEXPIRE', KEYS[2], pt) else redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
+redis.call('SET', KEYS[1], ARGV[1] .. '|done', 'KEEPTTL')
+return 1
+"""
+
+_ADD_NOTICE = """
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[3], ARGV[4])
+local pt = redis.call('PTTL', KEYS[2])
+if pt > 0 then
+  redis.call('PEXPIRE', KEYS[1], pt)
+elseif redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A Redis client for sealstream: bytes replies, keepalive, a short retry.
+
+    Longer outages are ridden out by the worker's own capped backoff, which logs
+    once per outage.
+    """
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_keepalive=True,
+        socket_connect_timeout=5,
+        health_check_interval=15,
+        retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.02), 2),
+    )
+
+
+class Retrier:
+    """Runs one Redis operation until it succeeds, riding out outages.
+
+    Capped, jittered exponential backoff; logs ``redis_unavailable`` once when an
+    outage starts and ``redis_reconnected`` once when it ends. Only idempotent or
+    retry-safe operations are passed here (see :meth:`Store.mark_seen` and the
+    reply script); cancellation ends the wait.
+    """
+
+    def __init__(self, *, cap_s: float = 2.0) -> None:
+        self.cap_s = cap_s
+        self.in_outage = False
+        self.outages = 0
+
+    async def __call__(self, op: Callable[[], Awaitable[T]]) -> T:
+        delay = 0.05
+        while True:
+            try:
+                result = await op()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if not self.in_outage:
+                    self.in_outage = True
+                    self.outages += 1
+                    log.warning("redis_unavailable", error_type=type(exc).__name__)
+                await anyio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter
+                delay = min(delay * 2, self.cap_s)
+                continue
+            if self.in_outage:
+                self.in_outage = False
+                log.info("redis_reconnected")
+            return result
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Entry:
+    """A stream entry: its id and raw fields."""
+
+    id: str
+    fields: Fields
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pending:
+    """A pending list summary for one shard."""
+
+    count: int
+    oldest: str | None
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entries(raw: Sequence[Any]) -> list[Entry]:
+    out = []
+    for entry_id, fields in raw:
+        if fields is None:  # deleted while pending
+            continue
+        out.append(Entry(id=_s(entry_id), fields=dict(fields)))
+    return out
+
+
+class Store:
+    """Redis operations of the protocol, named by what they mean."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        names: Names,
+        *,
+        reply_maxlen: int = 1000,
+        dlq_maxlen: int = 100_000,
+    ) -> None:
+        self.redis = client
+        self.names = names
+        self.reply_maxlen = reply_maxlen
+        self.dlq_maxlen = dlq_maxlen
+        self._add_reply = client.register_script(_ADD_REPLY)
+        self._add_notice = client.register_script(_ADD_NOTICE)
+
+    # -- setup ---------------------------------------------------------------------
+
+    async def ensure_groups(self, shards: int) -> None:
+        """Create group ``workers`` at id 0 (MKSTREAM) on every shard; idempotent."""
+        for shard in range(shards):
+            try:
+                await self.redis.xgroup_create(
+                    self.names.request_stream(shard), GROUP, id="0", mkstream=True
+                )
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def publish_config(self, *, shards: int, public_pem: str, kid: str) -> None:
+        """Write ``P:config`` (``shards``, ``servicePublicKey``, ``kid``)."""
+        await self.redis.hset(
+            self.names.config,
+            mapping={"shards": shards, "servicePublicKey": public_pem, "kid": kid},
+        )
+
+    async def read_config(self) -> dict[str, str]:
+        """``P:config`` as text."""
+        raw = await self.redis.hgetall(self.names.config)
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    # -- consuming -----------------------------------------------------------------
+
+    async def read(self, shard: int, consumer: str, *, count: int, block_ms: int) -> list[Entry]:
+        """New entries for this consumer (XREADGROUP ``>``)."""
+        stream = self.names.request_stream(shard)
+        raw = await self.redis.xreadgroup(
+            GROUP, consumer, {stream: ">"}, count=count, block=block_ms
+        )
+        if not raw:
+            return []
+        return _entries(raw[0][1])
+
+    async def autoclaim(
+        self, shard: int, consumer: str, *, min_idle_ms: int, start: str, count: int
+    ) -> tuple[str, list[Entry]]:
+        """Claim entries idle past ``min_idle_ms`` from any consumer (XAUTOCLAIM)."""
+        raw = await self.redis.xautoclaim(
+            self.names.request_stream(shard),
+            GROUP,
+            consumer,
+            min_idle_ms,
+            start_id=start,
+            count=count,
+        )
+        return _s(raw[0]), _entries(raw[1])
+
+    async def delivery_counts(self, shard: int, ids: Sequence[str]) -> dict[str, int]:
+        """Each pending entry's delivery count (from the pending list)."""
+        stream = self.names.request_stream(shard)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xpending_range(stream, GROUP, min=entry_id, max=entry_id, count=1)
+            results = await pipe.execute()
+        counts: dict[str, int] = {}
+        for entry_id, rows in zip(ids, results, strict=True):
+            if rows:
+                counts[entry_id] = int(rows[0]["times_delivered"])
+        return counts
+
+    async def touch(self, shard: int, consumer: str, ids: Sequence[str]) -> None:
+        """Reset the idle time of entries this worker is still processing."""
+        if ids:
+            await self.redis.xclaim(
+                self.names.request_stream(shard), GROUP, consumer, 0, list(ids), justid=True
+            )
+
+    async def ack(self, shard: int, entry_id: str) -> None:
+        """XACK one entry."""
+        await self.redis.xack(self.names.request_stream(shard), GROUP, entry_id)
+
+    async def pending(self, shard: int) -> Pending:
+        """The shard's pending-list summary."""
+        raw = await self.redis.xpending(self.names.request_stream(shard), GROUP)
+        oldest = raw.get("min")
+        return Pending(count=int(raw["pending"]), oldest=_s(oldest) if oldest else None)
+
+    async def trim(self, shard: int) -> int:
+        """XTRIM MINID behind the group: never past a pending or undelivered entry.
+
+        The group's last-delivered id is read before the pending list, so an entry
+        delivered in between is newer than the bound and survives.
+        """
+        stream = self.names.request_stream(shard)
+        groups = await self.redis.xinfo_groups(stream)
+        group = next((g for g in groups if _s(g["name"]) == GROUP), None)
+        if group is None:
+            return 0
+        last = _s(group["last-delivered-id"])
+        pending = await self.pending(shard)
+        if pending.oldest is not None:
+            bound = pending.oldest
+        else:
+            ms, seq = (int(p) for p in last.split("-"))
+            bound = f"{ms}-{seq + 1}"
+        if bound in ("0-1", "0-0"):
+            return 0
+        return int(await self.redis.xtrim(stream, minid=bound, approximate=False))
+
+    async def delete_idle_consumers(self, shard: int, *, idle_ms: int) -> int:
+        """Remove consumers with nothing pending that have been idle past ``idle_ms``."""
+        stream = self.names.request_stream(shard)
+        removed = 0
+        for c in await self.redis.xinfo_consumers(stream, GROUP):
+            if int(c["pending"]) == 0 and int(c["idle"]) > idle_ms:
+                await self.redis.xgroup_delconsumer(stream, GROUP, _s(c["name"]))
+                removed += 1
+        return removed
+
+    # -- sessions and replay ---------------------------------------------------------
+
+    async def get_session(self, sid: str) -> bytes | None:
+        """The sealed session record, or None."""
+        raw = await self.redis.get(self.names.session(sid))
+        return bytes(raw) if raw is not None else None
+
+    async def session_exists(self, sid: str) -> bool:
+        """Whether a session record exists for ``sid``."""
+        return bool(await self.redis.exists(self.names.session(sid)))
+
+    async def put_session(self, sid: str, record: bytes, *, expires_at_ms: int) -> bool:
+        """Store a new session record (NX) expiring at ``expires_at_ms``."""
+        ok = await self.redis.set(self.names.session(sid), record, nx=True, pxat=expires_at_ms)
+        return bool(ok)
+
+    async def mark_seen(self, sid: str, mid: str, entry_id: str, *, ttl_ms: int) -> str | None:
+        """SET the replay record NX; return its previous value (None: this call set it).
+
+        Retry-safe: a retried call that finds its own entry id sees a redelivery.
+        """
+        prev = await self.redis.set(
+            self.names.seen(sid, mid), entry_id, nx=True, px=ttl_ms, get=True
+        )
+        return _s(prev) if prev is not None else None
+
+    async def add_reply(
+        self,
+        sid: str,
+        mid: str,
+        entry_id: str,
+        entry: Mapping[str, bytes],
+        *,
+        fallback_ttl_ms: int,
+        session_record: bytes | None = None,
+        session_expires_at_ms: int | None = None,
+    ) -> int:
+        """Add a reply iff the replay record is still this entry's; mark it done.
+
+        With ``session_record`` the session is created (NX) in the same step.
+        Returns 1 when written, 0 when the record is not this entry's (already done,
+        or taken), -1 when the session already exists.
+        """
+        ((field, payload),) = entry.items()
+        args: list[Any] = [entry_id, self.reply_maxlen, fallback_ttl_ms, field, payload]
+        if session_record is not None:
+            args += [session_record, session_expires_at_ms]
+        result = await self._add_reply(
+            keys=[self.names.seen(sid, mid), self.names.reply_stream(sid), self.names.session(sid)],
+            args=args,
+        )
+        return int(result)
+
+    async def add_notice(
+        self, sid: str, entry: Mapping[str, bytes], *, fallback_ttl_ms: int
+    ) -> None:
+        """Add a ``rejected`` notice to the sid's reply stream."""
+        ((field, payload),) = entry.items()
+        await self._add_notice(
+            keys=[self.names.reply_stream(sid), self.names.session(sid)],
+            args=[self.reply_maxlen, fallback_ttl_ms, field, payload],
+        )
+
+    async def dead_letter(self, fields: Mapping[str, bytes | str | int]) -> None:
+        """Add a dead letter to ``P:dlq``."""
+        await self.redis.xadd(
+            self.names.dlq, dict(fields), maxlen=self.dlq_maxlen, approximate=True
+        )
+
+    # -- client side ---------------------------------------------------------------
+
+    async def add_request(self, shard: int, entry: Mapping[str, bytes]) -> str:
+        """XADD a request entry to shard ``n``; return its id."""
+        return _s(await self.redis.xadd(self.names.request_stream(shard), dict(entry)))
+
+    async def read_replies(self, sid: str, *, after: str, block_ms: int, count: int = 100) -> list[Entry]:
+        """Reply entries after ``after`` (XREAD BLOCK)."""
+        raw = await self.redis.xread({self.names.reply_stream(sid): after}, count=count, block=block_ms)
+        if not raw:
+            return []
+        return _entries(raw[0][1])

@@ -1,0 +1,429 @@
+"""The wire codec: stream entries <-> validated envelopes. Pure, no I/O.
+
+An entry has exactly one field: ``e`` (MessagePack map) or ``j`` (UTF-8 JSON
+object). Decoding is strict everywhere: one value and no trailing bytes, string
+keys only, no duplicate keys, no NaN/Infinity, no extension types, integers never
+given as bool or float, binary as raw bytes (MessagePack) or canonical padded
+standard base64 (JSON).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import msgpack
+
+from worker.envelope import (
+    ALG_RSA,
+    ALG_SK,
+    ALGORITHMS,
+    HANDSHAKE_TYPE,
+    IV_SIZE,
+    TAG_SIZE,
+    VERSION,
+)
+from worker.errors import Malformed, ProtocolError, Unsupported
+
+Field = Literal["e", "j"]
+FIELDS: Final = ("e", "j")
+DEFAULT_MAX_SIZE: Final = 1024 * 1024
+MAX_DEPTH: Final = 64
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TYPE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_MAX_TS = 2**53 - 1
+STATUSES: Final = frozenset({"ok", "error", "rejected"})
+
+
+class DecodeError(ValueError):
+    """A value is not strictly valid MessagePack or JSON."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    """A validated request envelope (nothing is authenticated yet)."""
+
+    field: Field
+    alg: str
+    sid: str
+    mid: str
+    ts: int
+    type: str
+    iv: bytes
+    encrypted_data: bytes
+    auth_tag: bytes
+    encrypted_aes_key: bytes | None = None
+    kid: str | None = None
+
+    @property
+    def is_handshake(self) -> bool:
+        """Whether this is a ``sealstream.handshake`` request."""
+        return self.type == HANDSHAKE_TYPE
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reply:
+    """A reply envelope: ``ok``/``error`` carry ciphertext, ``rejected`` a ``code``."""
+
+    field: Field
+    sid: str
+    mid: str
+    status: str
+    alg: str | None = None
+    iv: bytes | None = None
+    encrypted_data: bytes | None = None
+    auth_tag: bytes | None = None
+    code: str | None = None
+
+
+# -- strict values -----------------------------------------------------------------
+
+
+def _pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if not isinstance(key, str):
+            raise DecodeError("map keys must be strings")
+        if key in out:
+            raise DecodeError("duplicate map key")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise DecodeError(f"{name} is not allowed")
+
+
+def _check(value: Any, depth: int = 0) -> None:
+    """Refuse what strict decoding forbids but the parsers let through."""
+    if depth > MAX_DEPTH:
+        raise DecodeError("nested too deeply")
+    if value is None or isinstance(value, bool | int | bytes):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise DecodeError("NaN and Infinity are not allowed")
+        return
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DecodeError("strings must be valid Unicode") from None
+        return
+    if isinstance(value, list):
+        for item in value:
+            _check(item, depth + 1)
+        return
+    if isinstance(value, dict):
+        for item in value.values():
+            _check(item, depth + 1)
+        return
+    raise DecodeError(f"{type(value).__name__} values are not allowed")
+
+
+def loads(raw: bytes, field: Field) -> Any:
+    """Decode one strict MessagePack (``e``) or JSON (``j``) value; raise DecodeError."""
+    try:
+        if field == "e":
+            value = msgpack.unpackb(
+                raw,
+                raw=False,
+                strict_map_key=False,
+                object_pairs_hook=_pairs,
+                ext_hook=_refuse_ext,
+                timestamp=0,
+            )
+            if isinstance(value, msgpack.Timestamp):
+                raise DecodeError("extension types are not allowed")
+        else:
+            value = json.loads(
+                raw.decode("utf-8"), object_pairs_hook=_pairs, parse_constant=_no_constant
+            )
+    except DecodeError:
+        raise
+    except (ValueError, TypeError, RecursionError, msgpack.ExtraData) as exc:
+        raise DecodeError(f"not a single strict {'MessagePack' if field == 'e' else 'JSON'} value") from exc
+    _check(value)
+    return value
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise DecodeError("extension types are not allowed")
+
+
+def dumps(value: Any, field: Field) -> bytes:
+    """Encode a value as MessagePack (``e``) or compact UTF-8 JSON (``j``).
+
+    JSON is written as JavaScript's ``JSON.stringify`` does (no spaces, non-ASCII as
+    is). Raises ``TypeError``/``ValueError`` for what the encoding cannot carry
+    (bytes in JSON, NaN).
+    """
+    if field == "e":
+        _check(value)
+        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+def b64encode(data: bytes) -> str:
+    """Canonical standard base64 with padding."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode(text: str) -> bytes:
+    """Decode canonical standard base64 (padding, no whitespace, no stray bits)."""
+    try:
+        data = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise DecodeError("not canonical base64") from None
+    if base64.b64encode(data).decode("ascii") != text:
+        raise DecodeError("not canonical base64")
+    return data
+
+
+def binary(value: Any, field: Field) -> bytes:
+    """A binary value as its encoding carries it: bytes (``e``) or base64 (``j``)."""
+    if field == "e":
+        if not isinstance(value, bytes):
+            raise DecodeError("expected binary")
+        return value
+    if not isinstance(value, str):
+        raise DecodeError("expected a base64 string")
+    return b64decode(value)
+
+
+def to_wire_binary(data: bytes, field: Field) -> bytes | str:
+    """Binary for the given encoding: raw bytes (``e``) or base64 text (``j``)."""
+    return data if field == "e" else b64encode(data)
+
+
+def is_id(value: Any) -> bool:
+    """Whether ``value`` is a well-formed ``sid``/``mid``: 32 lowercase hex chars."""
+    return isinstance(value, str) and _HEX32.fullmatch(value) is not None
+
+
+def is_type(value: Any) -> bool:
+    """Whether ``value`` is a well-formed handler ``type``."""
+    return isinstance(value, str) and _TYPE.fullmatch(value) is not None
+
+
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (floats never count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# -- entries -----------------------------------------------------------------------
+
+
+def entry_size(fields: Mapping[bytes, bytes]) -> int:
+    """The entry's total bytes of field names and values."""
+    return sum(len(k) + len(v) for k, v in fields.items())
+
+
+def entry_field(fields: Mapping[bytes, bytes]) -> Field | None:
+    """The entry's one field name, or None unless it has exactly one named ``e``/``j``."""
+    if len(fields) != 1:
+        return None
+    (name,) = fields
+    if name == b"e":
+        return "e"
+    if name == b"j":
+        return "j"
+    return None
+
+
+_COMMON = frozenset({"v", "alg", "sid", "mid", "ts", "type", "iv", "encryptedData", "authTag"})
+
+
+def decode_request(fields: Mapping[bytes, bytes], *, max_size: int = DEFAULT_MAX_SIZE) -> Request:
+    """Validate and decode a request entry, before any cryptography.
+
+    Raises :class:`Malformed` or :class:`Unsupported`; the error carries
+    ``session_id``/``message_id`` (and ``field``, ``alg``, ``type``) when the entry
+    decoded to a map where they are well formed, so a notice can be sent.
+    """
+    field = entry_field(fields)
+    if field is None:
+        raise _refuse(Malformed("the entry must have exactly one field, e or j"), keep=False)
+    if entry_size(fields) > max_size:
+        raise _refuse(Malformed("the entry is over the size limit"), keep=False)
+    try:
+        env = loads(fields[field.encode()], field)
+    except DecodeError as exc:
+        raise _refuse(Malformed(str(exc)), field=field) from None
+    if not isinstance(env, dict):
+        raise _refuse(Malformed("the envelope must be a map"), field=field)
+    sid, mid = env.get("sid"), env.get("mid")
+    ctx: dict[str, Any] = {
+        "field": field,
+        "session_id": sid if is_id(sid) else None,
+        "message_id": mid if is_id(mid) else None,
+        "type_": env.get("type") if is_type(env.get("type")) else None,
+    }
+    alg = env.get("alg")
+    if alg in ALGORITHMS:
+        ctx["alg"] = alg
+    if "v" not in env:
+        raise _refuse(Malformed("missing field v"), **ctx)
+    if not is_int(env["v"]) or env["v"] != VERSION:
+        raise _refuse(Unsupported("unsupported version"), **ctx)
+    if alg not in ALGORITHMS:
+        raise _refuse(Unsupported("unsupported alg"), **ctx)
+    handshake = env.get("type") == HANDSHAKE_TYPE
+    expected = set(_COMMON)
+    if alg == ALG_RSA:
+        expected.add("encryptedAesKey")
+    if handshake:
+        expected.add("kid")
+    if set(env) != expected:
+        missing, unknown = sorted(expected - set(env)), sorted(set(env) - expected)
+        raise _refuse(Malformed(f"fields: missing {missing}, unknown {unknown}"), **ctx)
+    if handshake and alg != ALG_RSA:
+        raise _refuse(Malformed(f"a handshake must use {ALG_RSA}"), **ctx)
+    if ctx["session_id"] is None or ctx["message_id"] is None:
+        raise _refuse(Malformed("sid and mid must be 32 lowercase hex characters"), **ctx)
+    if ctx["type_"] is None:
+        raise _refuse(Malformed("type is not well formed"), **ctx)
+    ts = env["ts"]
+    if not is_int(ts) or not 0 <= ts <= _MAX_TS:
+        raise _refuse(Malformed("ts must be a non-negative integer of milliseconds"), **ctx)
+    kid = env.get("kid")
+    if handshake and (not isinstance(kid, str) or _HEX64.fullmatch(kid) is None):
+        raise _refuse(Malformed("kid must be 64 lowercase hex characters"), **ctx)
+    try:
+        iv = binary(env["iv"], field)
+        data = binary(env["encryptedData"], field)
+        tag = binary(env["authTag"], field)
+        wrapped = binary(env["encryptedAesKey"], field) if alg == ALG_RSA else None
+    except DecodeError as exc:
+        raise _refuse(Malformed(str(exc)), **ctx) from None
+    if len(iv) != IV_SIZE or len(tag) != TAG_SIZE:
+        raise _refuse(Malformed("iv must be 12 bytes and authTag 16 bytes"), **ctx)
+    if wrapped is not None and not wrapped:
+        raise _refuse(Malformed("encryptedAesKey is empty"), **ctx)
+    return Request(
+        field=field,
+        alg=alg,
+        sid=sid,
+        mid=mid,
+        ts=ts,
+        type=env["type"],
+        iv=iv,
+        encrypted_data=data,
+        auth_tag=tag,
+        encrypted_aes_key=wrapped,
+        kid=kid if handshake else None,
+    )
+
+
+def _refuse(
+    error: ProtocolError,
+    *,
+    keep: bool = True,
+    field: Field | None = None,
+    session_id: str | None = None,
+    message_id: str | None = None,
+    alg: str | None = None,
+    type_: str | None = None,
+) -> ProtocolError:
+    error.keep_original = keep
+    error.field = field
+    error.session_id = session_id
+    error.message_id = message_id
+    error.alg = alg
+    error.type = type_
+    return error
+
+
+def encode_request(request: Request) -> dict[str, bytes]:
+    """A request envelope as a stream entry ``{field: bytes}``."""
+    f = request.field
+    env: dict[str, Any] = {
+        "v": VERSION,
+        "alg": request.alg,
+        "sid": request.sid,
+        "mid": request.mid,
+        "ts": request.ts,
+        "type": request.type,
+        "iv": to_wire_binary(request.iv, f),
+        "encryptedData": to_wire_binary(request.encrypted_data, f),
+        "authTag": to_wire_binary(request.auth_tag, f),
+    }
+    if request.encrypted_aes_key is not None:
+        env["encryptedAesKey"] = to_wire_binary(request.encrypted_aes_key, f)
+    if request.kid is not None:
+        env["kid"] = request.kid
+    return {f: dumps(env, f)}
+
+
+def encode_reply(reply: Reply) -> dict[str, bytes]:
+    """A reply envelope as a stream entry ``{field: bytes}``."""
+    f = reply.field
+    env: dict[str, Any] = {"v": VERSION}
+    if reply.alg is not None:
+        env["alg"] = reply.alg
+    env.update(sid=reply.sid, mid=reply.mid, status=reply.status)
+    if reply.status == "rejected":
+        env["code"] = reply.code
+    else:
+        assert reply.iv is not None and reply.encrypted_data is not None
+        assert reply.auth_tag is not None
+        env["iv"] = to_wire_binary(reply.iv, f)
+        env["encryptedData"] = to_wire_binary(reply.encrypted_data, f)
+        env["authTag"] = to_wire_binary(reply.auth_tag, f)
+    return {f: dumps(env, f)}
+
+
+def decode_reply(fields: Mapping[bytes, bytes], *, max_size: int = DEFAULT_MAX_SIZE) -> Reply:
+    """Strictly decode a reply entry (client side); raise :class:`Malformed`."""
+    field = entry_field(fields)
+    if field is None or entry_size(fields) > max_size:
+        raise Malformed("not a reply entry")
+    try:
+        env = loads(fields[field.encode()], field)
+    except DecodeError as exc:
+        raise Malformed(str(exc)) from None
+    if not isinstance(env, dict) or not is_int(env.get("v")) or env["v"] != VERSION:
+        raise Malformed("not a version 1 reply")
+    status = env.get("status")
+    if not is_id(env.get("sid")) or not is_id(env.get("mid")) or status not in STATUSES:
+        raise Malformed("reply ids or status are not well formed")
+    alg = env.get("alg")
+    if alg is not None and alg not in ALGORITHMS:
+        raise Malformed("unknown alg")
+    base = {"v", "sid", "mid", "status"} | ({"alg"} if "alg" in env else set())
+    if status == "rejected":
+        if set(env) != base | {"code"} or not isinstance(env["code"], str):
+            raise Malformed("a rejected notice has exactly a code")
+        return Reply(
+            field=field, sid=env["sid"], mid=env["mid"], status=status, alg=alg, code=env["code"]
+        )
+    if alg is None or set(env) != base | {"iv", "encryptedData", "authTag"}:
+        raise Malformed("reply fields are not the protocol's")
+    try:
+        iv = binary(env["iv"], field)
+        data = binary(env["encryptedData"], field)
+        tag = binary(env["authTag"], field)
+    except DecodeError as exc:
+        raise Malformed(str(exc)) from None
+    if len(iv) != IV_SIZE or len(tag) != TAG_SIZE:
+        raise Malformed("iv must be 12 bytes and authTag 16 bytes")
+    return Reply(
+        field=field,
+        sid=env["sid"],
+        mid=env["mid"],
+        status=status,
+        alg=alg,
+        iv=iv,
+        encrypted_data=data,
+        auth_tag=tag,
+    )
+
