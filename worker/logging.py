@@ -36,5 +36,5 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
 
 
 def get_logger(name: str) -> Any:
-    """A lazy logger with ``logger=name``: it takes the configuration in force when used."""
-    return structlog.get_logger(logger=name)
+    """A lazy logger with ``component=name``: it takes the configuration in force when used."""
+    return structlog.get_logger(component=name)
