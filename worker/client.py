@@ -213,12 +213,13 @@ class Client:
         if grant is None:
             grant = await self.handshake(ttl_s=ttl_s, timeout=timeout)
         session = ClientSession(self, grant, alg=alg)
-        async with anyio.create_task_group() as tg:
-            await tg.start(session._read_replies)
-            try:
-                yield session
-            finally:
-                tg.cancel_scope.cancel()
+        with session._results_in, session._results_out:
+            async with anyio.create_task_group() as tg:
+                await tg.start(session._read_replies)
+                try:
+                    yield session
+                finally:
+                    tg.cancel_scope.cancel()
 
     # -- internals -----------------------------------------------------------------
 

@@ -105,22 +105,27 @@ class Worker:
                 kid=self.service_key.kid,
                 handlers=self.app.names,
             )
-            async with anyio.create_task_group() as work:
-                async with anyio.create_task_group() as feeders:
-                    for shard in range(s.shards):
-                        feeders.start_soon(self._read_loop, store, shard, work)
-                    feeders.start_soon(self._reclaim_loop, store, work)
-                    feeders.start_soon(self._heartbeat_loop, store)
-                    feeders.start_soon(self._trim_loop, store)
-                    if s.burst:
-                        feeders.start_soon(self._burst_watch, store)
-                    task_status.started()
-                    await self._stopping.wait()
-                    # Readers notice the flag within one blocking read and return on
-                    # their own, so no read is cut off after Redis delivered to us.
-                    feeders.cancel_scope.deadline = anyio.current_time() + 2.0
-                log.info("worker_stopping", in_flight=self._count_in_flight())
-                work.cancel_scope.deadline = anyio.current_time() + s.grace_s
+            async with anyio.create_task_group() as outer:
+                # The heartbeat outlives the feeders: in-flight entries still need it
+                # during the grace period.
+                outer.start_soon(self._heartbeat_loop, store)
+                async with anyio.create_task_group() as work:
+                    async with anyio.create_task_group() as feeders:
+                        for shard in range(s.shards):
+                            feeders.start_soon(self._read_loop, store, shard, work)
+                        feeders.start_soon(self._reclaim_loop, store, work)
+                        feeders.start_soon(self._trim_loop, store)
+                        if s.burst:
+                            feeders.start_soon(self._burst_watch, store)
+                        task_status.started()
+                        await self._stopping.wait()
+                        # Every feeder returns on its own once it sees the flag (a
+                        # reader within one blocking read), so no read is cut off
+                        # after Redis delivered to us; the deadline is a safety net.
+                        feeders.cancel_scope.deadline = anyio.current_time() + 2.0
+                    log.info("worker_stopping", in_flight=self._count_in_flight())
+                    work.cancel_scope.deadline = anyio.current_time() + s.grace_s
+                outer.cancel_scope.cancel()
             if work.cancel_scope.cancel_called:
                 log.warning("worker_grace_expired", left=self._count_in_flight())
             log.info("worker_stopped", **self.stats)
@@ -187,13 +192,16 @@ class Worker:
                     await self._redis(lambda: store.touch(shard, self.consumer, list(ids)))  # noqa: B023
 
     async def _trim_loop(self, store: Store) -> None:
-        while True:
+        while not self._stopping.is_set():
             for shard in range(self.settings.shards):
                 trimmed = await self._redis(lambda: store.trim(shard))  # noqa: B023
                 if trimmed:
                     log.debug("shard_trimmed", shard=shard, entries=trimmed)
                 await self._redis(lambda: store.delete_idle_consumers(shard, idle_ms=3_600_000))  # noqa: B023
-            await anyio.sleep(self.settings.trim_interval_s)
+            with anyio.move_on_after(self.settings.trim_interval_s):
+                await self._stopping.wait()
+            if self._stopping.is_set():
+                return
 
     async def _burst_watch(self, store: Store) -> None:
         """In burst mode, stop once nothing is pending, in flight or unread."""

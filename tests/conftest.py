@@ -1,0 +1,60 @@
+"""Shared fixtures: one real redis-server per test session, a unique prefix per test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from worker.settings import Settings
+from worker.streams import connect
+from worker.testing import RedisServer, ThrowawayKeys
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server on a free port for the whole test session."""
+    server = RedisServer.launch()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def keys() -> ThrowawayKeys:
+    """One service key pair and master key for the session (RSA keygen is slow)."""
+    return ThrowawayKeys.generate()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix no other test uses."""
+    return f"t{os.urandom(6).hex()}"
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer, prefix: str) -> Settings:
+    """Worker settings for tests: short timeouts, the test's Redis and prefix."""
+    return Settings(
+        redis_url=redis_server.url,
+        prefix=prefix,
+        concurrency=16,
+        claim_idle_ms=1000,
+        grace_s=5.0,
+        handler_timeout_s=5.0,
+        trim_interval_s=0.5,
+        log_level="warning",
+    )
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client of the test session's Redis."""
+    client = connect(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()

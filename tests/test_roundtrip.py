@@ -1,0 +1,110 @@
+"""End-to-end round trips on a real Redis: handshake, both algorithms, both encodings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.helpers import Raw, open_ok
+from worker import Client, RemoteError
+from worker.demo import app
+from worker.envelope import ALG_RSA, ALG_SK
+from worker.settings import Settings
+from worker.testing import ThrowawayKeys, running_worker
+
+PAYLOAD: dict[str, Any] = {"text": "héllo", "n": 42, "list": [1, 2.5, None, True], "nested": {"a": {}}}
+
+
+@pytest.mark.parametrize("alg", [ALG_SK, ALG_RSA])
+@pytest.mark.parametrize("encoding", ["e", "j"])
+async def test_handshake_then_echo(settings: Settings, keys: ThrowawayKeys, alg: str, encoding: str) -> None:
+    """A client handshakes, then echo round-trips in each algorithm and encoding."""
+    async with running_worker(app, settings, keys):
+        async with Client.from_url(
+            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix, encoding=encoding  # type: ignore[arg-type]
+        ) as client, client.session(alg=alg) as session:
+            assert PAYLOAD == await session.request("echo", PAYLOAD)
+
+
+async def test_binary_payload_in_messagepack(settings: Settings, keys: ThrowawayKeys) -> None:
+    """MessagePack payloads carry raw bytes both ways."""
+    async with running_worker(app, settings, keys):
+        async with Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as client:
+            async with client.session() as session:
+                assert {"blob": b"\x00\xff" * 10} == await session.request("echo", {"blob": b"\x00\xff" * 10})
+
+
+async def test_sleep_and_fail_handlers(settings: Settings, keys: ThrowawayKeys) -> None:
+    """``sleep`` returns what it slept; ``fail`` gives an authenticated handler_error."""
+    async with running_worker(app, settings, keys):
+        async with Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as client:
+            async with client.session() as session:
+                assert {"slept": 5} == await session.request("sleep", {"ms": 5})
+                with pytest.raises(RemoteError) as err:
+                    await session.request("fail", {})
+                assert "handler_error" == err.value.code
+                assert "this handler always fails" not in err.value.remote_message
+
+
+async def test_unknown_type_and_bad_payload(settings: Settings, keys: ThrowawayKeys) -> None:
+    """An unknown type and a payload the handler refuses get their error codes."""
+    async with running_worker(app, settings, keys):
+        async with Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as client:
+            async with client.session() as session:
+                with pytest.raises(RemoteError) as unknown:
+                    await session.request("nope", {})
+                assert "unknown_type" == unknown.value.code
+                with pytest.raises(RemoteError) as bad:
+                    await session.request("sleep", {"ms": "soon"})
+                assert "bad_payload" == bad.value.code
+
+
+async def test_submit_and_iterate_replies(settings: Settings, keys: ThrowawayKeys) -> None:
+    """Replies to submitted requests come from the session's reply iterator."""
+    async with running_worker(app, settings, keys):
+        async with Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as client:
+            async with client.session() as session:
+                mids = {await session.submit("echo", {"i": i}) for i in range(20)}
+                got = {}
+                async for result in session.replies():
+                    got[result.mid] = result.unwrap()
+                    if len(got) == len(mids):
+                        break
+                assert mids == set(got)
+                assert {i for i in range(20)} == {v["i"] for v in got.values()}
+
+
+async def test_trusted_backend_session(settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis) -> None:
+    """A session created by a trusted back end works without a handshake."""
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    async with running_worker(app, settings, keys):
+        async with Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as client:
+            async with client.session(grant, alg=ALG_RSA) as session:
+                assert [1, 2] == await session.request("echo", [1, 2])
+
+
+async def test_reply_is_sealed_under_request_key(settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis) -> None:
+    """A raw request's reply opens with the request's reply key and the reply AAD."""
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    async with running_worker(app, settings, keys):
+        for alg in (ALG_SK, ALG_RSA):
+            out = raw.seal(grant, {"x": alg}, alg=alg)
+            await raw.send(out.request)
+            reply = await raw.reply(grant.sid, out.request.mid)
+            assert ("ok", alg) == (reply.status, reply.alg)
+            assert {"x": alg} == open_ok(reply, out)
+
+
+async def test_config_is_published(settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis) -> None:
+    """On start a worker publishes shards, servicePublicKey and kid, and creates groups."""
+    async with running_worker(app, settings, keys):
+        config = await redis.hgetall(f"{settings.prefix}:config")
+        assert keys.service.kid.encode() == config[b"kid"]
+        assert b"1" == config[b"shards"]
+        assert keys.service.public_pem.encode() == config[b"servicePublicKey"]
+        groups = await redis.xinfo_groups(f"{settings.prefix}:req:{{0}}")
+        assert [b"workers"] == [g["name"] for g in groups]
