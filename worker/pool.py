@@ -76,7 +76,7 @@ class Worker:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`stop` (or, with ``burst``, until the shards are drained)."""
         s = self.settings
-        client = connect(s.redis_url)
+        client = connect(s.redis_url, name=f"sealstream-worker:{self.consumer}")
         try:
             store = Store(
                 client, Names(s.prefix), reply_maxlen=s.reply_maxlen, dlq_maxlen=s.dlq_maxlen

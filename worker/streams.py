@@ -53,17 +53,21 @@ return 1
 """
 
 
-def connect(url: str) -> aioredis.Redis:
+def connect(url: str, *, name: str | None = None) -> aioredis.Redis:
     """A Redis client for sealstream: bytes replies, keepalive, a short retry.
 
-    Longer outages are ridden out by the worker's own capped backoff, which logs
-    once per outage.
+    ``name`` is set on every connection (CLIENT SETNAME) so operators can tell
+    workers apart in CLIENT LIST. Longer outages are ridden out by the worker's
+    own capped backoff, which logs once per outage.
     """
     return aioredis.Redis.from_url(
         url,
+        client_name=name,
         decode_responses=False,
         socket_keepalive=True,
         socket_connect_timeout=5,
+        # Longer than any blocking read we issue, so a hung server cannot hang us.
+        socket_timeout=15,
         health_check_interval=15,
         retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.02), 2),
     )
@@ -73,15 +77,20 @@ class Retrier:
     """Runs one Redis operation until it succeeds, riding out outages.
 
     Capped, jittered exponential backoff; logs ``redis_unavailable`` once when an
-    outage starts and ``redis_reconnected`` once when it ends. Only idempotent or
+    outage starts and ``redis_reconnected`` once when it ends. A failure within
+    ``flap_s`` of a reconnect (a command that was already on a dead connection)
+    belongs to the same outage and is not logged again. Only idempotent or
     retry-safe operations are passed here (see :meth:`Store.mark_seen` and the
     reply script); cancellation ends the wait.
     """
 
-    def __init__(self, *, cap_s: float = 2.0) -> None:
+    def __init__(self, *, cap_s: float = 2.0, flap_s: float = 5.0) -> None:
         self.cap_s = cap_s
+        self.flap_s = flap_s
         self.in_outage = False
         self.outages = 0
+        self._announced = False
+        self._recovered_at = -flap_s
 
     async def __call__(self, op: Callable[[], Awaitable[T]]) -> T:
         delay = 0.05
@@ -91,14 +100,19 @@ class Retrier:
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if not self.in_outage:
                     self.in_outage = True
-                    self.outages += 1
-                    log.warning("redis_unavailable", error_type=type(exc).__name__)
+                    if anyio.current_time() - self._recovered_at > self.flap_s:
+                        self._announced = True
+                        self.outages += 1
+                        log.warning("redis_unavailable", error_type=type(exc).__name__)
                 await anyio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter
                 delay = min(delay * 2, self.cap_s)
                 continue
             if self.in_outage:
                 self.in_outage = False
-                log.info("redis_reconnected")
+                if self._announced:
+                    self._announced = False
+                    self._recovered_at = anyio.current_time()
+                    log.info("redis_reconnected")
             return result
 
 

@@ -51,15 +51,17 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @classmethod
-    def launch(cls, *, port: int | None = None, timeout: float = 10.0) -> RedisServer:
-        """Start a server and wait until it answers PING."""
+    def launch(
+        cls, *, port: int | None = None, directory: Path | None = None, timeout: float = 10.0
+    ) -> RedisServer:
+        """Start a server (loading ``directory``'s dump if any) and wait for PING."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise ConfigError(
                 "redis-server is not installed (Debian/Ubuntu: apt-get install redis-server)"
             )
         port = port or free_port()
-        directory = Path(tempfile.mkdtemp(prefix="sealstream-redis-"))
+        directory = directory or Path(tempfile.mkdtemp(prefix="sealstream-redis-"))
         args = [
             binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(directory), "--logfile", str(directory / "redis.log"),
@@ -85,6 +87,18 @@ class RedisServer:
             yield server
         finally:
             server.stop()
+
+    def shutdown_saving(self) -> None:
+        """SHUTDOWN SAVE: the server goes away, its data kept for :meth:`restarted`."""
+        with contextlib.suppress(OSError):
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+                s.sendall(b"SHUTDOWN SAVE\r\n")
+                s.recv(64)
+        self.process.wait(10)
+
+    def restarted(self) -> RedisServer:
+        """A new server on the same port and directory, with the saved data."""
+        return RedisServer.launch(port=self.port, directory=self.directory)
 
     def stop(self) -> None:
         """Stop the server and remove its directory."""

@@ -1,0 +1,189 @@
+"""Fault tests with real worker processes: SIGKILL, dropped connections, SIGTERM.
+
+Every request must get exactly one ``ok`` reply, whatever happens to workers.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from tests.helpers import Raw
+from tests.procs import WorkerProcs, encode_all, outcomes, wait_answered, wait_started
+from worker import messages
+from worker.client import SessionGrant
+from worker.envelope import ALG_RSA, ALG_SK
+from worker.settings import Settings
+from worker.streams import connect
+from worker.testing import RedisServer, ThrowawayKeys
+
+pytestmark = pytest.mark.slow
+
+
+async def _load(raw: Raw, sessions: int, per_session: int, ms: int) -> tuple[list[SessionGrant], list[messages.Outgoing]]:
+    grants = [await raw.grant() for _ in range(sessions)]
+    outs = []
+    for i in range(sessions * per_session):
+        grant = grants[i % sessions]
+        alg = ALG_RSA if i % 10 == 0 else ALG_SK
+        outs.append(raw.seal(grant, {"ms": ms}, type_="sleep", alg=alg, field="e" if i % 2 else "j"))
+    return grants, outs
+
+
+async def _push(raw: Raw, outs: list[messages.Outgoing], batch: int = 200) -> None:
+    stream = raw.names.request_stream(0)
+    entries = encode_all([o.request for o in outs])
+    for start in range(0, len(entries), batch):
+        async with raw.redis.pipeline(transaction=False) as pipe:
+            for entry in entries[start : start + batch]:
+                pipe.xadd(stream, entry)  # type: ignore[arg-type]
+            await pipe.execute()
+
+
+def _assert_exactly_one_ok(got: dict[str, Counter[str]], mids: set[str]) -> None:
+    bad = {mid: dict(c) for mid, c in got.items() if mid in mids and c != Counter(ok=1)}
+    assert {} == bad
+    assert mids == set(got)
+
+
+async def _answered(raw: Raw, grants: list[SessionGrant]) -> int:
+    return len(await outcomes(raw, grants))
+
+
+async def test_sigkill_a_worker_loses_nothing(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Three workers serve 3,000 requests; one is SIGKILLed and replaced mid-run: each gets one ok."""
+    raw = Raw(redis, settings.prefix, keys)
+    procs = WorkerProcs(settings, keys, tmp_path)
+    grants, outs = await _load(raw, sessions=20, per_session=150, ms=20)
+    mids = {o.request.mid for o in outs}
+    try:
+        victim = procs.start("--concurrency", "32")
+        procs.start("--concurrency", "32")
+        procs.start("--concurrency", "32")
+        await wait_started(redis, settings.prefix, 3)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_push, raw, outs)
+            with anyio.fail_after(60):
+                while await _answered(raw, grants) < 600:
+                    await anyio.sleep(0.05)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            procs.start("--concurrency", "32")
+        got = await wait_answered(raw, grants, mids)
+        await raw.wait_drained(timeout=30)
+        _assert_exactly_one_ok(await outcomes(raw, grants), mids)
+        assert got.keys() == mids
+        assert -9 == victim.returncode
+        assert "entry_reclaimed" in procs.logs()
+    finally:
+        procs.kill_all()
+
+
+async def test_killed_connections_lose_nothing(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Workers' Redis connections are killed (CLIENT KILL) under load: each request gets one ok."""
+    raw = Raw(redis, settings.prefix, keys)
+    procs = WorkerProcs(settings, keys, tmp_path)
+    grants, outs = await _load(raw, sessions=10, per_session=150, ms=10)
+    mids = {o.request.mid for o in outs}
+    try:
+        for _ in range(2):
+            procs.start("--concurrency", "32")
+        await wait_started(redis, settings.prefix, 2)
+        killed = 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_push, raw, outs)
+            for round_ in range(1, 6):
+                with anyio.fail_after(60):
+                    target = round_ * 150
+                    while await _answered(raw, grants) < target:
+                        await anyio.sleep(0.02)
+                for c in await redis.client_list():
+                    if c["name"].startswith("sealstream-worker:"):
+                        killed += await redis.execute_command("CLIENT", "KILL", "ID", c["id"])
+        await wait_answered(raw, grants, mids)
+        await raw.wait_drained(timeout=30)
+        _assert_exactly_one_ok(await outcomes(raw, grants), mids)
+        assert killed >= 5
+        assert all(p.poll() is None for p in procs.procs)
+    finally:
+        procs.kill_all()
+
+
+async def test_redis_outage_is_ridden_out_and_logged_once(
+    keys: ThrowawayKeys, tmp_path: Path, prefix: str
+) -> None:
+    """Redis goes away for ~2 s mid-load: workers wait, log the outage once, lose nothing."""
+    server = RedisServer.launch()
+    try:
+        settings = Settings(redis_url=server.url, prefix=prefix)
+        client = connect(server.url)
+        raw = Raw(client, prefix, keys)
+        procs = WorkerProcs(settings, keys, tmp_path)
+        grants, outs = await _load(raw, sessions=5, per_session=200, ms=20)
+        mids = {o.request.mid for o in outs}
+        await _push(raw, outs)
+        procs.start("--concurrency", "16")
+        await wait_started(client, prefix, 1)
+        with anyio.fail_after(30):
+            while await _answered(raw, grants) < 100:
+                await anyio.sleep(0.01)
+        await client.aclose()
+        server.shutdown_saving()
+        await anyio.sleep(2)  # the outage itself: nothing to wait on but time
+        server = server.restarted()
+        client = connect(server.url)
+        raw = Raw(client, prefix, keys)
+        await wait_answered(raw, grants, mids)
+        await raw.wait_drained(timeout=30)
+        _assert_exactly_one_ok(await outcomes(raw, grants), mids)
+        logs = procs.logs()
+        assert 1 == logs.count('"redis_unavailable"')
+        assert 1 == logs.count('"redis_reconnected"')
+        assert procs.procs[0].poll() is None
+        await client.aclose()
+    finally:
+        procs.kill_all()
+        server.stop()
+
+
+async def test_sigterm_under_load_exits_zero_and_loses_nothing(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """SIGTERM mid-load: in-flight work is finished and acked, exit 0; the rest is served later."""
+    raw = Raw(redis, settings.prefix, keys)
+    procs = WorkerProcs(settings, keys, tmp_path)
+    grants, outs = await _load(raw, sessions=5, per_session=100, ms=100)
+    mids = {o.request.mid for o in outs}
+    try:
+        worker = procs.start("--concurrency", "50")
+        await wait_started(redis, settings.prefix, 1)
+        await _push(raw, outs)
+        with anyio.fail_after(30):
+            while await _answered(raw, grants) < 100:
+                await anyio.sleep(0.02)
+        worker.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            while worker.poll() is None:
+                await anyio.sleep(0.05)
+        assert 0 == worker.returncode
+        assert 0 == await raw.pending(), "the stopped worker left unacknowledged entries"
+        answered_before = await _answered(raw, grants)
+        assert answered_before < len(mids), "the load finished before SIGTERM; nothing was tested"
+        procs.start("--burst")
+        await wait_answered(raw, grants, mids)
+        _assert_exactly_one_ok(await outcomes(raw, grants), mids)
+        with anyio.fail_after(30):
+            while procs.procs[-1].poll() is None:
+                await anyio.sleep(0.05)
+        assert 0 == procs.procs[-1].returncode
+    finally:
+        procs.kill_all()
