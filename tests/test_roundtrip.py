@@ -108,3 +108,12 @@ async def test_config_is_published(settings: Settings, keys: ThrowawayKeys, redi
         assert keys.service.public_pem.encode() == config[b"servicePublicKey"]
         groups = await redis.xinfo_groups(f"{settings.prefix}:req:{{0}}")
         assert [b"workers"] == [g["name"] for g in groups]
+
+
+async def test_errors_leave_the_session_block_unwrapped(settings: Settings, keys: ThrowawayKeys) -> None:
+    """A RemoteError raised in a session block reaches the caller as itself, not a group."""
+    async with running_worker(app, settings, keys):
+        async with Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as client:
+            with pytest.raises(RemoteError):
+                async with client.session() as session:
+                    await session.request("fail", {})

@@ -49,7 +49,7 @@ from worker.errors import (
 from worker.keys import load_public_key
 from worker.logging import get_logger
 from worker.names import Names
-from worker.streams import Store, connect
+from worker.streams import Retrier, Store, connect
 
 log = get_logger("sealstream.client")
 
@@ -214,12 +214,19 @@ class Client:
             grant = await self.handshake(ttl_s=ttl_s, timeout=timeout)
         session = ClientSession(self, grant, alg=alg)
         with session._results_in, session._results_out:
-            async with anyio.create_task_group() as tg:
-                await tg.start(session._read_replies)
-                try:
-                    yield session
-                finally:
-                    tg.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as tg:
+                    await tg.start(session._read_replies)
+                    try:
+                        yield session
+                    finally:
+                        tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The reader never fails on its own (it rides out Redis outages), so a
+                # lone exception is the caller's: give it back unwrapped.
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
 
     # -- internals -----------------------------------------------------------------
 
@@ -326,10 +333,13 @@ class ClientSession:
         return waiter
 
     async def _read_replies(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        store, after = self.client.store, "0-0"
+        store, after, retry = self.client.store, "0-0", Retrier()
         task_status.started()
         while True:
-            for entry in await store.read_replies(self.sid, after=after, block_ms=1000):
+            entries = await retry(
+                lambda: store.read_replies(self.sid, after=after, block_ms=1000)  # noqa: B023
+            )
+            for entry in entries:
                 after = entry.id
                 try:
                     reply = wire.decode_reply(entry.fields)

@@ -1,0 +1,70 @@
+# Shared by scripts/*: sourced, not run.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+# A Python >= 3.11 to build the virtualenv with.
+find_python() {
+  for py in "${PYTHON:-}" python3.13 python3.12 python3.11 python3; do
+    [ -n "$py" ] || continue
+    if command -v "$py" >/dev/null 2>&1 &&
+       "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$py"; return 0
+    fi
+  done
+  echo "sealstream needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2
+  return 1
+}
+
+# .venv with the project and its dev tools, reinstalled when pyproject.toml changes.
+setup_venv() {
+  local stamp=.venv/.sealstream-installed
+  if [ ! -x .venv/bin/python ]; then
+    say "creating .venv"
+    "$(find_python)" -m venv .venv
+  fi
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    say "installing sealstream and its dev tools into .venv"
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -e ".[dev]"
+    touch "$stamp"
+  fi
+}
+
+# redis-server on PATH: installed with apt when we are root on Debian/Ubuntu.
+ensure_redis_server() {
+  command -v redis-server >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing redis-server with apt"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    return 0
+  fi
+  cat >&2 <<'MSG'
+redis-server is not installed. Install it, then run this again:
+  Debian/Ubuntu: sudo apt-get install redis-server
+  macOS:         brew install redis
+  or set SEALSTREAM_REDIS_URL to a Redis you may use.
+MSG
+  return 1
+}
+
+# Node.js + npm and the interop client's packages (tests/interop).
+ensure_node_deps() {
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      say "installing nodejs and npm with apt"
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+    else
+      say "node/npm not found: the interop test will be skipped"
+      return 0
+    fi
+  fi
+  if [ ! -d tests/interop/node_modules ] || [ tests/interop/package-lock.json -nt tests/interop/node_modules ]; then
+    say "installing the interop client's npm packages"
+    (cd tests/interop && npm ci --silent --no-audit --no-fund)
+  fi
+}

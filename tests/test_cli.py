@@ -1,0 +1,108 @@
+"""The ``sealstream`` command line, run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from worker.demo import app
+from worker.keys import load_service_key
+from worker.settings import Settings
+from worker.testing import ThrowawayKeys, running_worker
+
+
+async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SEALSTREAM_")}
+    result = await anyio.run_process(
+        [sys.executable, "-m", "worker", *args], env={**base, **(env or {})}, check=False
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_keygen_writes_private_files_and_prints_kid(tmp_path: Path) -> None:
+    """keygen writes service.pem and master.key with mode 0600 and prints the service kid."""
+    code, out, _ = await _run("keygen", "--dir", str(tmp_path / "k"))
+    assert 0 == code
+    assert 0o600 == stat.S_IMODE((tmp_path / "k" / "service.pem").stat().st_mode)
+    assert 0o600 == stat.S_IMODE((tmp_path / "k" / "master.key").stat().st_mode)
+    assert (tmp_path / "k" / "service.pub.pem").read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    assert load_service_key(tmp_path / "k" / "service.pem").kid == out.strip()
+
+
+async def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
+    """keygen into a directory that has keys fails with one line and changes nothing."""
+    assert 0 == (await _run("keygen", "--dir", str(tmp_path)))[0]
+    before = (tmp_path / "master.key").read_bytes()
+    code, _, err = await _run("keygen", "--dir", str(tmp_path))
+    assert 2 == code
+    assert 1 == len(err.strip().splitlines())
+    assert before == (tmp_path / "master.key").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({}, "SEALSTREAM_SERVICE_KEY_FILE"),
+        ({"SEALSTREAM_SERVICE_KEY_FILE": "/nonexistent/service.pem"}, "SEALSTREAM_SERVICE_KEY_FILE"),
+        ({"SEALSTREAM_SHARDS": "many"}, "SEALSTREAM_SHARDS"),
+        ({"SEALSTREAM_CLAIM_IDLE_MS": "-5"}, "SEALSTREAM_CLAIM_IDLE_MS"),
+    ],
+)
+async def test_worker_config_errors_are_one_line(env: dict[str, str], setting: str) -> None:
+    """A missing or malformed setting is a one-line error naming it, exit 2, no traceback."""
+    code, _, err = await _run("worker", env=env)
+    assert 2 == code
+    assert 1 == len(err.strip().splitlines()), err
+    assert setting in err
+    assert "Traceback" not in err
+
+
+async def test_worker_bad_master_key_file(tmp_path: Path, keys: ThrowawayKeys) -> None:
+    """A master key file that is not base64 of 32 bytes is named in a one-line error."""
+    env = keys.write(tmp_path)
+    Path(env["SEALSTREAM_MASTER_KEY_FILE"]).write_text("not a key\n")
+    code, _, err = await _run("worker", env=env)
+    assert 2 == code
+    assert "SEALSTREAM_MASTER_KEY_FILE" in err and 1 == len(err.strip().splitlines())
+
+
+async def test_worker_bad_app_spec(tmp_path: Path, keys: ThrowawayKeys) -> None:
+    """An APP that is not module:attribute of an App is a one-line error."""
+    code, _, err = await _run("worker", "os:path", env=keys.write(tmp_path))
+    assert 2 == code
+    assert "APP" in err and 1 == len(err.strip().splitlines())
+
+
+async def test_send_prints_the_reply(settings: Settings, keys: ThrowawayKeys) -> None:
+    """`sealstream send TYPE JSON` handshakes, sends, and prints the decrypted result."""
+    env = {
+        "SEALSTREAM_REDIS_URL": settings.redis_url,
+        "SEALSTREAM_PREFIX": settings.prefix,
+        "SEALSTREAM_KID": keys.service.kid,
+    }
+    async with running_worker(app, settings, keys):
+        code, out, err = await _run("send", "echo", '{"hello": [1, 2]}', env=env)
+        assert (0, {"hello": [1, 2]}) == (code, json.loads(out)), err
+        code, out, _ = await _run("send", "fail", "{}", "--alg", "RSA-OAEP-256+A256GCM", env=env)
+        assert 1 == code
+        assert "handler_error" in json.loads(out)["error"]
+
+
+async def test_send_needs_a_pin() -> None:
+    """`send` without a pinned kid or public key refuses to run."""
+    code, _, err = await _run("send", "echo", "{}")
+    assert 2 == code
+    assert "SEALSTREAM_KID" in err
+
+
+async def test_send_refuses_bad_json() -> None:
+    """`send` with a payload that is not JSON says so."""
+    code, _, err = await _run("send", "echo", "{nope", env={"SEALSTREAM_KID": "0" * 64})
+    assert 2 == code
+    assert "PAYLOAD" in err

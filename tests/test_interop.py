@@ -1,0 +1,52 @@
+"""Interoperability: a Node.js client written from PROTOCOL.md alone talks to our worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import anyio
+import pytest
+
+from worker.demo import app
+from worker.settings import Settings
+from worker.testing import ThrowawayKeys, running_worker
+
+INTEROP = Path(__file__).parent / "interop"
+NODE = shutil.which("node")
+pytestmark = pytest.mark.skipif(
+    NODE is None or not (INTEROP / "node_modules").is_dir(),
+    reason="node and tests/interop/node_modules are needed (scripts/test installs them)",
+)
+
+
+async def test_node_selftest_passes() -> None:
+    """The Node client's offline checks (AAD, HKDF, X25519, strict decoders) pass."""
+    assert NODE is not None
+    result = await anyio.run_process([NODE, "selftest.mjs"], cwd=INTEROP, check=False)
+    assert 0 == result.returncode, result.stdout.decode() + result.stderr.decode()
+
+
+async def test_node_client_round_trips(settings: Settings, keys: ThrowawayKeys, tmp_path: Path) -> None:
+    """The Node client handshakes, echoes in both algs and encodings, and sees refusals."""
+    assert NODE is not None
+    pub = tmp_path / "service.pub.pem"
+    pub.write_text(keys.service.public_pem)
+    env = {
+        **os.environ,
+        "SEALSTREAM_REDIS_URL": settings.redis_url,
+        "SEALSTREAM_PREFIX": settings.prefix,
+        "SEALSTREAM_SERVICE_PUBLIC_KEY_FILE": str(pub),
+        "SEALSTREAM_KID": keys.service.kid,
+    }
+    async with running_worker(app, settings, keys):
+        result = await anyio.run_process([NODE, "client.mjs"], cwd=INTEROP, env=env, check=False)
+    lines = [json.loads(line) for line in result.stdout.decode().splitlines() if line.strip()]
+    assert 0 == result.returncode, result.stdout.decode() + result.stderr.decode()
+    assert {"done": True, "passed": lines[-1]["passed"], "failed": 0} == lines[-1]
+    steps = {(line.get("step"), line.get("encoding"), line.get("alg")) for line in lines[:-1]}
+    assert ("echo", "j", "SK+A256GCM") in steps
+    assert ("echo", "e", "RSA-OAEP-256+A256GCM") in steps
+    assert all(line.get("ok") for line in lines[:-1])

@@ -1,0 +1,1151 @@
+"""End-to-end refusals on a real Redis: each protocol rejection gets its notice (or
+none), its dead letter and its XACK, and the worker goes on serving.
+
+Every test ends by sending a good ``echo`` and waiting for its ``ok`` reply. Absence
+is asserted only after the event that would have come after it: a worker writes a
+notice before its dead letter and a dead letter before its XACK, so once the dead
+letter (or the drained shard) is there, a missing notice (or dead letter) is final.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any
+
+import anyio
+import msgpack
+import pytest
+import redis.asyncio as aioredis
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+
+from tests.helpers import Raw, new_id, now_ms, open_ok
+from worker import messages, wire
+from worker.client import SessionGrant
+from worker.envelope import (
+    ALG_RSA,
+    ALG_SK,
+    HANDSHAKE_TYPE,
+    KEY_SIZE,
+    request_aad,
+    seal,
+    x25519_keypair,
+)
+from worker.handlers import App
+from worker.keys import load_public_key
+from worker.pool import Worker
+from worker.sessions import new_session, seal_record
+from worker.settings import Settings
+from worker.testing import ThrowawayKeys, running_worker
+
+#: Text the failing handler raises with; it must never reach a reply.
+_LEAK = "exception text that must not leak 5f1c"
+_BOTH: list[tuple[str, wire.Field]] = [(ALG_SK, "e"), (ALG_RSA, "j")]
+_ENCODINGS: tuple[wire.Field, ...] = ("e", "j")
+_WAIT_S = 10.0
+_LETTER_BASE = frozenset({"reason", "stream", "id", "attempts", "at", "worker"})
+
+
+# -- the worker under test ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _Rig:
+    """A running worker, a raw client and the per-handler call counts."""
+
+    raw: Raw
+    worker: Worker
+    calls: Counter[str]
+
+    @property
+    def stream(self) -> str:
+        """Request shard 0, where every test sends."""
+        return self.raw.names.request_stream(0)
+
+
+def _counting_app() -> tuple[App, Counter[str]]:
+    """Handlers that count their calls: echo, count, boom (raises), slow (times out)."""
+    calls: Counter[str] = Counter()
+    app = App()
+
+    @app.handler("echo")
+    async def echo(payload: Any) -> Any:
+        calls["echo"] += 1
+        return payload
+
+    @app.handler("count")
+    async def count(payload: Any) -> Any:
+        calls["count"] += 1
+        return {"counted": calls["count"]}
+
+    @app.handler("boom")
+    async def boom(payload: Any) -> Any:
+        calls["boom"] += 1
+        raise RuntimeError(_LEAK)
+
+    @app.handler("slow", timeout_s=0.2)
+    async def slow(payload: Any) -> Any:
+        calls["slow"] += 1
+        await anyio.sleep(30)
+        return payload
+
+    return app, calls
+
+
+@contextlib.asynccontextmanager
+async def _serving(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> AsyncIterator[_Rig]:
+    """Run a worker with the counting app for the block."""
+    app, calls = _counting_app()
+    async with running_worker(app, settings, keys) as worker:
+        yield _Rig(raw=Raw(redis, settings.prefix, keys), worker=worker, calls=calls)
+
+
+@contextlib.contextmanager
+def _case(label: str) -> Iterator[None]:
+    """Name the variant in a failure from a loop over variants of one behaviour."""
+    try:
+        yield
+    except (AssertionError, TimeoutError) as exc:
+        exc.add_note(f"variant: {label}")
+        raise
+
+
+# -- building entries -----------------------------------------------------------------
+
+
+def _flip(data: bytes, index: int = -1) -> bytes:
+    """``data`` with one bit of one byte flipped."""
+    out = bytearray(data)
+    out[index] ^= 0x01
+    return bytes(out)
+
+
+def _fields(request: wire.Request) -> dict[str, bytes]:
+    """The stream entry of a request, with str field names (as send_fields takes)."""
+    return {name: value for name, value in wire.encode_request(request).items()}
+
+
+def _envelope(request: wire.Request) -> dict[str, Any]:
+    """A request's envelope as a mutable map (binary as its encoding carries it)."""
+    ((_, value),) = wire.encode_request(request).items()
+    env = wire.loads(value, request.field)
+    assert isinstance(env, dict)
+    return env
+
+
+def _pack(env: Any, field: wire.Field) -> dict[str, bytes]:
+    """An entry holding ``env`` as given, bypassing the codec's own checks."""
+    if field == "e":
+        packed: bytes = msgpack.packb(env, use_bin_type=True)
+        return {"e": packed}
+    return {"j": json.dumps(env, separators=(",", ":")).encode()}
+
+
+def _unknown_session(keys: ThrowawayKeys) -> SessionGrant:
+    """A grant for a sid that has no session (any RSA key will do for sealing)."""
+    return SessionGrant(
+        sid=new_id(),
+        public_key_pem=keys.service.public_pem,
+        session_key=os.urandom(KEY_SIZE),
+        expires_at=now_ms() + 600_000,
+    )
+
+
+def _handshake(
+    keys: ThrowawayKeys,
+    *,
+    sid: str | None = None,
+    kid: str | None = None,
+    ec: bytes | None = None,
+    field: wire.Field = "e",
+) -> messages.Outgoing:
+    """A handshake as Client.handshake builds it; its reply key is Kb."""
+    if ec is None:
+        _, ec = x25519_keypair()
+    body = {"clientEphemeral": wire.to_wire_binary(ec, field), "ttl": 600}
+    return messages.seal_request(
+        field=field,
+        alg=ALG_RSA,
+        sid=sid or new_id(),
+        mid=new_id(),
+        ts=now_ms(),
+        type_=HANDSHAKE_TYPE,
+        plaintext=wire.dumps(body, field),
+        public_key=keys.service.public_key,
+        kid=kid or keys.service.kid,
+        key=os.urandom(KEY_SIZE),
+    )
+
+
+# -- reading what the worker wrote ---------------------------------------------------
+
+
+async def _reply_envelopes(raw: Raw, sid: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every entry on ``sid``'s reply stream as (field name, decoded envelope)."""
+    rows: Any = await raw.redis.xrange(raw.names.reply_stream(sid))
+    out: list[tuple[str, dict[str, Any]]] = []
+    for _, entry in rows:
+        ((name, value),) = entry.items()
+        field: wire.Field = "e" if name == b"e" else "j"
+        env = wire.loads(value, field)
+        assert isinstance(env, dict)
+        out.append((name.decode(), env))
+    return out
+
+
+async def _notices(raw: Raw, sid: str, mid: str) -> list[tuple[str, dict[str, Any]]]:
+    """The ``rejected`` notices for ``mid`` on ``sid``'s reply stream."""
+    return [
+        (name, env)
+        for name, env in await _reply_envelopes(raw, sid)
+        if env.get("mid") == mid and env.get("status") == "rejected"
+    ]
+
+
+async def _statuses(raw: Raw, sid: str, mid: str) -> list[str]:
+    """The statuses of every reply to ``mid`` on ``sid``'s stream, in stream order."""
+    return [env["status"] for _, env in await _reply_envelopes(raw, sid) if env.get("mid") == mid]
+
+
+async def _reply_with(raw: Raw, sid: str, mid: str, status: str) -> wire.Reply:
+    """Wait for the reply to ``mid`` with ``status`` (several replies may share a mid)."""
+    with anyio.fail_after(_WAIT_S):
+        while True:
+            for reply in await raw.replies(sid):
+                if reply.mid == mid and reply.status == status:
+                    return reply
+            await anyio.sleep(0.02)
+
+
+async def _letters_for(raw: Raw, entry_id: str) -> list[dict[str, bytes]]:
+    """The dead letters naming entry ``entry_id``."""
+    return [letter for letter in await raw.dead_letters() if letter.get("id") == entry_id.encode()]
+
+
+async def _dead_letter(raw: Raw, entry_id: str) -> dict[str, bytes]:
+    """Wait for the dead letter of entry ``entry_id``."""
+    with anyio.fail_after(_WAIT_S):
+        while True:
+            if letters := await _letters_for(raw, entry_id):
+                return letters[0]
+            await anyio.sleep(0.02)
+
+
+async def _get(raw: Raw, key: str) -> bytes | None:
+    """GET a key as bytes."""
+    value: Any = await raw.redis.get(key)
+    return bytes(value) if value is not None else None
+
+
+# -- assertions ----------------------------------------------------------------------
+
+
+async def _assert_refused(
+    rig: _Rig,
+    entry_id: str,
+    fields: Mapping[str, bytes],
+    *,
+    reason: str,
+    notice: str | None,
+    sid: str | None = None,
+    mid: str | None = None,
+    type_: str | None = None,
+    alg: str | None = None,
+    watch: tuple[str, str] | None = None,
+    original: bool = True,
+    attempts: int | None = 1,
+) -> dict[str, bytes]:
+    """Check one refused entry end to end and return its dead letter.
+
+    The dead letter carries exactly the protocol's fields (``sid``/``mid``/``type``
+    as given, each only when expected; the original field byte for byte, or
+    ``size``); the notice on ``watch`` (default ``(sid, mid)``) is exactly one
+    ``rejected`` envelope with ``code`` = ``notice`` and ``alg`` only when given, in
+    the request's encoding, or absent when ``notice`` is None; the entry is acked.
+    """
+    letter = await _dead_letter(rig.raw, entry_id)
+    ids = {"sid": sid, "mid": mid, "type": type_}
+    expected = set(_LETTER_BASE) | {name for name, value in ids.items() if value is not None}
+    if original:
+        ((field_name, field_value),) = fields.items()
+        expected.add(field_name)
+    else:
+        expected.add("size")
+    assert expected == set(letter)
+    assert reason.encode() == letter["reason"]
+    assert rig.stream.encode() == letter["stream"]
+    assert entry_id.encode() == letter["id"]
+    for name, value in ids.items():
+        if value is not None:
+            assert value.encode() == letter[name]
+    if attempts is not None:
+        assert str(attempts).encode() == letter["attempts"]
+    assert int(entry_id.split("-")[0]) <= int(letter["at"]) <= now_ms()
+    assert rig.worker.consumer.encode() == letter["worker"]
+    if original:
+        assert field_value == letter[field_name]
+    else:
+        size = sum(len(name.encode()) + len(value) for name, value in fields.items())
+        assert str(size).encode() == letter["size"]
+
+    watch = watch or ((sid, mid) if sid is not None and mid is not None else None)
+    if notice is not None:
+        assert watch is not None
+        ((request_field, _),) = fields.items()
+        notices = await _notices(rig.raw, *watch)
+        assert 1 == len(notices)
+        name, env = notices[0]
+        keys = {"v", "sid", "mid", "status", "code"} | ({"alg"} if alg is not None else set())
+        assert keys == set(env)
+        assert request_field == name
+        assert (1, *watch, "rejected", notice) == (
+            env["v"], env["sid"], env["mid"], env["status"], env["code"]
+        )
+        assert alg == env.get("alg")
+    elif watch is not None:
+        assert [] == await _notices(rig.raw, *watch)
+
+    await rig.raw.wait_drained()
+    assert 0 == await rig.raw.pending()
+    assert [letter] == await _letters_for(rig.raw, entry_id)
+    return letter
+
+
+async def _assert_serving(
+    rig: _Rig, grant: SessionGrant, *, alg: str = ALG_SK, field: wire.Field = "e",
+    ts: int | None = None,
+) -> None:
+    """A good echo on ``grant``'s session still gets its ``ok`` reply, and is acked."""
+    payload = {"still": "serving", "nonce": os.urandom(4).hex()}
+    out = rig.raw.seal(grant, payload, alg=alg, field=field, ts=ts)
+    await rig.raw.send(out.request)
+    reply = await rig.raw.reply(grant.sid, out.request.mid)
+    assert ("ok", alg, field) == (reply.status, reply.alg, reply.field)
+    assert payload == open_ok(reply, out)
+    await rig.raw.wait_drained()
+
+
+def _error_body(reply: wire.Reply, out: messages.Outgoing) -> dict[str, Any]:
+    """Authenticate an ``error`` reply and return its ``{code, message}``."""
+    assert ("error", out.request.alg, out.request.field) == (reply.status, reply.alg, reply.field)
+    body = open_ok(reply, out)
+    assert isinstance(body, dict)
+    assert {"code", "message"} == set(body)
+    return body
+
+
+# -- tampering, splicing, reflection, replay -----------------------------------------
+
+
+def _tamper(request: wire.Request, name: str) -> wire.Request:
+    """``request`` with field ``name`` changed after sealing (ts stays fresh)."""
+    replace = dataclasses.replace
+    if name == "iv":
+        return replace(request, iv=_flip(request.iv))
+    if name == "encryptedData":
+        return replace(request, encrypted_data=_flip(request.encrypted_data, 0))
+    if name == "authTag":
+        return replace(request, auth_tag=_flip(request.auth_tag))
+    if name == "encryptedAesKey":
+        assert request.encrypted_aes_key is not None
+        return replace(request, encrypted_aes_key=_flip(request.encrypted_aes_key))
+    if name == "ts":
+        return replace(request, ts=request.ts - 1)
+    if name == "type":
+        return replace(request, type="count")
+    assert "mid" == name
+    return replace(request, mid=new_id())
+
+
+@pytest.mark.parametrize(
+    "name", ["iv", "encryptedData", "authTag", "encryptedAesKey", "ts", "type", "mid"]
+)
+async def test_tampered_field_fails_authentication(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, name: str
+) -> None:
+    """A request with one field changed after sealing is auth_failed and runs no handler."""
+    algs = [ALG_RSA] if name == "encryptedAesKey" else [ALG_SK, ALG_RSA]
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        for alg in algs:
+            for field in _ENCODINGS:
+                with _case(f"{alg} {field}"):
+                    out = rig.raw.seal(grant, {"pay": "load"}, alg=alg, field=field)
+                    bad = _tamper(out.request, name)
+                    fields = _fields(bad)
+                    entry_id = await rig.raw.send_fields(fields)
+                    await _assert_refused(
+                        rig, entry_id, fields, reason="auth_failed", notice="rejected",
+                        sid=bad.sid, mid=bad.mid, type_=bad.type, alg=alg,
+                    )
+        assert 0 == sum(rig.calls.values())
+        await _assert_serving(rig, grant)
+
+
+@pytest.mark.parametrize("alg", [ALG_SK, ALG_RSA])
+async def test_request_spliced_into_another_session(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, alg: str
+) -> None:
+    """A request sealed for session A with session B's sid is auth_failed."""
+    async with _serving(settings, keys, redis) as rig:
+        a, b = await rig.raw.grant(), await rig.raw.grant()
+        out = rig.raw.seal(a, {"for": "a"}, alg=alg)
+        spliced = dataclasses.replace(out.request, sid=b.sid)
+        fields = _fields(spliced)
+        entry_id = await rig.raw.send_fields(fields)
+        await _assert_refused(
+            rig, entry_id, fields, reason="auth_failed", notice="rejected",
+            sid=b.sid, mid=spliced.mid, type_="echo", alg=alg,
+        )
+        assert [] == await rig.raw.replies(a.sid)
+        assert 0 == sum(rig.calls.values())
+        await _assert_serving(rig, a, alg=alg)
+        await _assert_serving(rig, b, alg=alg)
+
+
+async def test_reflected_reply_is_malformed(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A worker's own ok reply added to a request shard is malformed, with a notice."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        for alg, field in _BOTH:
+            with _case(f"{alg} {field}"):
+                out = rig.raw.seal(grant, {"reflect": "me"}, alg=alg, field=field)
+                await rig.raw.send(out.request)
+                reply = await rig.raw.reply(grant.sid, out.request.mid)
+                assert "ok" == reply.status
+                rows: Any = await redis.xrange(rig.raw.names.reply_stream(grant.sid))
+                (entry,) = [f for _, f in rows if wire.decode_reply(f).mid == out.request.mid]
+                fields = {name.decode(): value for name, value in entry.items()}
+                entry_id = await rig.raw.send_fields(fields)
+                await _assert_refused(
+                    rig, entry_id, fields, reason="malformed", notice="rejected",
+                    sid=grant.sid, mid=out.request.mid, alg=alg,
+                )
+                assert ["ok", "rejected"] == await _statuses(rig.raw, grant.sid, out.request.mid)
+        assert 2 == rig.calls["echo"]
+        await _assert_serving(rig, grant)
+
+
+async def test_replayed_entry_is_refused_and_not_run(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """The same request entry added again gets a replay notice and dead letter; it runs once."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        for alg, field in _BOTH:
+            with _case(f"{alg} {field}"):
+                before = rig.calls["count"]
+                out = rig.raw.seal(grant, {}, alg=alg, field=field, type_="count")
+                fields = _fields(out.request)
+                await rig.raw.send_fields(fields)
+                assert {"counted": before + 1} == open_ok(
+                    await rig.raw.reply(grant.sid, out.request.mid), out
+                )
+                entry_id = await rig.raw.send_fields(fields)
+                await _assert_refused(
+                    rig, entry_id, fields, reason="replay", notice="replay",
+                    sid=grant.sid, mid=out.request.mid, type_="count", alg=alg,
+                )
+                assert before + 1 == rig.calls["count"]
+                assert ["ok", "rejected"] == await _statuses(rig.raw, grant.sid, out.request.mid)
+        await _assert_serving(rig, grant)
+
+
+async def test_two_copies_added_at_once_run_once(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """Two copies of one request added back to back: one ok reply, one replay, one run."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        out = rig.raw.seal(grant, {}, type_="count")
+        fields = _fields(out.request)
+        entry: Any = dict(fields)
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(rig.stream, entry)
+            pipe.xadd(rig.stream, entry)
+            added: Any = await pipe.execute()
+        ids = {entry_id.decode() for entry_id in added}
+        await _reply_with(rig.raw, grant.sid, out.request.mid, "ok")
+        (letter,) = await rig.raw.wait_dead_letters(1)
+        loser = letter["id"].decode()
+        assert loser in ids
+        await _assert_refused(
+            rig, loser, fields, reason="replay", notice="replay",
+            sid=grant.sid, mid=out.request.mid, type_="count", alg=ALG_SK,
+        )
+        assert ["ok", "rejected"] == sorted(await _statuses(rig.raw, grant.sid, out.request.mid))
+        assert 1 == rig.calls["count"]
+        await _assert_serving(rig, grant)
+
+
+# -- freshness and sessions -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("direction", "field"), [(-1, "e"), (1, "j")], ids=["past", "future"])
+async def test_ts_outside_window_is_expired(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, direction: int,
+    field: wire.Field,
+) -> None:
+    """A ts further than the window from the entry id's time gets expired, not run."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        ts = now_ms() + direction * (settings.replay_window_ms + 5_000)
+        out = rig.raw.seal(grant, {}, ts=ts, field=field)
+        fields = _fields(out.request)
+        entry_id = await rig.raw.send_fields(fields)
+        await _assert_refused(
+            rig, entry_id, fields, reason="expired", notice="expired",
+            sid=grant.sid, mid=out.request.mid, type_="echo", alg=ALG_SK,
+        )
+        assert 0 == sum(rig.calls.values())
+        # Old but inside the window is still fresh.
+        await _assert_serving(rig, grant, ts=now_ms() - settings.replay_window_ms + 10_000)
+
+
+async def test_unknown_session_is_session_unknown(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A well-formed request for a sid with no session gets session_unknown."""
+    async with _serving(settings, keys, redis) as rig:
+        for alg, field in _BOTH:
+            with _case(f"{alg} {field}"):
+                ghost = _unknown_session(keys)
+                out = rig.raw.seal(ghost, {}, alg=alg, field=field)
+                fields = _fields(out.request)
+                entry_id = await rig.raw.send_fields(fields)
+                await _assert_refused(
+                    rig, entry_id, fields, reason="session_invalid", notice="session_unknown",
+                    sid=ghost.sid, mid=out.request.mid, type_="echo", alg=alg,
+                )
+        assert 0 == sum(rig.calls.values())
+        await _assert_serving(rig, await rig.raw.grant())
+
+
+async def test_tampered_session_record_is_session_unknown(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A session record with one byte flipped (even after use) is refused as session_unknown."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        await _assert_serving(rig, grant)  # the worker has now opened (and may cache) it
+        key = rig.raw.names.session(grant.sid)
+        record = await _get(rig.raw, key)
+        assert record is not None
+        await redis.set(key, _flip(record, len(record) // 2), keepttl=True)
+        for alg, field in _BOTH:
+            with _case(f"{alg} {field}"):
+                out = rig.raw.seal(grant, {}, alg=alg, field=field)
+                fields = _fields(out.request)
+                entry_id = await rig.raw.send_fields(fields)
+                await _assert_refused(
+                    rig, entry_id, fields, reason="session_invalid", notice="session_unknown",
+                    sid=grant.sid, mid=out.request.mid, type_="echo", alg=alg,
+                )
+        assert 1 == rig.calls["echo"]
+        await redis.set(key, record, keepttl=True)
+        await _assert_serving(rig, grant)
+
+
+async def test_session_record_under_another_sid_is_session_unknown(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """Session A's record copied to sid B's key does not open for B: session_unknown."""
+    async with _serving(settings, keys, redis) as rig:
+        a = await rig.raw.grant()
+        record = await _get(rig.raw, rig.raw.names.session(a.sid))
+        assert record is not None
+        b = dataclasses.replace(a, sid=new_id())
+        await redis.set(rig.raw.names.session(b.sid), record, px=600_000)
+        out = rig.raw.seal(b, {})
+        fields = _fields(out.request)
+        entry_id = await rig.raw.send_fields(fields)
+        await _assert_refused(
+            rig, entry_id, fields, reason="session_invalid", notice="session_unknown",
+            sid=b.sid, mid=out.request.mid, type_="echo", alg=ALG_SK,
+        )
+        assert 0 == sum(rig.calls.values())
+        await _assert_serving(rig, a)
+
+
+async def test_session_past_its_sealed_expiry_is_session_unknown(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A record whose sealed expiry has passed is refused even while Redis still holds it."""
+    async with _serving(settings, keys, redis) as rig:
+        sid, ks, created = new_id(), os.urandom(KEY_SIZE), now_ms() - 7_200_000
+        session = await anyio.to_thread.run_sync(
+            lambda: new_session(sid, ks=ks, now_ms=created, ttl_s=3600)
+        )
+        record = seal_record(session, keys.master.active)
+        await redis.set(rig.raw.names.session(sid), record, px=600_000)
+        stale = SessionGrant(
+            sid=sid, public_key_pem=session.public_pem, session_key=ks, expires_at=session.expires
+        )
+        out = rig.raw.seal(stale, {})
+        fields = _fields(out.request)
+        entry_id = await rig.raw.send_fields(fields)
+        await _assert_refused(
+            rig, entry_id, fields, reason="session_invalid", notice="session_unknown",
+            sid=sid, mid=out.request.mid, type_="echo", alg=ALG_SK,
+        )
+        assert 0 == sum(rig.calls.values())
+        await _assert_serving(rig, await rig.raw.grant())
+
+
+# -- key wrapping ---------------------------------------------------------------------
+
+
+_WRONG_WRAPS: dict[str, padding.AsymmetricPadding] = {
+    "OAEP-SHA1": padding.OAEP(
+        mgf=padding.MGF1(algorithm=hashes.SHA1()), algorithm=hashes.SHA1(), label=None
+    ),
+    "OAEP-SHA256 MGF1-SHA1": padding.OAEP(
+        mgf=padding.MGF1(algorithm=hashes.SHA1()), algorithm=hashes.SHA256(), label=None
+    ),
+    "OAEP-SHA256 with a label": padding.OAEP(
+        mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=b"x"
+    ),
+    "PKCS1v15": padding.PKCS1v15(),
+}
+
+
+async def test_key_wrapped_with_other_padding_fails_authentication(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """K wrapped with OAEP-SHA1 (Node's default) or any padding but OAEP-256 is auth_failed."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        public_key = load_public_key(grant.public_key_pem)
+        for label, pad in _WRONG_WRAPS.items():
+            with _case(label):
+                k, mid, ts = os.urandom(KEY_SIZE), new_id(), now_ms()
+                box = seal(k, wire.dumps({}, "e"), request_aad(ALG_RSA, grant.sid, mid, ts, "echo"))
+                request = wire.Request(
+                    field="e", alg=ALG_RSA, sid=grant.sid, mid=mid, ts=ts, type="echo",
+                    iv=box.iv, encrypted_data=box.ciphertext, auth_tag=box.tag,
+                    encrypted_aes_key=public_key.encrypt(k, pad),
+                )
+                fields = _fields(request)
+                entry_id = await rig.raw.send_fields(fields)
+                await _assert_refused(
+                    rig, entry_id, fields, reason="auth_failed", notice="rejected",
+                    sid=grant.sid, mid=mid, type_="echo", alg=ALG_RSA,
+                )
+        assert 0 == sum(rig.calls.values())
+        await _assert_serving(rig, grant, alg=ALG_RSA)
+
+
+async def test_wrapped_key_of_wrong_length_is_malformed(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """An encryptedAesKey that is not exactly the session modulus size is malformed."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        for size in (255, 257, 512, 1):
+            with _case(f"{size} bytes"):
+                out = rig.raw.seal(grant, {}, alg=ALG_RSA)
+                wrapped = out.request.encrypted_aes_key
+                assert wrapped is not None and 256 == len(wrapped)
+                bad = dataclasses.replace(
+                    out.request, encrypted_aes_key=(wrapped * 2)[:size]
+                )
+                fields = _fields(bad)
+                entry_id = await rig.raw.send_fields(fields)
+                await _assert_refused(
+                    rig, entry_id, fields, reason="malformed", notice="rejected",
+                    sid=grant.sid, mid=bad.mid, type_="echo", alg=ALG_RSA,
+                )
+        assert 0 == sum(rig.calls.values())
+        await _assert_serving(rig, grant, alg=ALG_RSA)
+
+
+# -- format: lengths, fields, values, version, alg ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "sizes"), [("authTag", [15, 17, 0]), ("iv", [16, 11, 0])]
+)
+async def test_wrong_iv_or_tag_length_is_malformed(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, name: str, sizes: list[int]
+) -> None:
+    """An authTag that is not 16 bytes or an iv that is not 12 is malformed, before crypto."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        for size in sizes:
+            for alg, field in _BOTH:
+                with _case(f"{size} bytes, {alg} {field}"):
+                    out = rig.raw.seal(grant, {}, alg=alg, field=field)
+                    value = (os.urandom(32))[:size]
+                    bad = (
+                        dataclasses.replace(out.request, auth_tag=value)
+                        if name == "authTag"
+                        else dataclasses.replace(out.request, iv=value)
+                    )
+                    fields = _fields(bad)
+                    entry_id = await rig.raw.send_fields(fields)
+                    await _assert_refused(
+                        rig, entry_id, fields, reason="malformed", notice="rejected",
+                        sid=grant.sid, mid=bad.mid, type_="echo", alg=alg,
+                    )
+        assert 0 == sum(rig.calls.values())
+        await _assert_serving(rig, grant)
+
+
+@pytest.mark.parametrize(
+    ("label", "alg", "extra"),
+    [
+        ("unknown", ALG_SK, {"x": 1}),
+        ("encryptedAesKey in SK mode", ALG_SK, {"encryptedAesKey": b"\x00" * 256}),
+        ("kid outside a handshake", ALG_RSA, {"kid": "0" * 64}),
+    ],
+)
+async def test_unknown_field_is_malformed(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis,
+    label: str, alg: str, extra: dict[str, Any],
+) -> None:
+    """An envelope with a field its alg and type do not have is malformed."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        out = rig.raw.seal(grant, {}, alg=alg)
+        env = _envelope(out.request) | extra
+        fields = _pack(env, "e")
+        entry_id = await rig.raw.send_fields(fields)
+        await _assert_refused(
+            rig, entry_id, fields, reason="malformed", notice="rejected",
+            sid=grant.sid, mid=out.request.mid, type_="echo", alg=alg,
+        )
+        assert 0 == sum(rig.calls.values())
+        await _assert_serving(rig, grant)
+
+
+async def test_missing_field_is_malformed(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """An envelope missing any required field is malformed (no notice without sid or mid)."""
+    cases = [
+        (ALG_SK, "ts"), (ALG_SK, "type"), (ALG_SK, "iv"), (ALG_SK, "encryptedData"),
+        (ALG_SK, "authTag"), (ALG_RSA, "encryptedAesKey"), (ALG_SK, "sid"), (ALG_SK, "mid"),
+    ]
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        for alg, name in cases:
+            for field in _ENCODINGS:
+                with _case(f"{name} {alg} {field}"):
+                    out = rig.raw.seal(grant, {}, alg=alg, field=field)
+                    env = _envelope(out.request)
+                    del env[name]
+                    fields = _pack(env, field)
+                    entry_id = await rig.raw.send_fields(fields)
+                    has_ids = name not in ("sid", "mid")
+                    await _assert_refused(
+                        rig, entry_id, fields, reason="malformed",
+                        notice="rejected" if has_ids else None,
+                        sid=grant.sid if name != "sid" else None,
+                        mid=out.request.mid if name != "mid" else None,
+                        type_="echo" if name != "type" else None,
+                        alg=alg, watch=(grant.sid, out.request.mid),
+                    )
+        assert 0 == sum(rig.calls.values())
+        await _assert_serving(rig, grant)
+
+
+def _set(name: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(env: dict[str, Any]) -> None:
+        env[name] = value
+
+    return change
+
+
+def _b64_variant(kind: str) -> Callable[[dict[str, Any]], None]:
+    """Re-encode authTag (16 bytes) as base64 that is not canonical."""
+
+    def change(env: dict[str, Any]) -> None:
+        tag = base64.b64decode(env["authTag"])
+        text = base64.b64encode(tag).decode()
+        if kind == "unpadded":
+            env["authTag"] = text.rstrip("=")
+        elif kind == "stray bits":  # 16 bytes: the last char before == carries 4 unused bits
+            last = text[-3]
+            alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+            env["authTag"] = text[:-3] + alphabet[alphabet.index(last) ^ 1] + "=="
+        elif kind == "whitespace":
+            env["authTag"] = text[:8] + "\n" + text[8:]
+        else:
+            assert "url-safe" == kind
+            env["authTag"] = base64.urlsafe_b64encode(b"\xfb\xff" * 8).decode()
+
+    return change
+
+
+_ILL_FORMED: list[tuple[str, wire.Field, Callable[[dict[str, Any]], None], set[str]]] = [
+    # (label, encoding, change, what stays well formed: of {"sid", "mid", "type"})
+    ("ts as float", "e", lambda env: env.update(ts=float(env["ts"])), {"sid", "mid", "type"}),
+    ("ts as bool", "j", _set("ts", True), {"sid", "mid", "type"}),
+    ("ts negative", "e", _set("ts", -1), {"sid", "mid", "type"}),
+    ("ts as text", "j", lambda env: env.update(ts=str(env["ts"])), {"sid", "mid", "type"}),
+    ("type with a space", "e", _set("type", "ec ho"), {"sid", "mid"}),
+    ("type of 65 chars", "j", _set("type", "e" * 65), {"sid", "mid"}),
+    ("sid in upper case", "e", lambda env: env.update(sid=env["sid"].upper()), {"mid", "type"}),
+    ("mid of 31 chars", "j", lambda env: env.update(mid=env["mid"][:31]), {"sid", "type"}),
+    ("iv as text in MessagePack", "e", lambda env: env.update(iv=env["iv"].hex()),
+     {"sid", "mid", "type"}),
+    ("encryptedData as a number", "j", _set("encryptedData", 7), {"sid", "mid", "type"}),
+    ("authTag unpadded base64", "j", _b64_variant("unpadded"), {"sid", "mid", "type"}),
+    ("authTag base64 with stray bits", "j", _b64_variant("stray bits"), {"sid", "mid", "type"}),
+    ("authTag base64 with a newline", "j", _b64_variant("whitespace"), {"sid", "mid", "type"}),
+    ("authTag url-safe base64", "j", _b64_variant("url-safe"), {"sid", "mid", "type"}),
+]
+
+
+async def test_ill_formed_values_are_malformed(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """Ill-formed ts, type, ids or binary values are malformed; only well-formed ids are named."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        for label, field, change, kept in _ILL_FORMED:
+            with _case(label):
+                out = rig.raw.seal(grant, {}, field=field)
+                env = _envelope(out.request)
+                change(env)
+                fields = _pack(env, field)
+                entry_id = await rig.raw.send_fields(fields)
+                notice = "rejected" if {"sid", "mid"} <= kept else None
+                await _assert_refused(
+                    rig, entry_id, fields, reason="malformed", notice=notice,
+                    sid=env["sid"] if "sid" in kept else None,
+                    mid=env["mid"] if "mid" in kept else None,
+                    type_=env["type"] if "type" in kept else None,
+                    alg=ALG_SK, watch=(env["sid"], env["mid"]),
+                )
+        assert 0 == sum(rig.calls.values())
+        await _assert_serving(rig, grant)
+
+
+async def test_unsupported_version(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """``v`` other than 1 is unsupported; the notice (code rejected) names the known alg."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        for v, (alg, field) in zip((2, 0), _BOTH, strict=True):
+            with _case(f"v={v}"):
+                out = rig.raw.seal(grant, {}, alg=alg, field=field)
+                fields = _pack(_envelope(out.request) | {"v": v}, field)
+                entry_id = await rig.raw.send_fields(fields)
+                await _assert_refused(
+                    rig, entry_id, fields, reason="unsupported", notice="rejected",
+                    sid=grant.sid, mid=out.request.mid, type_="echo", alg=alg,
+                )
+        assert 0 == sum(rig.calls.values())
+        await _assert_serving(rig, grant)
+
+
+async def test_unknown_alg_is_unsupported_and_notice_has_no_alg(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """An alg the worker does not know is unsupported; its notice carries no alg."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        unknown: list[tuple[str, wire.Field, str]] = [
+            (ALG_RSA, "e", "RSA-OAEP+A256GCM"),
+            (ALG_SK, "j", "sk+a256gcm"),
+            (ALG_SK, "e", "none"),
+        ]
+        for base_alg, field, alg in unknown:
+            with _case(alg):
+                out = rig.raw.seal(grant, {}, alg=base_alg, field=field)
+                fields = _pack(_envelope(out.request) | {"alg": alg}, field)
+                entry_id = await rig.raw.send_fields(fields)
+                await _assert_refused(
+                    rig, entry_id, fields, reason="unsupported", notice="rejected",
+                    sid=grant.sid, mid=out.request.mid, type_="echo", alg=None,
+                )
+        assert 0 == sum(rig.calls.values())
+        await _assert_serving(rig, grant)
+
+
+# -- entries that do not decode ---------------------------------------------------------
+
+
+def _padded_to(grant: SessionGrant, raw: Raw, size: int) -> tuple[messages.Outgoing, Any]:
+    """An echo request whose MessagePack entry is exactly ``size`` bytes, and its payload."""
+    n = size // 2
+    for _ in range(3):
+        payload = {"pad": "x" * n}
+        out = raw.seal(grant, payload)
+        total = sum(len(k) + len(v) for k, v in wire.encode_request(out.request).items())
+        if total == size:
+            return out, payload
+        n += size - total
+    raise AssertionError(f"cannot pad an entry to {size} bytes")
+
+
+async def test_oversize_entry_is_dead_lettered_by_size_without_notice(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """An entry over max_entry_size gets a size-only dead letter, no notice; at the limit is ok."""
+    small = dataclasses.replace(settings, max_entry_size=2048)
+    async with _serving(small, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        at_limit, payload = _padded_to(grant, rig.raw, 2048)
+        await rig.raw.send(at_limit.request)
+        reply = await rig.raw.reply(grant.sid, at_limit.request.mid)
+        assert payload == open_ok(reply, at_limit)
+        over, _ = _padded_to(grant, rig.raw, 2049)
+        fields = _fields(over.request)
+        entry_id = await rig.raw.send_fields(fields)
+        await _assert_refused(
+            rig, entry_id, fields, reason="malformed", notice=None, original=False,
+            watch=(grant.sid, over.request.mid),
+        )
+        assert [] == await _statuses(rig.raw, grant.sid, over.request.mid)
+        assert 1 == rig.calls["echo"]
+        await _assert_serving(rig, grant)
+
+
+def _garbage(case: str, grant: SessionGrant, raw: Raw) -> tuple[dict[str, bytes], bool, str]:
+    """(entry, whether the dead letter keeps the original field, the mid inside if any)."""
+    out = raw.seal(grant, {})
+    mid = out.request.mid
+    e = wire.encode_request(out.request)["e"]
+    j = wire.encode_request(dataclasses.replace(out.request, field="j"))["j"]
+    if case == "random bytes in e":
+        return {"e": b"\xc1" + os.urandom(63)}, True, mid  # 0xc1 is never valid MessagePack
+    if case == "not JSON in j":
+        return {"j": b"this is {not JSON"}, True, mid
+    if case == "invalid UTF-8 in j":
+        return {"j": b'{"v":1,"x":"\xff"}'}, True, mid
+    if case == "trailing bytes after a good e":
+        return {"e": e + b"\x00"}, True, mid
+    if case == "duplicate key in a good j":
+        return {"j": j[:-1] + b',"mid":"' + mid.encode() + b'"}'}, True, mid
+    if case == "an array in e":
+        packed: bytes = msgpack.packb([1, 2, 3])
+        return {"e": packed}, True, mid
+    if case == "two fields":
+        return {"e": e, "j": j}, False, mid
+    assert "a field named x" == case
+    return {"x": e}, False, mid
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "random bytes in e",
+        "not JSON in j",
+        "invalid UTF-8 in j",
+        "trailing bytes after a good e",
+        "duplicate key in a good j",
+        "an array in e",
+        "two fields",
+        "a field named x",
+    ],
+)
+async def test_garbage_entry_is_malformed_without_notice(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, case: str
+) -> None:
+    """An entry that does not decode to an envelope map is malformed, with no notice."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        fields, original, mid = _garbage(case, grant, rig.raw)
+        entry_id = await rig.raw.send_fields(fields)
+        await _assert_refused(
+            rig, entry_id, fields, reason="malformed", notice=None, original=original,
+            watch=(grant.sid, mid),
+        )
+        assert [] == await rig.raw.replies(grant.sid)
+        assert 0 == sum(rig.calls.values())
+        await _assert_serving(rig, grant)
+
+
+# -- handshakes -----------------------------------------------------------------------
+
+
+async def test_handshake_with_unknown_kid_fails_authentication(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A handshake naming a kid the worker does not hold is auth_failed; no session is made."""
+    async with _serving(settings, keys, redis) as rig:
+        kid = hashlib.sha256(os.urandom(16)).hexdigest()
+        out = _handshake(keys, kid=kid)
+        fields = _fields(out.request)
+        entry_id = await rig.raw.send_fields(fields)
+        await _assert_refused(
+            rig, entry_id, fields, reason="auth_failed", notice="rejected",
+            sid=out.request.sid, mid=out.request.mid, type_=HANDSHAKE_TYPE, alg=ALG_RSA,
+        )
+        assert await _get(rig.raw, rig.raw.names.session(out.request.sid)) is None
+        good = _handshake(keys)
+        await rig.raw.send(good.request)
+        reply = await rig.raw.reply(good.request.sid, good.request.mid)
+        assert good.request.sid == open_ok(reply, good)["sessionId"]
+        await _assert_serving(rig, await rig.raw.grant())
+
+
+async def test_handshake_for_existing_sid_is_refused_and_spends_mid(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A handshake for a sid with a session is session_invalid; the same entry again is replay."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        key = rig.raw.names.session(grant.sid)
+        record = await _get(rig.raw, key)
+        out = _handshake(keys, sid=grant.sid, field="j")
+        fields = _fields(out.request)
+        first = await rig.raw.send_fields(fields)
+        await _assert_refused(
+            rig, first, fields, reason="session_invalid", notice="rejected",
+            sid=grant.sid, mid=out.request.mid, type_=HANDSHAKE_TYPE, alg=ALG_RSA,
+        )
+        second = await rig.raw.send_fields(fields)
+        letter = await _dead_letter(rig.raw, second)
+        assert b"replay" == letter["reason"]
+        assert ["rejected", "rejected"] == await _statuses(rig.raw, grant.sid, out.request.mid)
+        notices = await _notices(rig.raw, grant.sid, out.request.mid)
+        assert ["rejected", "replay"] == [env["code"] for _, env in notices]
+        await rig.raw.wait_drained()
+        assert record == await _get(rig.raw, key)
+        await _assert_serving(rig, grant)
+
+
+async def test_handshake_with_low_order_ephemeral_is_bad_payload(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A low-order clientEphemeral gets an error bad_payload sealed under Kb, no dead letter."""
+    async with _serving(settings, keys, redis) as rig:
+        low_order: list[tuple[str, bytes, wire.Field]] = [
+            ("all-zero", bytes(32), "e"),
+            ("all-zero", bytes(32), "j"),
+            ("u = 1", b"\x01" + bytes(31), "e"),
+        ]
+        for label, ec, field in low_order:
+            with _case(f"{label} {field}"):
+                out = _handshake(keys, ec=ec, field=field)
+                await rig.raw.send(out.request)
+                reply = await rig.raw.reply(out.request.sid, out.request.mid)
+                assert "bad_payload" == _error_body(reply, out)["code"]
+                await rig.raw.wait_drained()
+                assert ["error"] == await _statuses(rig.raw, out.request.sid, out.request.mid)
+                assert await _get(rig.raw, rig.raw.names.session(out.request.sid)) is None
+        assert [] == await rig.raw.dead_letters()
+        await _assert_serving(rig, await rig.raw.grant())
+
+
+# -- authenticated requests that fail -------------------------------------------------
+
+
+async def test_undecodable_plaintext_is_bad_payload(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """An authentic request whose plaintext is not one strict value gets bad_payload only."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        plaintexts: list[tuple[str, wire.Field, bytes]] = [
+            (ALG_SK, "e", b"\xc1"),
+            (ALG_SK, "e", wire.dumps({}, "e") + b"\x00"),
+            (ALG_RSA, "j", b"{not json"),
+            (ALG_SK, "j", b'{"a":1,"a":2}'),
+        ]
+        for alg, field, plaintext in plaintexts:
+            with _case(f"{alg} {field} {plaintext!r}"):
+                out = rig.raw.seal(grant, None, alg=alg, field=field, plaintext=plaintext)
+                await rig.raw.send(out.request)
+                reply = await rig.raw.reply(grant.sid, out.request.mid)
+                assert "bad_payload" == _error_body(reply, out)["code"]
+                await rig.raw.wait_drained()
+        assert [] == await rig.raw.dead_letters()
+        assert 0 == sum(rig.calls.values())
+        await _assert_serving(rig, grant)
+
+
+async def test_handler_exception_is_handler_error_and_dead_letter(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A raising handler gives an error handler_error (no exception text) and a dead letter."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        for alg, field in _BOTH:
+            with _case(f"{alg} {field}"):
+                out = rig.raw.seal(grant, {}, alg=alg, field=field, type_="boom")
+                fields = _fields(out.request)
+                entry_id = await rig.raw.send_fields(fields)
+                reply = await rig.raw.reply(grant.sid, out.request.mid)
+                body = _error_body(reply, out)
+                assert "handler_error" == body["code"]
+                assert _LEAK not in body["message"]
+                await _assert_refused(
+                    rig, entry_id, fields, reason="handler_error", notice=None,
+                    sid=grant.sid, mid=out.request.mid, type_="boom", alg=alg,
+                )
+                assert ["error"] == await _statuses(rig.raw, grant.sid, out.request.mid)
+        assert 2 == rig.calls["boom"]
+        await _assert_serving(rig, grant)
+
+
+async def test_handler_timeout_is_timeout_and_dead_letter(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A handler running past its timeout gives an error timeout and a dead letter."""
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        out = rig.raw.seal(grant, {}, type_="slow")
+        fields = _fields(out.request)
+        entry_id = await rig.raw.send_fields(fields)
+        reply = await rig.raw.reply(grant.sid, out.request.mid)
+        assert "timeout" == _error_body(reply, out)["code"]
+        await _assert_refused(
+            rig, entry_id, fields, reason="timeout", notice=None,
+            sid=grant.sid, mid=out.request.mid, type_="slow", alg=ALG_SK,
+        )
+        assert ["error"] == await _statuses(rig.raw, grant.sid, out.request.mid)
+        assert 1 == rig.calls["slow"]
+        await _assert_serving(rig, grant)
+
+
+# -- delivery limit -------------------------------------------------------------------
+
+
+async def test_delivery_limit_is_refused_without_running(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """An entry delivered more than delivery_limit times is refused unrun; at the limit it runs."""
+    fast = dataclasses.replace(settings, claim_idle_ms=200)
+    limit = fast.delivery_limit
+    raw = Raw(redis, fast.prefix, keys)
+    grant = await raw.grant()
+    await raw.store.ensure_groups(1)
+    stream = raw.names.request_stream(0)
+    at_limit = raw.seal(grant, {}, type_="count")
+    over = raw.seal(grant, {}, type_="count")
+    over_fields = _fields(over.request)
+    at_limit_id = await raw.send_fields(_fields(at_limit.request))
+    over_id = await raw.send_fields(over_fields)
+    # Another consumer took both and vanished; the worker's XAUTOCLAIM adds one delivery.
+    await redis.xreadgroup("workers", "ghost", {stream: ">"}, count=2)
+    for entry_id, count in ((at_limit_id, limit - 1), (over_id, limit)):
+        await redis.xclaim(
+            stream, "workers", "ghost", 0, [entry_id], idle=60_000, retrycount=count
+        )
+    async with _serving(fast, keys, redis) as rig:
+        reply = await rig.raw.reply(grant.sid, at_limit.request.mid)
+        assert {"counted": 1} == open_ok(reply, at_limit)
+        letter = await _assert_refused(
+            rig, over_id, over_fields, reason="delivery_limit", notice="delivery_limit",
+            sid=grant.sid, mid=over.request.mid, type_="count", alg=ALG_SK, attempts=None,
+        )
+        assert limit + 1 == int(letter["attempts"])
+        assert 1 == rig.calls["count"]
+        assert [] == await _letters_for(rig.raw, at_limit_id)
+        await _assert_serving(rig, grant)

@@ -1,0 +1,801 @@
+"""The wire codec: round trips, strict decoding, refusals and the context they carry."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker import wire
+from worker.envelope import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
+from worker.errors import Malformed, ProtocolError, Unsupported
+from worker.wire import Field, Reply, Request
+
+SID = "9f0c1e2d3c4b5a69788796a5b4c3d2e1"
+MID = "5be1a2b3c4d5e6f708192a3b4c5d6e7f"
+KID = "ab" * 32
+TS = 1_700_000_000_123
+FIELDS: tuple[Field, Field] = ("e", "j")
+
+ids = st.binary(min_size=16, max_size=16).map(bytes.hex)
+kids = st.binary(min_size=32, max_size=32).map(bytes.hex)
+types = st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True).filter(
+    lambda t: t != HANDSHAKE_TYPE
+)
+
+
+@dataclass(frozen=True)
+class Verbatim:
+    """Bytes written into a crafted encoding as they are (a raw token or a raw value)."""
+
+    data: bytes
+
+
+def pairs(alg: str = ALG_SK, *, handshake: bool = False) -> list[tuple[Any, Any]]:
+    """The (key, value) pairs of a well-formed request envelope, binary as bytes."""
+    out: list[tuple[Any, Any]] = [
+        ("v", 1),
+        ("alg", alg),
+        ("sid", SID),
+        ("mid", MID),
+        ("ts", TS),
+        ("type", HANDSHAKE_TYPE if handshake else "echo"),
+        ("iv", bytes(range(12))),
+        ("encryptedData", b"ciphertext"),
+        ("authTag", bytes(range(16))),
+    ]
+    if alg == ALG_RSA:
+        out.append(("encryptedAesKey", bytes(256)))
+    if handshake:
+        out.append(("kid", KID))
+    return out
+
+
+def _encode_one(value: Any, field: Field) -> bytes:
+    if isinstance(value, Verbatim):
+        return value.data
+    if field == "e":
+        data: bytes = msgpack.packb(value, use_bin_type=True)
+        return data
+    if isinstance(value, bytes):
+        value = base64.b64encode(value).decode("ascii")
+    return json.dumps(value).encode("utf-8")
+
+
+def craft(items: Iterable[tuple[Any, Any]], field: Field) -> bytes:
+    """A map encoded by hand from ``items`` in order, duplicates and all."""
+    items = list(items)
+    if field == "e":
+        assert len(items) < 16
+        body = b"".join(_encode_one(k, "e") + _encode_one(v, "e") for k, v in items)
+        return bytes([0x80 | len(items)]) + body
+    body = b",".join(_encode_one(k, "j") + b":" + _encode_one(v, "j") for k, v in items)
+    return b"{" + body + b"}"
+
+
+def entry(items: Iterable[tuple[Any, Any]], field: Field) -> dict[bytes, bytes]:
+    """A one-field stream entry holding the crafted map."""
+    return {field.encode(): craft(items, field)}
+
+
+def replaced(items: list[tuple[Any, Any]], name: str, value: Any) -> list[tuple[Any, Any]]:
+    """``items`` with the value of ``name`` replaced."""
+    return [(k, value if k == name else v) for k, v in items]
+
+
+def without(items: list[tuple[Any, Any]], name: str) -> list[tuple[Any, Any]]:
+    """``items`` without ``name``."""
+    return [(k, v) for k, v in items if k != name]
+
+
+def refused(
+    fields: dict[bytes, bytes],
+    kind: type[ProtocolError] = Malformed,
+    *,
+    decoded: bool = True,
+    keep: bool = True,
+) -> ProtocolError:
+    """Assert decode_request refuses ``fields`` with exactly ``kind``; return the error.
+
+    ``decoded`` says the envelope decoded to a map with the well-formed SID and MID,
+    so the error must carry them; otherwise it must carry neither.
+    """
+    with pytest.raises(ProtocolError) as err:
+        wire.decode_request(fields)
+    assert kind is type(err.value)
+    assert keep is err.value.keep_original
+    expected_ids = (SID, MID) if decoded else (None, None)
+    assert expected_ids == (err.value.session_id, err.value.message_id)
+    return err.value
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> Request:
+    """Any well-formed request envelope, in either encoding and algorithm."""
+    alg = draw(st.sampled_from([ALG_RSA, ALG_SK]))
+    handshake = alg == ALG_RSA and draw(st.booleans())
+    return Request(
+        field=draw(st.sampled_from(FIELDS)),
+        alg=alg,
+        sid=draw(ids),
+        mid=draw(ids),
+        ts=draw(st.integers(0, 2**53 - 1)),
+        type=HANDSHAKE_TYPE if handshake else draw(types),
+        iv=draw(st.binary(min_size=12, max_size=12)),
+        encrypted_data=draw(st.binary(max_size=300)),
+        auth_tag=draw(st.binary(min_size=16, max_size=16)),
+        encrypted_aes_key=draw(st.binary(min_size=1, max_size=512)) if alg == ALG_RSA else None,
+        kid=draw(kids) if handshake else None,
+    )
+
+
+@st.composite
+def replies(draw: st.DrawFn) -> Reply:
+    """Any well-formed reply: ``ok``/``error`` with ciphertext, or a ``rejected`` notice."""
+    status = draw(st.sampled_from(["ok", "error", "rejected"]))
+    field = draw(st.sampled_from(FIELDS))
+    if status == "rejected":
+        return Reply(
+            field=field,
+            sid=draw(ids),
+            mid=draw(ids),
+            status=status,
+            alg=draw(st.sampled_from([None, ALG_RSA, ALG_SK])),
+            code=draw(st.text(max_size=40)),
+        )
+    return Reply(
+        field=field,
+        sid=draw(ids),
+        mid=draw(ids),
+        status=status,
+        alg=draw(st.sampled_from([ALG_RSA, ALG_SK])),
+        iv=draw(st.binary(min_size=12, max_size=12)),
+        encrypted_data=draw(st.binary(max_size=300)),
+        auth_tag=draw(st.binary(min_size=16, max_size=16)),
+    )
+
+
+# -- round trips -------------------------------------------------------------------
+
+
+@settings(max_examples=200)
+@given(request=requests())
+def test_request_round_trips(request: Request) -> None:
+    """decode_request(encode_request(r)) == r for both ``e`` and ``j``."""
+    fields = wire.encode_request(request)
+    assert [request.field.encode()] == list(fields)
+    assert request == wire.decode_request(fields)
+
+
+@settings(max_examples=200)
+@given(reply=replies())
+def test_reply_round_trips(reply: Reply) -> None:
+    """decode_reply(encode_reply(r)) == r for both ``e`` and ``j``."""
+    fields = wire.encode_reply(reply)
+    assert [reply.field.encode()] == list(fields)
+    assert reply == wire.decode_reply(fields)
+
+
+@pytest.mark.parametrize("handshake", [False, True])
+def test_encoded_request_has_the_spec_fields(handshake: bool) -> None:
+    """An encoded request holds exactly the envelope's fields; binary raw or base64."""
+    items = dict(pairs(ALG_RSA, handshake=handshake))
+    request = wire.decode_request(entry(items.items(), "e"))
+    as_msgpack = msgpack.unpackb(wire.encode_request(request)["e"], raw=False)
+    assert items == as_msgpack
+    as_json = json.loads(wire.encode_request(wire.decode_request(entry(items.items(), "j")))["j"])
+    expected = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in items.items()}
+    assert expected == as_json
+
+
+def test_encoded_notice_omits_alg_and_ciphertext() -> None:
+    """A ``rejected`` notice with no alg is ``{v, sid, mid, status, code}`` only."""
+    notice = Reply(field="j", sid=SID, mid=MID, status="rejected", code="replay")
+    expected = {"v": 1, "sid": SID, "mid": MID, "status": "rejected", "code": "replay"}
+    assert expected == json.loads(wire.encode_reply(notice)["j"])
+
+
+def test_json_is_written_as_json_stringify_does() -> None:
+    """``j`` encoding is compact UTF-8 with non-ASCII characters as they are."""
+    assert '{"text":"héllo","list":[1,2.5,null,true]}'.encode() == wire.dumps(
+        {"text": "héllo", "list": [1, 2.5, None, True]}, "j"
+    )
+
+
+# -- strict decoding: refused before the envelope is looked at ---------------------
+
+
+def strict_cases() -> list[Any]:
+    """(field, raw entry bytes) that strict decoding must refuse."""
+    good = pairs()
+    mp, js = craft(good, "e"), craft(good, "j")
+    extra = [*good, ("x", None)]
+
+    def with_x(value: Any, field: Field) -> bytes:
+        return craft(replaced(extra, "x", value), field)
+
+    cases: dict[str, tuple[Field, bytes]] = {
+        "e-trailing-nil": ("e", mp + b"\xc0"),
+        "e-trailing-map": ("e", mp + mp),
+        "e-truncated": ("e", mp[:-1]),
+        "e-empty": ("e", b""),
+        "j-trailing-object": ("j", js + b"{}"),
+        "j-trailing-junk": ("j", js + b"x"),
+        "j-two-values": ("j", js + b" " + js),
+        "j-empty": ("j", b""),
+        "e-duplicate-key-same-value": ("e", craft([*good, ("sid", SID)], "e")),
+        "e-duplicate-key-other-value": ("e", craft([*good, ("ts", TS + 1)], "e")),
+        "j-duplicate-key-same-value": ("j", craft([*good, ("sid", SID)], "j")),
+        "j-duplicate-key-other-value": ("j", craft([*good, ("ts", TS + 1)], "j")),
+        "j-nested-duplicate-key": ("j", with_x(Verbatim(b'{"a":1,"a":2}'), "j")),
+        "e-nested-duplicate-key": ("e", with_x(Verbatim(craft([("a", 1), ("a", 2)], "e")), "e")),
+        "e-int-key": ("e", craft([*good, (1, 2)], "e")),
+        "e-binary-key": ("e", craft([*good, (b"x", 2)], "e")),
+        "e-nil-key": ("e", craft([*good, (None, 2)], "e")),
+        "e-nested-int-key": ("e", with_x({1: 2}, "e")),
+        "j-nan": ("j", with_x(Verbatim(b"NaN"), "j")),
+        "j-infinity": ("j", with_x(Verbatim(b"Infinity"), "j")),
+        "j-minus-infinity": ("j", with_x(Verbatim(b"-Infinity"), "j")),
+        "j-nested-nan": ("j", with_x(Verbatim(b"[1,NaN]"), "j")),
+        "j-nan-in-ts": ("j", craft(replaced(good, "ts", Verbatim(b"NaN")), "j")),
+        "e-float64-nan": ("e", with_x(Verbatim(b"\xcb" + struct.pack(">d", float("nan"))), "e")),
+        "e-float32-nan": ("e", with_x(Verbatim(b"\xca" + struct.pack(">f", float("nan"))), "e")),
+        "e-float64-inf": ("e", with_x(Verbatim(b"\xcb" + struct.pack(">d", float("inf"))), "e")),
+        "e-float32-minus-inf": (
+            "e",
+            with_x(Verbatim(b"\xca" + struct.pack(">f", float("-inf"))), "e"),
+        ),
+        "e-nan-in-ts": ("e", craft(replaced(good, "ts", float("nan")), "e")),
+        "e-ext-type": ("e", with_x(msgpack.ExtType(5, b"abc"), "e")),
+        "e-timestamp": ("e", with_x(msgpack.Timestamp(0, 0), "e")),
+        "e-timestamp-in-ts": ("e", craft(replaced(good, "ts", msgpack.Timestamp(1, 0)), "e")),
+        "e-invalid-utf8-value": ("e", with_x(Verbatim(b"\xa2\xff\xfe"), "e")),
+        "e-invalid-utf8-key": ("e", craft([*good, (Verbatim(b"\xa1\xff"), 1)], "e")),
+        "e-surrogate-utf8": ("e", with_x(Verbatim(b"\xa3\xed\xa0\x80"), "e")),
+        "j-invalid-utf8-value": ("j", with_x(Verbatim(b'"\xff"'), "j")),
+        "j-overlong-utf8": ("j", with_x(Verbatim(b'"\xc0\xaf"'), "j")),
+        "j-invalid-utf8-key": ("j", craft([*good, (Verbatim(b'"\xfe"'), 1)], "j")),
+        "j-lone-high-surrogate": ("j", with_x(Verbatim(b'"\\ud800"'), "j")),
+        "j-lone-low-surrogate": ("j", with_x(Verbatim(b'"a\\udc00b"'), "j")),
+        "j-lone-surrogate-key": ("j", craft([*good, (Verbatim(b'"\\ud800"'), 1)], "j")),
+        "j-deep-nesting": ("j", with_x(Verbatim(b"[" * 100_000 + b"]" * 100_000), "j")),
+        "e-deep-nesting": ("e", with_x(Verbatim(b"\x91" * 100_000 + b"\xc0"), "e")),
+        "j-not-json": ("j", b"{v:1}"),
+        "e-reserved-byte": ("e", with_x(Verbatim(b"\xc1"), "e")),
+    }
+    return [pytest.param(field, raw, id=name) for name, (field, raw) in cases.items()]
+
+
+@pytest.mark.parametrize(("field", "raw"), strict_cases())
+def test_strict_decoding_refuses(field: Field, raw: bytes) -> None:
+    """Trailing bytes, duplicate or non-string keys, NaN, ext types, bad UTF-8: Malformed.
+
+    Refused before the envelope is read, so the error carries no ids.
+    """
+    refused({field.encode(): raw}, decoded=False)
+
+
+@pytest.mark.parametrize(("field", "raw"), strict_cases())
+def test_loads_refuses_what_strict_decoding_forbids(field: Field, raw: bytes) -> None:
+    """wire.loads (also used for plaintexts) raises DecodeError for the same inputs."""
+    with pytest.raises(wire.DecodeError):
+        wire.loads(raw, field)
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_control_extra_field_is_refused_after_decoding(field: Field) -> None:
+    """The ``x`` field used above alone is refused later, with ids: the strict layer caught them."""
+    refused(entry([*pairs(), ("x", None)], field))
+
+
+@pytest.mark.parametrize(
+    "raw", [msgpack.packb([1, 2]), msgpack.packb(1), msgpack.packb("map"), msgpack.packb(None)]
+)
+def test_msgpack_envelope_that_is_not_a_map_is_refused(raw: bytes) -> None:
+    """An ``e`` envelope that is an array, integer, string or nil: Malformed, no ids."""
+    refused({b"e": raw}, decoded=False)
+
+
+@pytest.mark.parametrize("raw", [b"[1,2]", b"1", b'"map"', b"null", b"true"])
+def test_json_envelope_that_is_not_an_object_is_refused(raw: bytes) -> None:
+    """A ``j`` envelope that is an array, number, string or literal: Malformed, no ids."""
+    refused({b"j": raw}, decoded=False)
+
+
+# -- integers never as bool or float -----------------------------------------------
+
+
+@pytest.mark.parametrize("value", [True, False, 1.0, 1.5, "1", None, [1]])
+@pytest.mark.parametrize("field", FIELDS)
+def test_v_of_the_wrong_type_is_malformed(field: Field, value: Any) -> None:
+    """``v`` given as bool, float, string, null or list is Malformed (not an integer)."""
+    refused(entry(replaced(pairs(), "v", value), field))
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_v_given_as_json_float_literal_is_malformed(field: Field) -> None:
+    """``"v":1.0`` in JSON (and float64 1.0 in MessagePack) is Malformed."""
+    raw = Verbatim(b"1.0") if field == "j" else Verbatim(b"\xcb" + struct.pack(">d", 1.0))
+    refused(entry(replaced(pairs(), "v", raw), field))
+
+
+@pytest.mark.parametrize("value", [0, 2, -1, 2**32])
+@pytest.mark.parametrize("field", FIELDS)
+def test_other_version_is_unsupported(field: Field, value: int) -> None:
+    """An integer ``v`` other than 1 is Unsupported, with the ids for a notice."""
+    refused(entry(replaced(pairs(), "v", value), field), Unsupported)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        True,
+        False,
+        float(TS),
+        Verbatim(b"1700000000123.0"),
+        Verbatim(b"1.7e12"),
+        str(TS),
+        None,
+        -1,
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("field", FIELDS)
+def test_ts_of_the_wrong_type_is_malformed(field: Field, value: Any) -> None:
+    """``ts`` given as bool, float, string, null or a negative number is Malformed."""
+    if isinstance(value, Verbatim) and field == "e":
+        value = float(value.data.decode())
+    refused(entry(replaced(pairs(), "ts", value), field))
+
+
+# -- binary values: raw bytes or canonical base64 ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("authTag", "AAECAwQFBgcICQoLDA0ODw"),  # missing padding
+        ("authTag", "AAECAwQFBgcICQoLDA0ODw="),  # partial padding
+        ("authTag", "AAECAwQFBgcICQoLDA0ODw==\n"),  # trailing newline
+        ("authTag", "AAECAwQF BgcICQoLDA0ODw=="),  # inner space
+        ("authTag", "AAECAwQF\nBgcICQoLDA0ODw=="),  # inner newline
+        ("authTag", " AAECAwQFBgcICQoLDA0ODw=="),  # leading space
+        ("authTag", "AAECAwQFBgcICQoLDA0ODx=="),  # stray bits
+        ("encryptedData", "AB=="),  # stray bits ("AA==" is canonical)
+        ("encryptedData", "AAF="),  # stray bits with padding
+        ("encryptedData", "-_-_"),  # URL-safe alphabet
+        ("encryptedData", "AA==AA=="),  # padding inside
+        ("encryptedData", "A==="),  # impossible padding
+        ("encryptedData", "=AAA"),  # leading padding
+        ("iv", "AAECAwQFBgcICQoL\t"),  # tab
+    ],
+)
+def test_non_canonical_base64_is_malformed(name: str, text: str) -> None:
+    """JSON binary that is not canonical padded standard base64 is Malformed."""
+    refused(entry(replaced(pairs(), name, Verbatim(json.dumps(text).encode())), "j"))
+
+
+def test_canonical_base64_control_decodes() -> None:
+    """The canonical forms of the values above decode."""
+    items = replaced(pairs(), "encryptedData", Verbatim(b'"AA=="'))
+    assert b"\x00" == wire.decode_request(entry(items, "j")).encrypted_data
+    assert b"\x00" == wire.b64decode("AA==")
+    assert bytes(range(16)) == wire.b64decode("AAECAwQFBgcICQoLDA0ODw==")
+
+
+@pytest.mark.parametrize("text", ["AB==", "AA", "AA=", "AA==\n", " AA==", "A", "AA==AA==", "-_=="])
+def test_b64decode_refuses_non_canonical_text(text: str) -> None:
+    """wire.b64decode raises DecodeError for non-canonical base64."""
+    with pytest.raises(wire.DecodeError):
+        wire.b64decode(text)
+
+
+@settings(max_examples=100)
+@given(data=st.binary(max_size=64))
+def test_b64_round_trips(data: bytes) -> None:
+    """b64decode(b64encode(x)) == x."""
+    assert data == wire.b64decode(wire.b64encode(data))
+
+
+@pytest.mark.parametrize("name", ["iv", "encryptedData", "authTag", "encryptedAesKey"])
+def test_msgpack_binary_given_as_string_is_malformed(name: str) -> None:
+    """In ``e``, binary given as a str (or int) instead of bin is Malformed."""
+    items = pairs(ALG_RSA)
+    refused(entry(replaced(items, name, "A" * 16), "e"))
+    refused(entry(replaced(items, name, 7), "e"))
+
+
+@pytest.mark.parametrize("value", [[0] * 12, 12, None, True])
+def test_json_binary_given_as_non_string_is_malformed(value: Any) -> None:
+    """In ``j``, binary given as an array, number, null or bool is Malformed."""
+    refused(entry(replaced(pairs(), "iv", value), "j"))
+
+
+@pytest.mark.parametrize(
+    ("name", "length"),
+    [("iv", 0), ("iv", 11), ("iv", 13), ("iv", 16), ("authTag", 0), ("authTag", 12), ("authTag", 17)],
+)
+@pytest.mark.parametrize("field", FIELDS)
+def test_wrong_iv_or_tag_length_is_malformed(field: Field, name: str, length: int) -> None:
+    """An iv that is not 12 bytes or an authTag that is not 16 bytes is Malformed."""
+    refused(entry(replaced(pairs(), name, bytes(length)), field))
+
+
+# -- fields ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_unknown_field_is_malformed(field: Field) -> None:
+    """An envelope with a field the protocol does not define is Malformed."""
+    refused(entry([*pairs(), ("payload", "x")], field))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["v", "alg", "sid", "mid", "ts", "type", "iv", "encryptedData", "authTag", "encryptedAesKey"],
+)
+@pytest.mark.parametrize("field", FIELDS)
+def test_missing_field_is_malformed(field: Field, name: str) -> None:
+    """An RSA envelope missing any one of its fields (``v`` and ``alg`` too) is Malformed."""
+    with pytest.raises(ProtocolError) as err:
+        wire.decode_request(entry(without(pairs(ALG_RSA), name), field))
+    expected = (
+        Malformed,
+        True,
+        None if name == "sid" else SID,
+        None if name == "mid" else MID,
+    )
+    assert expected == (
+        type(err.value),
+        err.value.keep_original,
+        err.value.session_id,
+        err.value.message_id,
+    )
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_missing_kid_in_handshake_is_malformed(field: Field) -> None:
+    """A handshake without ``kid`` is Malformed."""
+    refused(entry(without(pairs(ALG_RSA, handshake=True), "kid"), field))
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_encrypted_aes_key_in_sk_mode_is_malformed(field: Field) -> None:
+    """An SK envelope carrying ``encryptedAesKey`` is Malformed."""
+    refused(entry([*pairs(ALG_SK), ("encryptedAesKey", bytes(256))], field))
+
+
+@pytest.mark.parametrize("alg", [ALG_RSA, ALG_SK])
+@pytest.mark.parametrize("field", FIELDS)
+def test_kid_outside_a_handshake_is_malformed(field: Field, alg: str) -> None:
+    """A non-handshake request carrying ``kid`` is Malformed."""
+    refused(entry([*pairs(alg), ("kid", KID)], field))
+
+
+@pytest.mark.parametrize("with_wrapped_key", [False, True])
+@pytest.mark.parametrize("field", FIELDS)
+def test_handshake_with_sk_alg_is_malformed(field: Field, with_wrapped_key: bool) -> None:
+    """A handshake in ``SK+A256GCM`` is Malformed, with or without encryptedAesKey."""
+    items = replaced(pairs(ALG_RSA, handshake=True), "alg", ALG_SK)
+    if not with_wrapped_key:
+        items = without(items, "encryptedAesKey")
+    refused(entry(items, field))
+
+
+@pytest.mark.parametrize("kid", ["AB" * 32, "ab" * 31, "ab" * 33, "zz" * 32, 7, None])
+@pytest.mark.parametrize("field", FIELDS)
+def test_handshake_with_bad_kid_is_malformed(field: Field, kid: Any) -> None:
+    """A handshake ``kid`` that is not 64 lowercase hex characters is Malformed."""
+    refused(entry(replaced(pairs(ALG_RSA, handshake=True), "kid", kid), field))
+
+
+def test_handshake_decodes_with_its_kid() -> None:
+    """A well-formed handshake decodes with its kid and is_handshake set."""
+    request = wire.decode_request(entry(pairs(ALG_RSA, handshake=True), "j"))
+    assert (True, KID) == (request.is_handshake, request.kid)
+
+
+@pytest.mark.parametrize("alg", ["A256GCM", "none", "", "rsa-oaep-256+a256gcm", 1, None])
+@pytest.mark.parametrize("field", FIELDS)
+def test_unknown_alg_is_unsupported(field: Field, alg: Any) -> None:
+    """An ``alg`` that is not one of the two is Unsupported, with the ids for a notice."""
+    refused(entry(replaced(pairs(), "alg", alg), field), Unsupported)
+
+
+BAD_IDS = [
+    SID.upper(),
+    SID[:-1],
+    SID + "0",
+    "g" + SID[1:],
+    SID[:-1] + "\n",
+    " " + SID[1:],
+    "",
+    7,
+    None,
+]
+
+
+@pytest.mark.parametrize("value", BAD_IDS, ids=repr)
+@pytest.mark.parametrize("field", FIELDS)
+def test_bad_sid_is_malformed_without_session_id(field: Field, value: Any) -> None:
+    """A sid that is not 32 lowercase hex chars is Malformed; the error carries no sid."""
+    with pytest.raises(Malformed) as err:
+        wire.decode_request(entry(replaced(pairs(), "sid", value), field))
+    assert (None, MID, True) == (
+        err.value.session_id,
+        err.value.message_id,
+        err.value.keep_original,
+    )
+
+
+@pytest.mark.parametrize("value", BAD_IDS, ids=repr)
+@pytest.mark.parametrize("field", FIELDS)
+def test_bad_mid_is_malformed_without_message_id(field: Field, value: Any) -> None:
+    """A mid that is not 32 lowercase hex chars is Malformed; the error carries no mid."""
+    with pytest.raises(Malformed) as err:
+        wire.decode_request(entry(replaced(pairs(), "mid", value), field))
+    assert (SID, None, True) == (
+        err.value.session_id,
+        err.value.message_id,
+        err.value.keep_original,
+    )
+
+
+def test_binary_sid_in_msgpack_is_malformed() -> None:
+    """A sid given as MessagePack bin (not str) is Malformed."""
+    with pytest.raises(Malformed) as err:
+        wire.decode_request(entry(replaced(pairs(), "sid", SID.encode()), "e"))
+    assert err.value.session_id is None
+
+
+@pytest.mark.parametrize(
+    "value", ["", "a" * 65, "a b", "héllo", "a/b", "echo\n", "a|b", 7, None, ["echo"]], ids=repr
+)
+@pytest.mark.parametrize("field", FIELDS)
+def test_bad_type_is_malformed(field: Field, value: Any) -> None:
+    """A ``type`` not matching ``[A-Za-z0-9_.:-]{1,64}`` is Malformed."""
+    refused(entry(replaced(pairs(), "type", value), field))
+
+
+@pytest.mark.parametrize("value", ["a" * 64, "a", "Az09_.:-", "billing:charge.v2"])
+def test_well_formed_types_decode(value: str) -> None:
+    """Types at the edges of the pattern decode."""
+    assert value == wire.decode_request(entry(replaced(pairs(), "type", value), "e")).type
+
+
+# -- entry shape and size ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {b"e": msgpack.packb({}), b"j": b"{}"},
+        {b"x": b"{}"},
+        {b"E": b"{}"},
+        {b"J": b"{}"},
+        {b"e": b"{}", b"x": b""},
+        {b"envelope": b"{}"},
+        {b"": b"{}"},
+    ],
+    ids=["no-field", "e-and-j", "x", "E", "J", "e-and-x", "envelope", "empty-name"],
+)
+def test_entry_without_exactly_one_e_or_j_field_is_refused_without_original(
+    fields: dict[bytes, bytes],
+) -> None:
+    """0 or 2 fields, or one not named e/j: Malformed, keep_original False, no ids."""
+    refused(fields, decoded=False, keep=False)
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_entry_at_the_size_limit_decodes_and_over_it_is_refused(field: Field) -> None:
+    """max_size counts field name and value bytes; one byte over: Malformed, no original."""
+    fields = entry(pairs(), field)
+    size = len(field) + len(fields[field.encode()])
+    assert size == wire.entry_size(fields)
+    assert SID == wire.decode_request(fields, max_size=size).sid
+    refused_error = None
+    with pytest.raises(Malformed) as err:
+        wire.decode_request(fields, max_size=size - 1)
+    refused_error = err.value
+    assert (False, None, None) == (
+        refused_error.keep_original,
+        refused_error.session_id,
+        refused_error.message_id,
+    )
+
+
+def test_default_size_limit_is_one_mebibyte() -> None:
+    """An entry over 1 MiB is refused by default without its original, before decoding."""
+    fields = {b"e": craft(replaced(pairs(), "encryptedData", bytes(1024 * 1024)), "e")}
+    refused(fields, decoded=False, keep=False)
+
+
+# -- context -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_refusal_after_decoding_carries_field_alg_and_type(field: Field) -> None:
+    """An error for a decoded envelope carries its field, alg and type for the dead letter."""
+    error = refused(entry([*pairs(ALG_RSA), ("extra", 1)], field))
+    assert (field, ALG_RSA, "echo") == (error.field, error.alg, error.type)
+
+
+def test_refusal_with_bad_type_and_alg_leaves_them_out() -> None:
+    """A malformed type or unknown alg is not echoed into the error context."""
+    items = replaced(replaced(pairs(), "type", "bad type"), "alg", "nope")
+    error = refused(entry(items, "e"), Unsupported)
+    assert (None, None) == (error.alg, error.type)
+
+
+# -- no other exception, ever ------------------------------------------------------
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=40)
+)
+msgpack_values = st.recursive(
+    scalars | st.binary(max_size=40),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8) | st.integers(0, 9), inner, max_size=4),
+    max_leaves=12,
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+names = st.sampled_from(
+    [
+        "v",
+        "alg",
+        "sid",
+        "mid",
+        "ts",
+        "type",
+        "iv",
+        "encryptedData",
+        "authTag",
+        "encryptedAesKey",
+        "kid",
+    ]
+)
+
+
+def _assert_only_protocol_errors(fields: dict[bytes, bytes]) -> None:
+    try:
+        wire.decode_request(fields)
+    except ProtocolError as error:
+        assert type(error) in (Malformed, Unsupported)
+        assert error.session_id is None or wire.is_id(error.session_id)
+        assert error.message_id is None or wire.is_id(error.message_id)
+
+
+@settings(max_examples=200)
+@given(field=st.sampled_from(FIELDS), raw=st.binary(max_size=200))
+def test_arbitrary_bytes_raise_only_protocol_errors(field: Field, raw: bytes) -> None:
+    """decode_request of arbitrary ``e``/``j`` bytes raises nothing but ProtocolError."""
+    _assert_only_protocol_errors({field.encode(): raw})
+
+
+@settings(max_examples=200)
+@given(value=msgpack_values)
+def test_arbitrary_msgpack_values_raise_only_protocol_errors(value: Any) -> None:
+    """decode_request of any MessagePack value raises nothing but ProtocolError."""
+    _assert_only_protocol_errors({b"e": msgpack.packb(value, use_bin_type=True)})
+
+
+@settings(max_examples=200)
+@given(value=json_values)
+def test_arbitrary_json_values_raise_only_protocol_errors(value: Any) -> None:
+    """decode_request of any JSON value (NaN included) raises nothing but ProtocolError."""
+    _assert_only_protocol_errors({b"j": json.dumps(value).encode("utf-8")})
+
+
+@settings(max_examples=200)
+@given(
+    field=st.sampled_from(FIELDS),
+    alg=st.sampled_from([ALG_RSA, ALG_SK]),
+    handshake=st.booleans(),
+    changes=st.dictionaries(names, msgpack_values, max_size=4),
+    removed=st.sets(names, max_size=2),
+)
+def test_mutated_envelopes_raise_only_protocol_errors(
+    field: Field, alg: str, handshake: bool, changes: dict[str, Any], removed: set[str]
+) -> None:
+    """A well-formed envelope with fields replaced by arbitrary values or removed raises
+    nothing but ProtocolError; what decodes re-encodes to the same request."""
+    env = dict(pairs(alg, handshake=handshake))
+    env.update(changes)
+    for name in removed:
+        env.pop(name, None)
+    if field == "j":
+        env = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in env.items()}
+        try:
+            raw = json.dumps(env).encode("utf-8")
+        except (TypeError, ValueError):
+            return  # a nested bytes value has no JSON form
+    else:
+        raw = msgpack.packb(env, use_bin_type=True)
+    try:
+        request = wire.decode_request({field.encode(): raw})
+    except ProtocolError as error:
+        assert type(error) in (Malformed, Unsupported)
+        return
+    assert request == wire.decode_request(wire.encode_request(request))
+
+
+# -- replies (client side) ---------------------------------------------------------
+
+
+def reply_items(status: str = "ok") -> list[tuple[Any, Any]]:
+    """The pairs of a well-formed reply envelope."""
+    items: list[tuple[Any, Any]] = [
+        ("v", 1),
+        ("alg", ALG_SK),
+        ("sid", SID),
+        ("mid", MID),
+        ("status", status),
+    ]
+    if status == "rejected":
+        return [*items, ("code", "rejected")]
+    return [*items, ("iv", bytes(12)), ("encryptedData", b"x"), ("authTag", bytes(16))]
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [*reply_items("rejected"), ("iv", bytes(12))],
+        without(reply_items("ok"), "alg"),
+        without(reply_items("ok"), "authTag"),
+        replaced(reply_items("ok"), "status", "done"),
+        replaced(reply_items("ok"), "v", 2),
+        replaced(reply_items("ok"), "v", True),
+        replaced(reply_items("ok"), "alg", "none"),
+        replaced(reply_items("ok"), "iv", bytes(11)),
+        replaced(reply_items("ok"), "sid", SID.upper()),
+        [*reply_items("ok"), ("extra", 1)],
+        [*reply_items("ok"), ("sid", SID)],
+        replaced(reply_items("rejected"), "code", 7),
+    ],
+    ids=[
+        "notice-with-iv",
+        "ok-without-alg",
+        "ok-without-tag",
+        "unknown-status",
+        "v2",
+        "v-bool",
+        "unknown-alg",
+        "short-iv",
+        "upper-sid",
+        "extra-field",
+        "duplicate-key",
+        "code-not-string",
+    ],
+)
+@pytest.mark.parametrize("field", FIELDS)
+def test_decode_reply_refuses_malformed_replies(field: Field, items: list[tuple[Any, Any]]) -> None:
+    """decode_reply refuses replies that are not the protocol's with Malformed."""
+    with pytest.raises(Malformed):
+        wire.decode_reply(entry(items, field))
+
+
+@settings(max_examples=200)
+@given(field=st.sampled_from(FIELDS), raw=st.binary(max_size=200))
+def test_decode_reply_of_arbitrary_bytes_raises_only_malformed(field: Field, raw: bytes) -> None:
+    """decode_reply of arbitrary bytes raises nothing but Malformed."""
+    try:
+        wire.decode_reply({field.encode(): raw})
+    except Malformed:
+        pass
