@@ -66,12 +66,18 @@ class WorkerProcs:
                 proc.wait()
 
 
-async def wait_started(redis: aioredis.Redis, prefix: str, workers: int, timeout: float = 30.0) -> None:
+async def wait_started(
+    redis: aioredis.Redis, prefix: str, workers: int, timeout: float = 30.0
+) -> None:
     """Wait until ``workers`` named worker connections are connected."""
     with anyio.fail_after(timeout):
         while True:
             clients = await redis.client_list()
-            names = {c["name"].split(":")[1] for c in clients if c["name"].startswith("sealstream-worker:")}
+            names = {
+                c["name"].split(":")[1]
+                for c in clients
+                if c["name"].startswith("sealstream-worker:")
+            }
             config = await redis.hgetall(f"{prefix}:config")
             if len(names) >= workers and config:
                 return

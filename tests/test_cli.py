@@ -49,7 +49,10 @@ async def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
     ("env", "setting"),
     [
         ({}, "SEALSTREAM_SERVICE_KEY_FILE"),
-        ({"SEALSTREAM_SERVICE_KEY_FILE": "/nonexistent/service.pem"}, "SEALSTREAM_SERVICE_KEY_FILE"),
+        (
+            {"SEALSTREAM_SERVICE_KEY_FILE": "/nonexistent/service.pem"},
+            "SEALSTREAM_SERVICE_KEY_FILE",
+        ),
         ({"SEALSTREAM_SHARDS": "many"}, "SEALSTREAM_SHARDS"),
         ({"SEALSTREAM_CLAIM_IDLE_MS": "-5"}, "SEALSTREAM_CLAIM_IDLE_MS"),
     ],

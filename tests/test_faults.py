@@ -25,13 +25,17 @@ from worker.testing import RedisServer, ThrowawayKeys
 pytestmark = pytest.mark.slow
 
 
-async def _load(raw: Raw, sessions: int, per_session: int, ms: int) -> tuple[list[SessionGrant], list[messages.Outgoing]]:
+async def _load(
+    raw: Raw, sessions: int, per_session: int, ms: int
+) -> tuple[list[SessionGrant], list[messages.Outgoing]]:
     grants = [await raw.grant() for _ in range(sessions)]
     outs = []
     for i in range(sessions * per_session):
         grant = grants[i % sessions]
         alg = ALG_RSA if i % 10 == 0 else ALG_SK
-        outs.append(raw.seal(grant, {"ms": ms}, type_="sleep", alg=alg, field="e" if i % 2 else "j"))
+        outs.append(
+            raw.seal(grant, {"ms": ms}, type_="sleep", alg=alg, field="e" if i % 2 else "j")
+        )
     return grants, outs
 
 
@@ -41,7 +45,7 @@ async def _push(raw: Raw, outs: list[messages.Outgoing], batch: int = 200) -> No
     for start in range(0, len(entries), batch):
         async with raw.redis.pipeline(transaction=False) as pipe:
             for entry in entries[start : start + batch]:
-                pipe.xadd(stream, entry)  # type: ignore[arg-type]
+                pipe.xadd(stream, entry)
             await pipe.execute()
 
 
@@ -58,7 +62,7 @@ async def _answered(raw: Raw, grants: list[SessionGrant]) -> int:
 async def test_sigkill_a_worker_loses_nothing(
     settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, tmp_path: Path
 ) -> None:
-    """Three workers serve 3,000 requests; one is SIGKILLed and replaced mid-run: each gets one ok."""
+    """3 workers serve 3,000 requests; one is SIGKILLed and replaced: each gets one ok."""
     raw = Raw(redis, settings.prefix, keys)
     procs = WorkerProcs(settings, keys, tmp_path)
     grants, outs = await _load(raw, sessions=20, per_session=150, ms=20)

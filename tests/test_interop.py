@@ -29,7 +29,9 @@ async def test_node_selftest_passes() -> None:
     assert 0 == result.returncode, result.stdout.decode() + result.stderr.decode()
 
 
-async def test_node_client_round_trips(settings: Settings, keys: ThrowawayKeys, tmp_path: Path) -> None:
+async def test_node_client_round_trips(
+    settings: Settings, keys: ThrowawayKeys, tmp_path: Path
+) -> None:
     """The Node client handshakes, echoes in both algs and encodings, and sees refusals."""
     assert NODE is not None
     pub = tmp_path / "service.pub.pem"

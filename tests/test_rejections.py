@@ -448,7 +448,7 @@ async def test_replayed_entry_is_refused_and_not_run(
                 before = rig.calls["count"]
                 out = rig.raw.seal(grant, {}, alg=alg, field=field, type_="count")
                 fields = _fields(out.request)
-                await rig.raw.send_fields(fields)
+                first_id = await rig.raw.send_fields(fields)
                 assert {"counted": before + 1} == open_ok(
                     await rig.raw.reply(grant.sid, out.request.mid), out
                 )
@@ -458,6 +458,10 @@ async def test_replayed_entry_is_refused_and_not_run(
                     sid=grant.sid, mid=out.request.mid, type_="count", alg=alg,
                 )
                 assert before + 1 == rig.calls["count"]
+                # The record still names the first entry, done, and lives >= 10 minutes.
+                seen = rig.raw.names.seen(grant.sid, out.request.mid)
+                assert f"{first_id}|done".encode() == await _get(rig.raw, seen)
+                assert 590_000 < await redis.pttl(seen)
                 assert ["ok", "rejected"] == await _statuses(rig.raw, grant.sid, out.request.mid)
         await _assert_serving(rig, grant)
 
@@ -486,6 +490,41 @@ async def test_two_copies_added_at_once_run_once(
         )
         assert ["ok", "rejected"] == sorted(await _statuses(rig.raw, grant.sid, out.request.mid))
         assert 1 == rig.calls["count"]
+        await _assert_serving(rig, grant)
+
+
+async def test_refused_copy_does_not_burn_the_mid(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """Copies refused before the replay step set no replay record; the genuine one still runs."""
+    window = settings.replay_window_ms
+    forgeries: list[tuple[str, Callable[[wire.Request], dict[str, bytes]], str]] = [
+        ("flipped authTag", lambda r: _fields(_tamper(r, "authTag")), "auth_failed"),
+        ("changed ts", lambda r: _fields(_tamper(r, "ts")), "auth_failed"),
+        ("changed type", lambda r: _fields(_tamper(r, "type")), "auth_failed"),
+        ("stale ts", lambda r: _fields(dataclasses.replace(r, ts=r.ts - window - 5_000)),
+         "expired"),
+        ("unknown field", lambda r: _pack(_envelope(r) | {"x": 1}, r.field), "malformed"),
+        ("short tag", lambda r: _fields(dataclasses.replace(r, auth_tag=r.auth_tag[:15])),
+         "malformed"),
+    ]
+    async with _serving(settings, keys, redis) as rig:
+        grant = await rig.raw.grant()
+        for alg, field in _BOTH:
+            out = rig.raw.seal(grant, {"genuine": alg}, alg=alg, field=field)
+            seen = rig.raw.names.seen(grant.sid, out.request.mid)
+            for label, forge, reason in forgeries:
+                with _case(f"{label}, {alg} {field}"):
+                    entry_id = await rig.raw.send_fields(forge(out.request))
+                    assert reason.encode() == (await _dead_letter(rig.raw, entry_id))["reason"]
+                    assert await _get(rig.raw, seen) is None
+            await rig.raw.wait_drained()
+            assert 0 == sum(rig.calls.values())
+            await rig.raw.send(out.request)
+            reply = await _reply_with(rig.raw, grant.sid, out.request.mid, "ok")
+            assert {"genuine": alg} == open_ok(reply, out)
+            assert 1 == (await _statuses(rig.raw, grant.sid, out.request.mid)).count("ok")
+            rig.calls.clear()
         await _assert_serving(rig, grant)
 
 
@@ -528,6 +567,9 @@ async def test_unknown_session_is_session_unknown(
                     rig, entry_id, fields, reason="session_invalid", notice="session_unknown",
                     sid=ghost.sid, mid=out.request.mid, type_="echo", alg=alg,
                 )
+                # With no session, the reply stream expires after at most 2 x window.
+                ttl = await redis.pttl(rig.raw.names.reply_stream(ghost.sid))
+                assert 0 < ttl <= 2 * settings.replay_window_ms
         assert 0 == sum(rig.calls.values())
         await _assert_serving(rig, await rig.raw.grant())
 
@@ -649,7 +691,7 @@ async def test_key_wrapped_with_other_padding_fails_authentication(
 async def test_wrapped_key_of_wrong_length_is_malformed(
     settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
 ) -> None:
-    """An encryptedAesKey that is not exactly the session modulus size is malformed."""
+    """An encryptedAesKey not exactly the modulus size (session or service key) is malformed."""
     async with _serving(settings, keys, redis) as rig:
         grant = await rig.raw.grant()
         for size in (255, 257, 512, 1):
@@ -666,6 +708,17 @@ async def test_wrapped_key_of_wrong_length_is_malformed(
                     rig, entry_id, fields, reason="malformed", notice="rejected",
                     sid=grant.sid, mid=bad.mid, type_="echo", alg=ALG_RSA,
                 )
+        with _case("a handshake's wrapped Kb of 255 bytes"):
+            hs = _handshake(keys)
+            wrapped = hs.request.encrypted_aes_key
+            assert wrapped is not None
+            bad = dataclasses.replace(hs.request, encrypted_aes_key=wrapped[1:])
+            fields = _fields(bad)
+            entry_id = await rig.raw.send_fields(fields)
+            await _assert_refused(
+                rig, entry_id, fields, reason="malformed", notice="rejected",
+                sid=bad.sid, mid=bad.mid, type_=HANDSHAKE_TYPE, alg=ALG_RSA,
+            )
         assert 0 == sum(rig.calls.values())
         await _assert_serving(rig, grant, alg=ALG_RSA)
 
@@ -756,6 +809,17 @@ async def test_missing_field_is_malformed(
                         type_="echo" if name != "type" else None,
                         alg=alg, watch=(grant.sid, out.request.mid),
                     )
+        for field in _ENCODINGS:
+            with _case(f"kid in a handshake, {field}"):
+                hs = _handshake(keys, field=field)
+                env = _envelope(hs.request)
+                del env["kid"]
+                fields = _pack(env, field)
+                entry_id = await rig.raw.send_fields(fields)
+                await _assert_refused(
+                    rig, entry_id, fields, reason="malformed", notice="rejected",
+                    sid=hs.request.sid, mid=hs.request.mid, type_=HANDSHAKE_TYPE, alg=ALG_RSA,
+                )
         assert 0 == sum(rig.calls.values())
         await _assert_serving(rig, grant)
 
@@ -1018,6 +1082,36 @@ async def test_handshake_for_existing_sid_is_refused_and_spends_mid(
         await rig.raw.wait_drained()
         assert record == await _get(rig.raw, key)
         await _assert_serving(rig, grant)
+
+
+async def test_tampered_handshake_fails_authentication(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A handshake changed after sealing (tag, wrapped Kb, sid, ts) is auth_failed; no session."""
+    changes: list[tuple[str, Callable[[wire.Request], wire.Request]]] = [
+        ("authTag", lambda r: _tamper(r, "authTag")),
+        ("encryptedAesKey", lambda r: _tamper(r, "encryptedAesKey")),
+        ("sid", lambda r: dataclasses.replace(r, sid=new_id())),
+        ("ts", lambda r: _tamper(r, "ts")),
+    ]
+    async with _serving(settings, keys, redis) as rig:
+        for label, change in changes:
+            for field in _ENCODINGS:
+                with _case(f"{label} {field}"):
+                    out = _handshake(keys, field=field)
+                    bad = change(out.request)
+                    fields = _fields(bad)
+                    entry_id = await rig.raw.send_fields(fields)
+                    await _assert_refused(
+                        rig, entry_id, fields, reason="auth_failed", notice="rejected",
+                        sid=bad.sid, mid=bad.mid, type_=HANDSHAKE_TYPE, alg=ALG_RSA,
+                    )
+                    for sid in {bad.sid, out.request.sid}:
+                        assert await _get(rig.raw, rig.raw.names.session(sid)) is None
+        good = _handshake(keys)
+        await rig.raw.send(good.request)
+        reply = await rig.raw.reply(good.request.sid, good.request.mid)
+        assert good.request.sid == open_ok(reply, good)["sessionId"]
 
 
 async def test_handshake_with_low_order_ephemeral_is_bad_payload(

@@ -14,32 +14,51 @@ from worker.envelope import ALG_RSA, ALG_SK
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker
 
-PAYLOAD: dict[str, Any] = {"text": "héllo", "n": 42, "list": [1, 2.5, None, True], "nested": {"a": {}}}
+PAYLOAD: dict[str, Any] = {
+    "text": "héllo",
+    "n": 42,
+    "list": [1, 2.5, None, True],
+    "nested": {"a": {}},
+}
 
 
 @pytest.mark.parametrize("alg", [ALG_SK, ALG_RSA])
 @pytest.mark.parametrize("encoding", ["e", "j"])
-async def test_handshake_then_echo(settings: Settings, keys: ThrowawayKeys, alg: str, encoding: str) -> None:
+async def test_handshake_then_echo(
+    settings: Settings, keys: ThrowawayKeys, alg: str, encoding: str
+) -> None:
     """A client handshakes, then echo round-trips in each algorithm and encoding."""
     async with running_worker(app, settings, keys):
-        async with Client.from_url(
-            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix, encoding=encoding  # type: ignore[arg-type]
-        ) as client, client.session(alg=alg) as session:
+        async with (
+            Client.from_url(
+                settings.redis_url,
+                kid=keys.service.kid,
+                prefix=settings.prefix,
+                encoding=encoding,
+            ) as client,
+            client.session(alg=alg) as session,
+        ):
             assert PAYLOAD == await session.request("echo", PAYLOAD)
 
 
 async def test_binary_payload_in_messagepack(settings: Settings, keys: ThrowawayKeys) -> None:
     """MessagePack payloads carry raw bytes both ways."""
     async with running_worker(app, settings, keys):
-        async with Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as client:
+        async with Client.from_url(
+            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
+        ) as client:
             async with client.session() as session:
-                assert {"blob": b"\x00\xff" * 10} == await session.request("echo", {"blob": b"\x00\xff" * 10})
+                assert {"blob": b"\x00\xff" * 10} == await session.request(
+                    "echo", {"blob": b"\x00\xff" * 10}
+                )
 
 
 async def test_sleep_and_fail_handlers(settings: Settings, keys: ThrowawayKeys) -> None:
     """``sleep`` returns what it slept; ``fail`` gives an authenticated handler_error."""
     async with running_worker(app, settings, keys):
-        async with Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as client:
+        async with Client.from_url(
+            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
+        ) as client:
             async with client.session() as session:
                 assert {"slept": 5} == await session.request("sleep", {"ms": 5})
                 with pytest.raises(RemoteError) as err:
@@ -51,7 +70,9 @@ async def test_sleep_and_fail_handlers(settings: Settings, keys: ThrowawayKeys) 
 async def test_unknown_type_and_bad_payload(settings: Settings, keys: ThrowawayKeys) -> None:
     """An unknown type and a payload the handler refuses get their error codes."""
     async with running_worker(app, settings, keys):
-        async with Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as client:
+        async with Client.from_url(
+            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
+        ) as client:
             async with client.session() as session:
                 with pytest.raises(RemoteError) as unknown:
                     await session.request("nope", {})
@@ -64,7 +85,9 @@ async def test_unknown_type_and_bad_payload(settings: Settings, keys: ThrowawayK
 async def test_submit_and_iterate_replies(settings: Settings, keys: ThrowawayKeys) -> None:
     """Replies to submitted requests come from the session's reply iterator."""
     async with running_worker(app, settings, keys):
-        async with Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as client:
+        async with Client.from_url(
+            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
+        ) as client:
             async with client.session() as session:
                 mids = {await session.submit("echo", {"i": i}) for i in range(20)}
                 got = {}
@@ -76,17 +99,23 @@ async def test_submit_and_iterate_replies(settings: Settings, keys: ThrowawayKey
                 assert {i for i in range(20)} == {v["i"] for v in got.values()}
 
 
-async def test_trusted_backend_session(settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis) -> None:
+async def test_trusted_backend_session(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
     """A session created by a trusted back end works without a handshake."""
     raw = Raw(redis, settings.prefix, keys)
     grant = await raw.grant()
     async with running_worker(app, settings, keys):
-        async with Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as client:
+        async with Client.from_url(
+            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
+        ) as client:
             async with client.session(grant, alg=ALG_RSA) as session:
                 assert [1, 2] == await session.request("echo", [1, 2])
 
 
-async def test_reply_is_sealed_under_request_key(settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis) -> None:
+async def test_reply_is_sealed_under_request_key(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
     """A raw request's reply opens with the request's reply key and the reply AAD."""
     raw = Raw(redis, settings.prefix, keys)
     grant = await raw.grant()
@@ -99,7 +128,9 @@ async def test_reply_is_sealed_under_request_key(settings: Settings, keys: Throw
             assert {"x": alg} == open_ok(reply, out)
 
 
-async def test_config_is_published(settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis) -> None:
+async def test_config_is_published(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
     """On start a worker publishes shards, servicePublicKey and kid, and creates groups."""
     async with running_worker(app, settings, keys):
         config = await redis.hgetall(f"{settings.prefix}:config")
@@ -110,10 +141,14 @@ async def test_config_is_published(settings: Settings, keys: ThrowawayKeys, redi
         assert [b"workers"] == [g["name"] for g in groups]
 
 
-async def test_errors_leave_the_session_block_unwrapped(settings: Settings, keys: ThrowawayKeys) -> None:
+async def test_errors_leave_the_session_block_unwrapped(
+    settings: Settings, keys: ThrowawayKeys
+) -> None:
     """A RemoteError raised in a session block reaches the caller as itself, not a group."""
     async with running_worker(app, settings, keys):
-        async with Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as client:
+        async with Client.from_url(
+            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
+        ) as client:
             with pytest.raises(RemoteError):
                 async with client.session() as session:
                     await session.request("fail", {})

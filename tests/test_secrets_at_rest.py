@@ -55,25 +55,42 @@ async def _dump(redis: aioredis.Redis, prefix: str) -> list[bytes]:
     return values
 
 
-async def _handshake(raw: Raw, keys: ThrowawayKeys, field: wire.Field) -> tuple[SessionGrant, bytes]:
+async def _handshake(
+    raw: Raw, keys: ThrowawayKeys, field: wire.Field
+) -> tuple[SessionGrant, bytes]:
     kb = os.urandom(32)
     ec_private, ec = x25519_keypair()
     sid = new_id()
     out = messages.seal_request(
-        field=field, alg=ALG_RSA, sid=sid, mid=new_id(), ts=now_ms(), type_=HANDSHAKE_TYPE,
+        field=field,
+        alg=ALG_RSA,
+        sid=sid,
+        mid=new_id(),
+        ts=now_ms(),
+        type_=HANDSHAKE_TYPE,
         plaintext=wire.dumps({"clientEphemeral": wire.to_wire_binary(ec, field)}, field),
-        public_key=keys.service.public_key, kid=keys.service.kid, key=kb,
+        public_key=keys.service.public_key,
+        kid=keys.service.kid,
+        key=kb,
     )
     await raw.send(out.request)
     body = wire.loads(
-        messages.open_reply(await raw.reply(sid, out.request.mid), reply_key=kb, request=out.request),
+        messages.open_reply(
+            await raw.reply(sid, out.request.mid), reply_key=kb, request=out.request
+        ),
         field,
     )
     ew = wire.binary(body["serverEphemeral"], field)
     ks = handshake_session_key(
-        kb=kb, shared=x25519_shared(ec_private, ew), sid=sid, client_ephemeral=ec, worker_ephemeral=ew
+        kb=kb,
+        shared=x25519_shared(ec_private, ew),
+        sid=sid,
+        client_ephemeral=ec,
+        worker_ephemeral=ew,
     )
-    grant = SessionGrant(sid=sid, public_key_pem=body["publicKey"], session_key=ks, expires_at=body["expiresAt"])
+    grant = SessionGrant(
+        sid=sid, public_key_pem=body["publicKey"], session_key=ks, expires_at=body["expiresAt"]
+    )
     return grant, kb
 
 
@@ -96,13 +113,19 @@ async def test_no_secret_or_plaintext_in_redis(
                 secrets[f"plaintext {marker}"] = marker.encode()
                 secrets[f"reply key {out.request.mid}"] = out.reply_key
                 if alg == ALG_SK:
-                    secrets[f"req key {out.request.mid}"] = sk_request_key(grant.session_key, out.request.mid)
-                    secrets[f"rep key {out.request.mid}"] = sk_reply_key(grant.session_key, out.request.mid)
+                    secrets[f"req key {out.request.mid}"] = sk_request_key(
+                        grant.session_key, out.request.mid
+                    )
+                    secrets[f"rep key {out.request.mid}"] = sk_reply_key(
+                        grant.session_key, out.request.mid
+                    )
             record = await raw.store.get_session(grant.sid)
             assert record is not None
             session = open_record(grant.sid, record, keys.master)
             secrets[f"session private key {n}"] = session.private_key.private_bytes(
-                serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
             )
     secrets["service private key"] = keys.service.private_key.private_bytes(
         serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -111,6 +134,9 @@ async def test_no_secret_or_plaintext_in_redis(
     values = await _dump(redis, settings.prefix)
     assert len(values) > 20
     found = sorted(
-        name for name, secret in secrets.items() for form in _forms(secret) if any(form in v for v in values)
+        name
+        for name, secret in secrets.items()
+        for form in _forms(secret)
+        if any(form in v for v in values)
     )
     assert [] == found

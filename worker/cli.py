@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run a worker process")
     worker.add_argument("app", nargs="?", help="module:attribute of the App (default: demo app)")
-    worker.add_argument("--concurrency", type=int, help="handlers run at once (SEALSTREAM_CONCURRENCY)")
+    worker.add_argument(
+        "--concurrency", type=int, help="handlers run at once (SEALSTREAM_CONCURRENCY)"
+    )
     worker.add_argument("--burst", action="store_true", help="exit once the shards are drained")
     worker.add_argument("--shards", type=int, help="request shards (SEALSTREAM_SHARDS)")
     worker.add_argument("--redis-url", help="SEALSTREAM_REDIS_URL")
@@ -65,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("type", help="handler type")
     send.add_argument("payload", help="JSON payload")
     send.add_argument("--kid", help="pinned service kid (SEALSTREAM_KID)")
-    send.add_argument("--service-public-key-file", type=Path, help="SEALSTREAM_SERVICE_PUBLIC_KEY_FILE")
+    send.add_argument(
+        "--service-public-key-file", type=Path, help="SEALSTREAM_SERVICE_PUBLIC_KEY_FILE"
+    )
     send.add_argument("--alg", default="SK+A256GCM", choices=("SK+A256GCM", "RSA-OAEP-256+A256GCM"))
     send.add_argument("--encoding", default="e", choices=("e", "j"))
     send.add_argument("--timeout", type=float, default=30.0)
@@ -103,18 +107,21 @@ def load_app(spec: str | None) -> App:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"APP: cannot import {module_name!r}: {exc}") from None
-    app = getattr(module, attr, None)
-    if not isinstance(app, App):
+    found = getattr(module, attr, None)
+    if not isinstance(found, App):
         raise ConfigError(f"APP: {spec!r} is not a sealstream App")
-    return app
+    return found
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = Settings.from_env()
     overrides: dict[str, Any] = {}
     for flag, name in (
-        ("redis_url", "redis_url"), ("prefix", "prefix"), ("concurrency", "concurrency"),
-        ("shards", "shards"), ("grace", "grace_s"),
+        ("redis_url", "redis_url"),
+        ("prefix", "prefix"),
+        ("concurrency", "concurrency"),
+        ("shards", "shards"),
+        ("grace", "grace_s"),
     ):
         value = getattr(args, flag, None)
         if value is not None:
@@ -183,13 +190,21 @@ def _send(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"SEALSTREAM_SERVICE_PUBLIC_KEY_FILE: {exc.strerror}") from None
     if kid is None and pem is None:
-        raise ConfigError("pin the service key: --kid / SEALSTREAM_KID or --service-public-key-file")
+        raise ConfigError(
+            "pin the service key: --kid / SEALSTREAM_KID or --service-public-key-file"
+        )
 
     async def run() -> Any:
-        async with Client.from_url(
-            settings.redis_url, kid=kid, service_public_key=pem, prefix=settings.prefix,
-            encoding=args.encoding,
-        ) as client, client.session(alg=args.alg, timeout=args.timeout) as session:
+        async with (
+            Client.from_url(
+                settings.redis_url,
+                kid=kid,
+                service_public_key=pem,
+                prefix=settings.prefix,
+                encoding=args.encoding,
+            ) as client,
+            client.session(alg=args.alg, timeout=args.timeout) as session,
+        ):
             return await session.request(args.type, payload, timeout=args.timeout)
 
     try:

@@ -178,9 +178,16 @@ class Client:
         ec_private, ec = x25519_keypair()
         body = {"clientEphemeral": wire.to_wire_binary(ec, self.encoding), "ttl": ttl_s}
         out = messages.seal_request(
-            field=self.encoding, alg=ALG_RSA, sid=sid, mid=mid, ts=_now_ms(),
-            type_=HANDSHAKE_TYPE, plaintext=wire.dumps(body, self.encoding),
-            public_key=service, kid=kid_of(service), key=kb,
+            field=self.encoding,
+            alg=ALG_RSA,
+            sid=sid,
+            mid=mid,
+            ts=_now_ms(),
+            type_=HANDSHAKE_TYPE,
+            plaintext=wire.dumps(body, self.encoding),
+            public_key=service,
+            kid=kid_of(service),
+            key=kb,
         )
         await self._send(out.request)
         reply = await self._await_one(sid, mid, timeout)
@@ -191,8 +198,11 @@ class Client:
                 raise Malformed("handshake reply is not for this session")
             ew = wire.binary(value["serverEphemeral"], self.encoding)
             ks = handshake_session_key(
-                kb=kb, shared=x25519_shared(ec_private, ew), sid=sid,
-                client_ephemeral=ec, worker_ephemeral=ew,
+                kb=kb,
+                shared=x25519_shared(ec_private, ew),
+                sid=sid,
+                client_ephemeral=ec,
+                worker_ephemeral=ew,
             )
             pem = value["publicKey"]
             load_public_key(pem, what="session public key")
@@ -204,7 +214,11 @@ class Client:
 
     @contextlib.asynccontextmanager
     async def session(
-        self, grant: SessionGrant | None = None, *, alg: str = ALG_SK, ttl_s: int = 3600,
+        self,
+        grant: SessionGrant | None = None,
+        *,
+        alg: str = ALG_SK,
+        ttl_s: int = 3600,
         timeout: float = 30.0,
     ) -> AsyncIterator[ClientSession]:
         """Open a session (handshake unless ``grant`` is given) with its reply reader."""
@@ -265,7 +279,12 @@ class ClientSession:
         self._results_in, self._results_out = send, recv
 
     async def submit(
-        self, type_: str, payload: Any, *, alg: str | None = None, encoding: wire.Field | None = None
+        self,
+        type_: str,
+        payload: Any,
+        *,
+        alg: str | None = None,
+        encoding: wire.Field | None = None,
     ) -> str:
         """Send a request whose reply will come from :meth:`replies`; return its mid."""
         waiter = await self._send(type_, payload, alg=alg, encoding=encoding, streamed=True)
@@ -308,7 +327,12 @@ class ClientSession:
         return len(self._waiters)
 
     async def _send(
-        self, type_: str, payload: Any, *, alg: str | None, encoding: wire.Field | None,
+        self,
+        type_: str,
+        payload: Any,
+        *,
+        alg: str | None,
+        encoding: wire.Field | None,
         streamed: bool,
     ) -> _Waiter:
         alg = alg or self.alg
@@ -318,7 +342,12 @@ class ClientSession:
         if not wire.is_type(type_):
             raise ValueError("type must match [A-Za-z0-9_.:-]{1,64}")
         out = messages.seal_request(
-            field=field_, alg=alg, sid=self.sid, mid=new_id(), ts=_now_ms(), type_=type_,
+            field=field_,
+            alg=alg,
+            sid=self.sid,
+            mid=new_id(),
+            ts=_now_ms(),
+            type_=type_,
             plaintext=wire.dumps(payload, field_),
             public_key=self._public_key if alg == ALG_RSA else None,
             ks=self.grant.session_key if alg == ALG_SK else None,
@@ -375,7 +404,10 @@ def _resolve(reply: wire.Reply, out: messages.Outgoing, type_: str) -> Result:
         if not isinstance(value, dict):
             raise DecryptError("cannot open")
         return Result(
-            mid=mid, type=type_, status="error",
-            code=str(value.get("code")), message=str(value.get("message")),
+            mid=mid,
+            type=type_,
+            status="error",
+            code=str(value.get("code")),
+            message=str(value.get("message")),
         )
     return Result(mid=mid, type=type_, status="ok", value=value)

@@ -14,6 +14,7 @@ from worker.client import Client, ClientSession, SessionGrant
 from worker.envelope import ALG_RSA, ALG_SK
 from worker.errors import BadPayload, RemoteError
 from worker.handlers import App
+from worker.wire import Field
 
 app = App()
 
@@ -62,7 +63,7 @@ async def produce(
             nonlocal mismatches
             session = opened[i % len(opened)]
             alg = ALG_RSA if i % 2 else ALG_SK
-            encoding = "j" if i % 3 == 0 else "e"
+            encoding: Field = "j" if i % 3 == 0 else "e"
             async with limiter:
                 try:
                     if i % 50 == 49:

@@ -54,7 +54,7 @@ class ProtocolError(SealstreamError):
         message_id: str | None = None,
         field: str | None = None,
         alg: str | None = None,
-        type: str | None = None,  # noqa: A002 - the protocol's field name
+        type: str | None = None,
         keep_original: bool = True,
     ) -> None:
         super().__init__(detail)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+from functools import partial
 from typing import Any
 
 import anyio
@@ -94,7 +95,9 @@ class Worker:
             await self._redis(lambda: store.ensure_groups(s.shards))
             await self._redis(
                 lambda: store.publish_config(
-                    shards=s.shards, public_pem=self.service_key.public_pem, kid=self.service_key.kid
+                    shards=s.shards,
+                    public_pem=self.service_key.public_pem,
+                    kid=self.service_key.kid,
                 )
             )
             log.info(
@@ -140,7 +143,7 @@ class Worker:
             slots = await self._take_slots()
             try:
                 entries = await self._redis(
-                    lambda: store.read(shard, self.consumer, count=slots, block_ms=_READ_BLOCK_MS)
+                    partial(store.read, shard, self.consumer, count=slots, block_ms=_READ_BLOCK_MS)
                 )
             except BaseException:
                 self._give_back(slots)
@@ -159,24 +162,27 @@ class Worker:
                     slots = await self._take_slots()
                     try:
                         start, entries = await self._redis(
-                            lambda: store.autoclaim(
+                            partial(
+                                store.autoclaim,
                                 shard,
                                 self.consumer,
                                 min_idle_ms=s.claim_idle_ms,
-                                start=start,  # noqa: B023 - read before the next iteration
+                                start=start,
                                 count=slots,
                             )
                         )
                         entries = [e for e in entries if e.id not in self._in_flight[shard]]
                         counts = await self._redis(
-                            lambda: store.delivery_counts(shard, [e.id for e in entries])  # noqa: B023
+                            partial(store.delivery_counts, shard, [e.id for e in entries])
                         )
                     except BaseException:
                         self._give_back(slots)
                         raise
                     self._give_back(slots - len(entries))
                     for entry in entries:
-                        log.info("entry_reclaimed", entry_id=entry.id, attempts=counts.get(entry.id))
+                        log.info(
+                            "entry_reclaimed", entry_id=entry.id, attempts=counts.get(entry.id)
+                        )
                         self._start(work, shard, entry, attempts=counts.get(entry.id, 1))
                     if start == "0-0":
                         break
@@ -189,15 +195,15 @@ class Worker:
             await anyio.sleep(interval)
             for shard, ids in self._in_flight.items():
                 if ids:
-                    await self._redis(lambda: store.touch(shard, self.consumer, list(ids)))  # noqa: B023
+                    await self._redis(partial(store.touch, shard, self.consumer, list(ids)))
 
     async def _trim_loop(self, store: Store) -> None:
         while not self._stopping.is_set():
             for shard in range(self.settings.shards):
-                trimmed = await self._redis(lambda: store.trim(shard))  # noqa: B023
+                trimmed = await self._redis(partial(store.trim, shard))
                 if trimmed:
                     log.debug("shard_trimmed", shard=shard, entries=trimmed)
-                await self._redis(lambda: store.delete_idle_consumers(shard, idle_ms=3_600_000))  # noqa: B023
+                await self._redis(partial(store.delete_idle_consumers, shard, idle_ms=3_600_000))
             with anyio.move_on_after(self.settings.trim_interval_s):
                 await self._stopping.wait()
             if self._stopping.is_set():
@@ -213,8 +219,8 @@ class Worker:
                 continue
             drained = True
             for shard in range(self.settings.shards):
-                pending = await self._redis(lambda: store.pending(shard))  # noqa: B023
-                lag = await self._redis(lambda: _lag(store, shard))  # noqa: B023
+                pending = await self._redis(partial(store.pending, shard))
+                lag = await self._redis(partial(_lag, store, shard))
                 drained = drained and pending.count == 0 and lag == 0
             quiet = quiet + 1 if drained else 0
             if quiet >= 2:

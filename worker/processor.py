@@ -150,7 +150,9 @@ class Processor:
                     )
                 except ProtocolError as exc:
                     if d.attempts > self.settings.delivery_limit:
-                        raise _with_context(DeliveryLimit("delivered too many times"), exc) from None
+                        raise _with_context(
+                            DeliveryLimit("delivered too many times"), exc
+                        ) from None
                     raise
                 if d.attempts > self.settings.delivery_limit:
                     raise DeliveryLimit("delivered too many times")
@@ -183,16 +185,15 @@ class Processor:
         try:
             session = self.sessions.open(request.sid, raw, self.master_keys)
         except DecryptError:
-            log.error("session_record_invalid", alarm="tamper")
+            # No traceback: it would carry the crypto library's text.
+            log.error("session_record_invalid", alarm="tamper")  # noqa: TRY400
             raise SessionInvalid("the session record failed to open") from None
         if session.expired(self.clock()):
             raise SessionInvalid("the session has expired")
         if request.alg == ALG_RSA:
             if len(request.encrypted_aes_key or b"") != session.wrapped_key_size:
                 raise Malformed("encryptedAesKey is not the session modulus size")
-            opened = await anyio.to_thread.run_sync(
-                _open, request, session.private_key, None
-            )
+            opened = await anyio.to_thread.run_sync(_open, request, session.private_key, None)
         else:
             opened = _open(request, None, session.ks)
         if not await self._claim_mid(d, request):
@@ -223,12 +224,18 @@ class Processor:
             await self._finish(d, request, reply, outcome)
             return
         ks = handshake_session_key(
-            kb=opened.reply_key, shared=shared, sid=request.sid,
-            client_ephemeral=ec, worker_ephemeral=ew,
+            kb=opened.reply_key,
+            shared=shared,
+            sid=request.sid,
+            client_ephemeral=ec,
+            worker_ephemeral=ew,
         )
         session = await anyio.to_thread.run_sync(
             lambda: new_session(
-                request.sid, ks=ks, now_ms=self.clock(), ttl_s=ttl,
+                request.sid,
+                ks=ks,
+                now_ms=self.clock(),
+                ttl_s=ttl,
                 bits=self.settings.session_key_bits,
             )
         )
@@ -277,8 +284,12 @@ class Processor:
         outcome = _error("handler_error", "the handler failed", field, dead_letter="handler_error")
         for attempt in range(1, spec.retries + 2):
             ctx = Context(
-                session_id=request.sid, message_id=request.mid, type=request.type,
-                ts=request.ts, entry_id=d.entry.id, attempt=attempt,
+                session_id=request.sid,
+                message_id=request.mid,
+                type=request.type,
+                ts=request.ts,
+                entry_id=d.entry.id,
+                attempt=attempt,
             )
             started = time.perf_counter()
             try:
@@ -289,7 +300,9 @@ class Processor:
             except TimeoutError:
                 log.warning("handler_timeout", attempt=attempt, timeout_s=timeout)
                 outcome = _error(
-                    "timeout", f"the handler timed out after {timeout:g} s", field,
+                    "timeout",
+                    f"the handler timed out after {timeout:g} s",
+                    field,
                     dead_letter="timeout",
                 )
                 continue
@@ -305,7 +318,9 @@ class Processor:
             except (TypeError, ValueError, OverflowError):
                 log.warning("handler_result_unencodable", encoding=field)
                 return _error(
-                    "handler_error", "the handler's result cannot be encoded", field,
+                    "handler_error",
+                    "the handler's result cannot be encoded",
+                    field,
                     dead_letter="handler_error",
                 )
             log.debug("handler_done", ms=round((time.perf_counter() - started) * 1000, 2))
@@ -405,9 +420,7 @@ class Processor:
         return fields
 
 
-def _open(
-    request: wire.Request, private_key: Any, ks: bytes | None
-) -> messages.Opened:
+def _open(request: wire.Request, private_key: Any, ks: bytes | None) -> messages.Opened:
     try:
         return messages.open_request(request, private_key=private_key, ks=ks)
     except DecryptError:
@@ -421,7 +434,9 @@ async def _call(spec: HandlerSpec, payload: Any, ctx: Context) -> Any:
     return await anyio.to_thread.run_sync(lambda: spec.fn(*args), abandon_on_cancel=True)
 
 
-def _error(code: str, message: str, field: wire.Field, *, dead_letter: str | None = None) -> Outcome:
+def _error(
+    code: str, message: str, field: wire.Field, *, dead_letter: str | None = None
+) -> Outcome:
     body = wire.dumps({"code": code, "message": message}, field)
     return Outcome(status="error", plaintext=body, dead_letter=dead_letter, code=code)
 
@@ -455,4 +470,3 @@ def _with_context(new: ProtocolError, old: ProtocolError) -> ProtocolError:
     new.session_id, new.message_id, new.field = old.session_id, old.message_id, old.field
     new.alg, new.type, new.keep_original = old.alg, old.type, old.keep_original
     return new
-

@@ -69,9 +69,11 @@ def run_demo(*, workers: int, sessions: int, jobs: int) -> int:
         for i in range(workers):
             log = (tmp / f"worker-{i}.log").open("wb")
             procs.append(
-                subprocess.Popen(  # noqa: S603
+                subprocess.Popen(
                     [sys.executable, "-m", "worker", "worker", "--concurrency", "32"],
-                    env=env, stdout=log, stderr=log,
+                    env=env,
+                    stdout=log,
+                    stderr=log,
                 )
             )
         print(f"started {workers} worker processes (logs in {tmp})")
@@ -95,7 +97,7 @@ def run_demo(*, workers: int, sessions: int, jobs: int) -> int:
 async def _produce(url: str, prefix: str, kid: str, sessions: int, jobs: int) -> dict[str, Any]:
     async with Client.from_url(url, kid=kid, prefix=prefix) as client:
         with anyio.fail_after(30):
-            while "kid" not in await client.store.read_config():
+            while "kid" not in await client.store.read_config():  # noqa: ASYNC110 - another process
                 await anyio.sleep(0.05)
         return await produce(client, sessions=sessions, jobs=jobs)
 

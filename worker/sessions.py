@@ -121,7 +121,9 @@ def open_record(sid: str, raw: bytes, keks: MasterKeys) -> Session:
         if not isinstance(n, bytes) or not isinstance(c, bytes) or len(c) < 16:
             raise DecryptError("cannot open")
         inner = loads(
-            open_sealed(kek.key, Sealed(iv=n, ciphertext=c[:-16], tag=c[-16:]), _record_aad(sid, kek.id)),
+            open_sealed(
+                kek.key, Sealed(iv=n, ciphertext=c[:-16], tag=c[-16:]), _record_aad(sid, kek.id)
+            ),
             "e",
         )
         return _session_from(sid, inner)

@@ -107,7 +107,9 @@ class Settings:
         return load_master_key_file(self.master_key_file)
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, low: int = 0, high: int | None = None) -> int:
+def _int(
+    env: Mapping[str, str], name: str, default: int, *, low: int = 0, high: int | None = None
+) -> int:
     raw = env.get(f"SEALSTREAM_{name}")
     if not raw:
         return default

@@ -351,9 +351,13 @@ class Store:
         """XADD a request entry to shard ``n``; return its id."""
         return _s(await self.redis.xadd(self.names.request_stream(shard), dict(entry)))
 
-    async def read_replies(self, sid: str, *, after: str, block_ms: int, count: int = 100) -> list[Entry]:
+    async def read_replies(
+        self, sid: str, *, after: str, block_ms: int, count: int = 100
+    ) -> list[Entry]:
         """Reply entries after ``after`` (XREAD BLOCK)."""
-        raw = await self.redis.xread({self.names.reply_stream(sid): after}, count=count, block=block_ms)
+        raw = await self.redis.xread(
+            {self.names.reply_stream(sid): after}, count=count, block=block_ms
+        )
         if not raw:
             return []
         return _entries(raw[0][1])

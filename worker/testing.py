@@ -63,8 +63,19 @@ class RedisServer:
         port = port or free_port()
         directory = directory or Path(tempfile.mkdtemp(prefix="sealstream-redis-"))
         args = [
-            binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(directory), "--logfile", str(directory / "redis.log"),
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+            "--logfile",
+            str(directory / "redis.log"),
         ]
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
         server = cls(port=port, process=process, directory=directory)
@@ -154,7 +165,11 @@ async def running_worker(
 ) -> AsyncIterator[Worker]:
     """Run a worker in the background until the block ends (then stop it gracefully)."""
     worker = Worker(
-        app, settings, service_key=keys.service, master_keys=keys.master, **kwargs  # type: ignore[arg-type]
+        app,
+        settings,
+        service_key=keys.service,
+        master_keys=keys.master,
+        **kwargs,  # type: ignore[arg-type]
     )
     async with anyio.create_task_group() as tg:
         await tg.start(worker.run)

@@ -22,7 +22,6 @@ import msgpack
 
 from worker.envelope import (
     ALG_RSA,
-    ALG_SK,
     ALGORITHMS,
     HANDSHAKE_TYPE,
     IV_SIZE,
@@ -107,6 +106,8 @@ def _check(value: Any, depth: int = 0) -> None:
         raise DecodeError("nested too deeply")
     if value is None or isinstance(value, bool | int | bytes):
         return
+    if isinstance(value, msgpack.Timestamp):
+        raise DecodeError("extension types are not allowed")
     if isinstance(value, float):
         if not math.isfinite(value):
             raise DecodeError("NaN and Infinity are not allowed")
@@ -140,8 +141,6 @@ def loads(raw: bytes, field: Field) -> Any:
                 ext_hook=_refuse_ext,
                 timestamp=0,
             )
-            if isinstance(value, msgpack.Timestamp):
-                raise DecodeError("extension types are not allowed")
         else:
             value = json.loads(
                 raw.decode("utf-8"), object_pairs_hook=_pairs, parse_constant=_no_constant
@@ -149,7 +148,8 @@ def loads(raw: bytes, field: Field) -> Any:
     except DecodeError:
         raise
     except (ValueError, TypeError, RecursionError, msgpack.ExtraData) as exc:
-        raise DecodeError(f"not a single strict {'MessagePack' if field == 'e' else 'JSON'} value") from exc
+        kind = "MessagePack" if field == "e" else "JSON"
+        raise DecodeError(f"not a single strict {kind} value") from exc
     _check(value)
     return value
 
@@ -312,8 +312,8 @@ def decode_request(fields: Mapping[bytes, bytes], *, max_size: int = DEFAULT_MAX
     return Request(
         field=field,
         alg=alg,
-        sid=sid,
-        mid=mid,
+        sid=ctx["session_id"],
+        mid=ctx["message_id"],
         ts=ts,
         type=env["type"],
         iv=iv,
@@ -426,4 +426,3 @@ def decode_reply(fields: Mapping[bytes, bytes], *, max_size: int = DEFAULT_MAX_S
         encrypted_data=data,
         auth_tag=tag,
     )
-
