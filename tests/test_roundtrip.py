@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import pytest
 import redis.asyncio as aioredis
 
 from tests.helpers import Raw, open_ok
-from worker import Client, RemoteError
+from worker import Client, RemoteError, wire
 from worker.demo import app
 from worker.envelope import ALG_RSA, ALG_SK
 from worker.settings import Settings
@@ -152,3 +153,35 @@ async def test_errors_leave_the_session_block_unwrapped(
             with pytest.raises(RemoteError):
                 async with client.session() as session:
                     await session.request("fail", {})
+
+
+async def test_a_copy_of_a_pending_request_does_not_cancel_it(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A replayed copy of a request in flight gets a replay notice; the client still gets ok."""
+    async with running_worker(app, settings, keys):
+        async with (
+            Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as c,
+            c.session() as session,
+        ):
+            async with anyio.create_task_group() as tg:
+                result: list[Any] = []
+
+                async def ask() -> None:
+                    result.append(await session.request("sleep", {"ms": 300}))
+
+                tg.start_soon(ask)
+                stream = f"{settings.prefix}:req:{{0}}"
+                with anyio.fail_after(5):
+                    while not (
+                        entries := [
+                            fields
+                            for _, fields in await redis.xrange(stream)
+                            if wire.decode_request(fields).type == "sleep"
+                        ]
+                    ):
+                        await anyio.sleep(0.01)
+                await redis.xadd(stream, entries[0])
+            assert [{"slept": 300}] == result
+            codes = [r.code for r in await Raw(redis, settings.prefix, keys).replies(session.sid)]
+            assert "replay" in codes

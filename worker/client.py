@@ -258,7 +258,7 @@ class Client:
                         reply = wire.decode_reply(entry.fields)
                     except Malformed:
                         continue
-                    if reply.sid == sid and reply.mid == mid:
+                    if reply.sid == sid and reply.mid == mid and not _copy_refused(reply):
                         return reply
         raise ReplyTimeout("no handshake reply", message_id=mid)
 
@@ -376,7 +376,7 @@ class ClientSession:
                     log.warning("reply_malformed", session_id=self.sid)
                     continue
                 waiter = self._waiters.get(reply.mid)
-                if waiter is None or reply.sid != self.sid:
+                if waiter is None or reply.sid != self.sid or _copy_refused(reply):
                     continue
                 try:
                     result = _resolve(reply, waiter.outgoing, waiter.type)
@@ -388,6 +388,15 @@ class ClientSession:
                     self._waiters.pop(reply.mid, None)
                     self._results_in.send_nowait(result)
                 waiter.done.set()
+
+
+def _copy_refused(reply: wire.Reply) -> bool:
+    """A ``replay`` notice for a mid we sent once refers to a copy of our entry.
+
+    Our own entry was (or will be) answered, so the notice is no reason to stop
+    waiting: it would otherwise let anyone who can add entries cancel our requests.
+    """
+    return reply.status == "rejected" and reply.code == "replay"
 
 
 def _resolve(reply: wire.Reply, out: messages.Outgoing, type_: str) -> Result:
