@@ -145,9 +145,7 @@ class Processor:
             request: wire.Request | None = None
             try:
                 try:
-                    request = wire.decode_request(
-                        d.entry.fields, max_size=self.settings.max_entry_size
-                    )
+                    request = _decode(d.entry.fields, self.settings.max_entry_size)
                 except ProtocolError as exc:
                     if d.attempts > self.settings.delivery_limit:
                         raise _with_context(
@@ -418,6 +416,18 @@ class Processor:
         else:
             fields["size"] = wire.entry_size(d.entry.fields)
         return fields
+
+
+def _decode(fields: dict[bytes, bytes], max_size: int) -> wire.Request:
+    """Decode; any unexpected failure is Malformed, so no input bypasses the
+    notice/dead-letter path (it would stay pending and block trimming)."""
+    try:
+        return wire.decode_request(fields, max_size=max_size)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        log.error("decode_bug", error_type=type(exc).__name__)  # noqa: TRY400
+        raise Malformed("the entry could not be decoded") from None
 
 
 def _open(request: wire.Request, private_key: Any, ks: bytes | None) -> messages.Opened:

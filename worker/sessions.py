@@ -115,7 +115,7 @@ def open_record(sid: str, raw: bytes, keks: MasterKeys) -> Session:
         if not isinstance(outer, dict) or set(outer) != {"v", "kek", "n", "c"}:
             raise DecryptError("cannot open")
         kek = keks.get(outer["kek"]) if isinstance(outer["kek"], str) else None
-        if outer["v"] != 1 or kek is None:
+        if not is_int(outer["v"]) or outer["v"] != 1 or kek is None:
             raise DecryptError("cannot open")
         n, c = outer["n"], outer["c"]
         if not isinstance(n, bytes) or not isinstance(c, bytes) or len(c) < 16:

@@ -90,6 +90,7 @@ def _pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
     for key, value in pairs:
         if not isinstance(key, str):
             raise DecodeError("map keys must be strings")
+        _check(key)
         if key in out:
             raise DecodeError("duplicate map key")
         out[key] = value
@@ -269,11 +270,15 @@ def decode_request(fields: Mapping[bytes, bytes], *, max_size: int = DEFAULT_MAX
         "type_": env.get("type") if is_type(env.get("type")) else None,
     }
     alg = env.get("alg")
-    if alg in ALGORITHMS:
+    if isinstance(alg, str) and alg in ALGORITHMS:
         ctx["alg"] = alg
-    if "v" not in env:
-        raise _refuse(Malformed("missing field v"), **ctx)
-    if not is_int(env["v"]) or env["v"] != VERSION:
+    # A missing field or a wrong type is malformed; a well-typed value we do not
+    # speak is unsupported.
+    if not is_int(env.get("v")):
+        raise _refuse(Malformed("v must be an integer"), **ctx)
+    if not isinstance(alg, str):
+        raise _refuse(Malformed("alg must be a string"), **ctx)
+    if env["v"] != VERSION:
         raise _refuse(Unsupported("unsupported version"), **ctx)
     if alg not in ALGORITHMS:
         raise _refuse(Unsupported("unsupported alg"), **ctx)
@@ -394,10 +399,12 @@ def decode_reply(fields: Mapping[bytes, bytes], *, max_size: int = DEFAULT_MAX_S
     if not isinstance(env, dict) or not is_int(env.get("v")) or env["v"] != VERSION:
         raise Malformed("not a version 1 reply")
     status = env.get("status")
-    if not is_id(env.get("sid")) or not is_id(env.get("mid")) or status not in STATUSES:
-        raise Malformed("reply ids or status are not well formed")
+    if not is_id(env.get("sid")) or not is_id(env.get("mid")):
+        raise Malformed("reply ids are not well formed")
+    if not isinstance(status, str) or status not in STATUSES:
+        raise Malformed("reply status is not well formed")
     alg = env.get("alg")
-    if alg is not None and alg not in ALGORITHMS:
+    if alg is not None and (not isinstance(alg, str) or alg not in ALGORITHMS):
         raise Malformed("unknown alg")
     base = {"v", "sid", "mid", "status"} | ({"alg"} if "alg" in env else set())
     if status == "rejected":
