@@ -101,6 +101,16 @@ async def _latency(url: str, prefix: str, kid: str, alg: str, n: int) -> dict[st
     }
 
 
+async def _wait_for_workers(url: str, prefix: str) -> None:
+    redis = connect(url)
+    try:
+        with anyio.fail_after(30):
+            while not await redis.hexists(Names(prefix).config, "kid"):  # noqa: ASYNC110 - another process
+                await anyio.sleep(0.05)
+    finally:
+        await redis.aclose()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workers", type=int, default=2)
@@ -140,13 +150,7 @@ def main() -> int:
             }
 
             async def run() -> None:
-                while (
-                    "kid"
-                    not in await Client(
-                        connect(server.url), kid=keys.service.kid, prefix=prefix
-                    ).store.read_config()
-                ):
-                    await anyio.sleep(0.05)
+                await _wait_for_workers(server.url, prefix)
                 results["throughput"] = [
                     await _throughput(
                         server.url, prefix, keys, ALG_SK, args.requests, args.sessions

@@ -1,6 +1,6 @@
 """Wycheproof vectors against the envelope layer's use of RSA-OAEP, AES-GCM and X25519.
 
-Used as ``/work/shared/vectors/README.md`` says: they test how the envelope layer
+Used as ``../shared/vectors/README.md`` says: they test how the envelope layer
 uses the primitives (parameters, length checks, the single opaque failure path),
 not the primitives themselves.
 """
@@ -40,8 +40,9 @@ from worker.wire import Request
 def _vector_dir() -> Path | None:
     candidates = [
         os.environ.get("SEALSTREAM_VECTORS", ""),
+        # shared/ lies beside the checkout (as in CI and in the developers' tree).
+        str(Path(__file__).resolve().parents[2] / "shared" / "vectors"),
         str(Path(__file__).parent / "vectors"),
-        "/work/shared/vectors",
     ]
     for candidate in candidates:
         path = Path(candidate) / "wycheproof"
@@ -52,6 +53,8 @@ def _vector_dir() -> Path | None:
 
 VECTORS = _vector_dir()
 if VECTORS is None:
+    if os.environ.get("CI"):
+        pytest.fail("Wycheproof vectors not found beside the checkout (../shared/vectors)")
     pytest.skip("Wycheproof vectors not found (set SEALSTREAM_VECTORS)", allow_module_level=True)
 assert VECTORS is not None
 
