@@ -167,11 +167,13 @@ def _handshake(
     kid: str | None = None,
     ec: bytes | None = None,
     field: wire.Field = "e",
+    body: dict[str, Any] | None = None,
 ) -> messages.Outgoing:
-    """A handshake as Client.handshake builds it; its reply key is Kb."""
+    """A handshake as Client.handshake builds it (or with ``body``); its reply key is Kb."""
     if ec is None:
         _, ec = x25519_keypair()
-    body = {"clientEphemeral": wire.to_wire_binary(ec, field), "ttl": 600}
+    if body is None:
+        body = {"clientEphemeral": wire.to_wire_binary(ec, field), "ttl": 600}
     return messages.seal_request(
         field=field,
         alg=ALG_RSA,
@@ -998,6 +1000,9 @@ def _garbage(case: str, grant: SessionGrant, raw: Raw) -> tuple[dict[str, bytes]
     if case == "an array in e":
         packed: bytes = msgpack.packb([1, 2, 3])
         return {"e": packed}, True, mid
+    if case == "a non-string key in e":
+        packed = msgpack.packb({"sid": grant.sid, "mid": mid, 1: 2})
+        return {"e": packed}, True, mid
     if case == "two fields":
         return {"e": e, "j": j}, False, mid
     assert "a field named x" == case
@@ -1013,6 +1018,7 @@ def _garbage(case: str, grant: SessionGrant, raw: Raw) -> tuple[dict[str, bytes]
         "trailing bytes after a good e",
         "duplicate key in a good j",
         "an array in e",
+        "a non-string key in e",
         "two fields",
         "a field named x",
     ],
@@ -1061,24 +1067,30 @@ async def test_handshake_with_unknown_kid_fails_authentication(
 async def test_handshake_for_existing_sid_is_refused_and_spends_mid(
     settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
 ) -> None:
-    """A handshake for a sid with a session is session_invalid; the same entry again is replay."""
+    """An authentic handshake for a sid with a session is session_invalid and spends its mid."""
     async with _serving(settings, keys, redis) as rig:
         grant = await rig.raw.grant()
         key = rig.raw.names.session(grant.sid)
         record = await _get(rig.raw, key)
         out = _handshake(keys, sid=grant.sid, field="j")
-        fields = _fields(out.request)
-        first = await rig.raw.send_fields(fields)
+        # A forged copy fails authentication first, and does not spend the mid.
+        forged = _fields(_tamper(out.request, "authTag"))
+        forged_id = await rig.raw.send_fields(forged)
         await _assert_refused(
-            rig, first, fields, reason="session_invalid", notice="rejected",
+            rig, forged_id, forged, reason="auth_failed", notice="rejected",
             sid=grant.sid, mid=out.request.mid, type_=HANDSHAKE_TYPE, alg=ALG_RSA,
         )
+        fields = _fields(out.request)
+        first = await rig.raw.send_fields(fields)
+        assert b"session_invalid" == (await _dead_letter(rig.raw, first))["reason"]
         second = await rig.raw.send_fields(fields)
         letter = await _dead_letter(rig.raw, second)
         assert b"replay" == letter["reason"]
-        assert ["rejected", "rejected"] == await _statuses(rig.raw, grant.sid, out.request.mid)
+        assert {"sid", "mid", "type", "j"} <= set(letter)
         notices = await _notices(rig.raw, grant.sid, out.request.mid)
-        assert ["rejected", "replay"] == [env["code"] for _, env in notices]
+        assert ["rejected", "rejected", "replay"] == [env["code"] for _, env in notices]
+        assert {"j"} == {name for name, _ in notices}
+        assert ["rejected"] * 3 == await _statuses(rig.raw, grant.sid, out.request.mid)
         await rig.raw.wait_drained()
         assert record == await _get(rig.raw, key)
         await _assert_serving(rig, grant)
@@ -1117,12 +1129,13 @@ async def test_tampered_handshake_fails_authentication(
 async def test_handshake_with_low_order_ephemeral_is_bad_payload(
     settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
 ) -> None:
-    """A low-order clientEphemeral gets an error bad_payload sealed under Kb, no dead letter."""
+    """A low-order or invalid clientEphemeral gets error bad_payload under Kb, no dead letter."""
     async with _serving(settings, keys, redis) as rig:
         low_order: list[tuple[str, bytes, wire.Field]] = [
             ("all-zero", bytes(32), "e"),
             ("all-zero", bytes(32), "j"),
             ("u = 1", b"\x01" + bytes(31), "e"),
+            ("31 bytes", os.urandom(31), "e"),
         ]
         for label, ec, field in low_order:
             with _case(f"{label} {field}"):

@@ -1,0 +1,147 @@
+"""The worker's lifecycle duties: heartbeat, trimming, expiry, shards, burst mode."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+
+from tests.helpers import Raw, now_ms, open_ok
+from worker import App, Client, Worker
+from worker.demo import app as demo_app
+from worker.names import GROUP
+from worker.sessions import new_session, seal_record
+from worker.settings import Settings
+from worker.testing import ThrowawayKeys, running_worker
+
+
+async def test_long_handler_is_not_reclaimed_and_run_twice(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A handler running far past the claim timeout runs once: its worker keeps it fresh."""
+    runs: list[str] = []
+    app = App()
+
+    @app.handler("long")
+    async def long(payload: Any) -> str:
+        runs.append("run")
+        await anyio.sleep(1.5)
+        return "done"
+
+    short = replace(settings, claim_idle_ms=300)
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    async with running_worker(app, short, keys), running_worker(app, short, keys):
+        out = raw.seal(grant, {}, type_="long")
+        await raw.send(out.request)
+        reply = await raw.reply(grant.sid, out.request.mid)
+        assert "done" == open_ok(reply, out)
+    assert ["run"] == runs
+
+
+async def test_trimming_keeps_pending_entries_and_drops_acknowledged_ones(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """Entries older than the oldest pending one are trimmed; it and later ones stay."""
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    stream = raw.names.request_stream(0)
+    slow_claim = replace(settings, claim_idle_ms=600_000)
+
+    async def serve(n: int) -> None:
+        async with running_worker(demo_app, slow_claim, keys):
+            outs = [raw.seal(grant, {"i": i}) for i in range(n)]
+            for out in outs:
+                await raw.send(out.request)
+            for out in outs:
+                await raw.reply(grant.sid, out.request.mid)
+
+    await serve(10)
+    ghost_id = await raw.send(raw.seal(grant, {"ghost": True}).request)
+    # Another consumer takes it and never acknowledges (stuck, not dead).
+    await redis.xreadgroup(GROUP, "ghost", {stream: ">"}, count=1)
+    await serve(5)
+    async with running_worker(demo_app, slow_claim, keys):
+        with anyio.fail_after(10):
+            while await redis.xlen(stream) > 6:
+                await anyio.sleep(0.05)
+    entries = [entry_id.decode() for entry_id, _ in await redis.xrange(stream)]
+    assert 6 == len(entries)
+    assert ghost_id == entries[0]
+    assert 1 == await raw.pending()
+
+
+async def test_trimming_empties_a_drained_shard(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """Once every entry is acknowledged the shard is trimmed to nothing."""
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    async with running_worker(demo_app, settings, keys):
+        outs = [raw.seal(grant, {"i": i}) for i in range(10)]
+        for out in outs:
+            await raw.send(out.request)
+        for out in outs:
+            await raw.reply(grant.sid, out.request.mid)
+        with anyio.fail_after(10):
+            while await redis.xlen(raw.names.request_stream(0)):
+                await anyio.sleep(0.05)
+
+
+async def test_expiry_is_read_from_the_sealed_record(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A session past its sealed expiry is unknown even while its Redis key still lives."""
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    session = new_session(grant.sid, ks=grant.session_key, now_ms=now_ms() - 7_200_000, ttl_s=60)
+    await redis.set(raw.names.session(grant.sid), seal_record(session, keys.master.active), ex=600)
+    async with running_worker(demo_app, settings, keys):
+        out = raw.seal(grant, {"late": True})
+        await raw.send(out.request)
+        reply = await raw.reply(grant.sid, out.request.mid)
+    assert ("rejected", "session_unknown") == (reply.status, reply.code)
+    assert [b"session_invalid"] == [d["reason"] for d in await raw.dead_letters()]
+
+
+async def test_requests_spread_over_shards_are_all_served(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """With three shards the client spreads requests by mid and the worker serves every shard."""
+    sharded = replace(settings, shards=3)
+    async with running_worker(demo_app, sharded, keys):
+        async with (
+            Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as c,
+            c.session() as session,
+        ):
+            results = [await session.request("echo", i) for i in range(30)]
+    assert list(range(30)) == results
+    for shard in range(3):
+        info = await redis.xinfo_stream(f"{settings.prefix}:req:{{{shard}}}")
+        assert info["entries-added"] > 0
+
+
+async def test_burst_worker_returns_once_drained(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A burst worker serves what is queued, then returns by itself."""
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    await redis.xgroup_create(raw.names.request_stream(0), GROUP, id="0", mkstream=True)
+    outs = [raw.seal(grant, {"i": i}) for i in range(25)]
+    for out in outs:
+        await raw.send(out.request)
+    worker = Worker(
+        demo_app,
+        replace(settings, burst=True),
+        service_key=keys.service,
+        master_keys=keys.master,
+    )
+    with anyio.fail_after(20):
+        await worker.run()
+    assert 25 == worker.stats["ok"]
+    assert {i for i in range(25)} == {
+        open_ok(await raw.reply(grant.sid, o.request.mid), o)["i"] for o in outs
+    }
