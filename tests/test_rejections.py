@@ -827,6 +827,8 @@ async def test_missing_field_is_malformed(
 
 
 def _set(name: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """A change that sets envelope field ``name`` to ``value``."""
+
     def change(env: dict[str, Any]) -> None:
         env[name] = value
 
