@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from worker.autopipe import AutoPipeline
 from worker.handlers import App
 from worker.keys import MasterKeys, ServiceKey
 from worker.logging import get_logger
@@ -79,8 +80,13 @@ class Worker:
         s = self.settings
         client = connect(s.redis_url, name=f"sealstream-worker:{self.consumer}")
         try:
+            auto = AutoPipeline(client)
             store = Store(
-                client, Names(s.prefix), reply_maxlen=s.reply_maxlen, dlq_maxlen=s.dlq_maxlen
+                client,
+                Names(s.prefix),
+                reply_maxlen=s.reply_maxlen,
+                dlq_maxlen=s.dlq_maxlen,
+                pipeline=auto,
             )
             self.processor = Processor(
                 store=store,
@@ -109,8 +115,9 @@ class Worker:
                 handlers=self.app.names,
             )
             async with anyio.create_task_group() as outer:
-                # The heartbeat outlives the feeders: in-flight entries still need it
-                # during the grace period.
+                # The pipeline and the heartbeat outlive the feeders and the work:
+                # in-flight entries still need both during the grace period.
+                await outer.start(auto.run)
                 outer.start_soon(self._heartbeat_loop, store)
                 async with anyio.create_task_group() as work:
                     async with anyio.create_task_group() as feeders:

@@ -8,6 +8,7 @@ a handshake, the session record is created). Each script touches one slot.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,9 +19,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from worker.autopipe import AutoPipeline, Queue
 from worker.logging import get_logger
 from worker.names import GROUP, Names
 
@@ -51,6 +53,10 @@ elseif redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
 end
 return 1
 """
+
+
+def _sha(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis names scripts so
 
 
 def connect(url: str, *, name: str | None = None) -> aioredis.Redis:
@@ -155,13 +161,30 @@ class Store:
         *,
         reply_maxlen: int = 1000,
         dlq_maxlen: int = 100_000,
+        pipeline: AutoPipeline | None = None,
     ) -> None:
         self.redis = client
         self.names = names
         self.reply_maxlen = reply_maxlen
         self.dlq_maxlen = dlq_maxlen
-        self._add_reply = client.register_script(_ADD_REPLY)
-        self._add_notice = client.register_script(_ADD_NOTICE)
+        self.pipeline = pipeline
+
+    async def _one(self, queue: Queue) -> Any:
+        """Run one command: coalesced into the shared pipeline when there is one."""
+        if self.pipeline is not None:
+            return await self.pipeline(queue)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            queue(pipe)
+            return (await pipe.execute())[0]
+
+    async def _script(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA, loading the script first when Redis does not know it (a restart)."""
+        sha = _sha(script)
+        try:
+            return await self._one(lambda p: p.evalsha(sha, len(keys), *keys, *args))
+        except NoScriptError:
+            await self.redis.script_load(script)
+            return await self._one(lambda p: p.evalsha(sha, len(keys), *keys, *args))
 
     # -- setup ---------------------------------------------------------------------
 
@@ -236,7 +259,8 @@ class Store:
 
     async def ack(self, shard: int, entry_id: str) -> None:
         """XACK one entry."""
-        await self.redis.xack(self.names.request_stream(shard), GROUP, entry_id)
+        stream = self.names.request_stream(shard)
+        await self._one(lambda p: p.xack(stream, GROUP, entry_id))
 
     async def pending(self, shard: int) -> Pending:
         """The shard's pending-list summary."""
@@ -280,12 +304,14 @@ class Store:
 
     async def get_session(self, sid: str) -> bytes | None:
         """The sealed session record, or None."""
-        raw = await self.redis.get(self.names.session(sid))
+        key = self.names.session(sid)
+        raw = await self._one(lambda p: p.get(key))
         return bytes(raw) if raw is not None else None
 
     async def session_exists(self, sid: str) -> bool:
         """Whether a session record exists for ``sid``."""
-        return bool(await self.redis.exists(self.names.session(sid)))
+        key = self.names.session(sid)
+        return bool(await self._one(lambda p: p.exists(key)))
 
     async def put_session(self, sid: str, record: bytes, *, expires_at_ms: int) -> bool:
         """Store a new session record (NX) expiring at ``expires_at_ms``."""
@@ -297,9 +323,8 @@ class Store:
 
         Retry-safe: a retried call that finds its own entry id sees a redelivery.
         """
-        prev = await self.redis.set(
-            self.names.seen(sid, mid), entry_id, nx=True, px=ttl_ms, get=True
-        )
+        key = self.names.seen(sid, mid)
+        prev = await self._one(lambda p: p.set(key, entry_id, nx=True, px=ttl_ms, get=True))
         return _s(prev) if prev is not None else None
 
     async def add_reply(
@@ -323,27 +348,24 @@ class Store:
         args: list[Any] = [entry_id, self.reply_maxlen, fallback_ttl_ms, field, payload]
         if session_record is not None:
             args += [session_record, session_expires_at_ms]
-        result = await self._add_reply(
-            keys=[self.names.seen(sid, mid), self.names.reply_stream(sid), self.names.session(sid)],
-            args=args,
-        )
-        return int(result)
+        keys = [self.names.seen(sid, mid), self.names.reply_stream(sid), self.names.session(sid)]
+        return int(await self._script(_ADD_REPLY, keys, args))
 
     async def add_notice(
         self, sid: str, entry: Mapping[str, bytes], *, fallback_ttl_ms: int
     ) -> None:
         """Add a ``rejected`` notice to the sid's reply stream."""
         ((field, payload),) = entry.items()
-        await self._add_notice(
-            keys=[self.names.reply_stream(sid), self.names.session(sid)],
-            args=[self.reply_maxlen, fallback_ttl_ms, field, payload],
+        await self._script(
+            _ADD_NOTICE,
+            [self.names.reply_stream(sid), self.names.session(sid)],
+            [self.reply_maxlen, fallback_ttl_ms, field, payload],
         )
 
     async def dead_letter(self, fields: Mapping[str, bytes | str | int]) -> None:
         """Add a dead letter to ``P:dlq``."""
-        await self.redis.xadd(
-            self.names.dlq, dict(fields), maxlen=self.dlq_maxlen, approximate=True
-        )
+        stream, entry = self.names.dlq, dict(fields)
+        await self._one(lambda p: p.xadd(stream, entry, maxlen=self.dlq_maxlen, approximate=True))
 
     # -- client side ---------------------------------------------------------------
 
