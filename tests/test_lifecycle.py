@@ -145,3 +145,22 @@ async def test_burst_worker_returns_once_drained(
     assert {i for i in range(25)} == {
         open_ok(await raw.reply(grant.sid, o.request.mid), o)["i"] for o in outs
     }
+
+
+async def test_a_deleted_request_stream_is_recreated_and_served(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """An operator deleting a request stream does not stop the worker: it re-creates the group."""
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    async with running_worker(demo_app, settings, keys):
+        first = raw.seal(grant, {"n": 1})
+        await raw.send(first.request)
+        await raw.reply(grant.sid, first.request.mid)
+        await redis.delete(raw.names.request_stream(0))
+        with anyio.fail_after(10):
+            while not await redis.exists(raw.names.request_stream(0)):
+                await anyio.sleep(0.02)
+        second = raw.seal(grant, {"n": 2})
+        await raw.send(second.request)
+        assert {"n": 2} == open_ok(await raw.reply(grant.sid, second.request.mid), second)

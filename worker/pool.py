@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
+from redis.exceptions import ResponseError
 
 from worker.autopipe import AutoPipeline
 from worker.handlers import App
@@ -118,15 +120,22 @@ class Worker:
                 # The pipeline and the heartbeat outlive the feeders and the work:
                 # in-flight entries still need both during the grace period.
                 await outer.start(auto.run)
-                outer.start_soon(self._heartbeat_loop, store)
+                outer.start_soon(
+                    partial(self._supervised, after_stop=True),
+                    store,
+                    partial(self._heartbeat_loop, store),
+                )
                 async with anyio.create_task_group() as work:
                     async with anyio.create_task_group() as feeders:
-                        for shard in range(s.shards):
-                            feeders.start_soon(self._read_loop, store, shard, work)
-                        feeders.start_soon(self._reclaim_loop, store, work)
-                        feeders.start_soon(self._trim_loop, store)
+                        loops = [partial(self._read_loop, store, n, work) for n in range(s.shards)]
+                        loops += [
+                            partial(self._reclaim_loop, store, work),
+                            partial(self._trim_loop, store),
+                        ]
                         if s.burst:
-                            feeders.start_soon(self._burst_watch, store)
+                            loops.append(partial(self._burst_watch, store))
+                        for loop in loops:
+                            feeders.start_soon(self._supervised, store, loop)
                         task_status.started()
                         await self._stopping.wait()
                         # Every feeder returns on its own once it sees the flag (a
@@ -145,9 +154,38 @@ class Worker:
 
     # -- loops -----------------------------------------------------------------------
 
+    async def _supervised(
+        self, store: Store, loop: Callable[[], Awaitable[None]], *, after_stop: bool = False
+    ) -> None:
+        """Run a loop; an unexpected error is logged and the loop restarts after a backoff.
+
+        Outages are ridden out inside the loops; this is for the rest (a request
+        stream deleted under us: its group is re-created), so no single failure
+        stops the worker. ``after_stop`` loops (the heartbeat) keep restarting while
+        in-flight work finishes.
+        """
+        delay = 0.1
+        while True:
+            try:
+                await loop()
+                return
+            except Exception as exc:
+                name = getattr(getattr(loop, "func", loop), "__name__", "loop")
+                log.exception("loop_failed", loop=name)
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    await self._redis(partial(store.ensure_groups, self.settings.shards))
+                    log.warning("group_recreated")
+            with anyio.move_on_after(delay):
+                await self._stopping.wait()
+            if self._stopping.is_set() and not after_stop:
+                return
+            delay = min(delay * 2, 5.0)
+
     async def _read_loop(self, store: Store, shard: int, work: TaskGroup) -> None:
+        # A reader blocked on a quiet shard must not hold every free slot.
+        share = max(1, self.settings.concurrency // self.settings.shards)
         while not self._stopping.is_set():
-            slots = await self._take_slots()
+            slots = await self._take_slots(share)
             try:
                 entries = await self._redis(
                     partial(store.read, shard, self.consumer, count=slots, block_ms=_READ_BLOCK_MS)
@@ -254,11 +292,11 @@ class Worker:
             self._in_flight[shard].discard(entry.id)
             self._slots.release()
 
-    async def _take_slots(self) -> int:
-        """Wait for one free processing slot, then take up to 100 that are free."""
+    async def _take_slots(self, most: int = 100) -> int:
+        """Wait for one free processing slot, then take up to ``most`` that are free."""
         await self._slots.acquire()
         taken = 1
-        while taken < 100:
+        while taken < min(most, 100):
             try:
                 self._slots.acquire_nowait()
             except anyio.WouldBlock:
