@@ -109,3 +109,20 @@ async def test_send_refuses_bad_json() -> None:
     code, _, err = await _run("send", "echo", "{nope", env={"SEALSTREAM_KID": "0" * 64})
     assert 2 == code
     assert "PAYLOAD" in err
+
+
+async def test_demo_runs_end_to_end(settings: Settings) -> None:
+    """`sealstream demo` runs workers and a producer, prints the summary, exits 0."""
+    code, out, err = await _run(
+        "demo",
+        "--workers",
+        "1",
+        "--sessions",
+        "2",
+        "--jobs",
+        "60",
+        env={"SEALSTREAM_REDIS_URL": settings.redis_url},
+    )
+    assert 0 == code, out + err
+    assert "demo passed" in out
+    assert '"mismatches": 0' in out

@@ -52,6 +52,7 @@ async def produce(
 ) -> dict[str, Any]:
     """Send ``jobs`` echo/sleep/fail requests over ``sessions`` sessions, both algs."""
     outcomes: Counter[str] = Counter()
+    samples: dict[str, Any] = {}
     mismatches = 0
     limiter = anyio.Semaphore(concurrency)
     started = time.perf_counter()
@@ -71,13 +72,16 @@ async def produce(
                     elif i % 10 == 9:
                         out = await session.request("sleep", {"ms": 5}, alg=alg, encoding=encoding)
                         mismatches += out != {"slept": 5}
+                        samples.setdefault(f"sleep via {alg}", out)
                     else:
                         payload = {"job": i, "text": f"hello {i}", "alg": alg}
                         out = await session.request("echo", payload, alg=alg, encoding=encoding)
                         mismatches += out != payload
+                        samples.setdefault(f"echo via {alg}", out)
                     outcomes[f"ok {alg}"] += 1
                 except RemoteError as exc:
                     outcomes[f"error {exc.code}"] += 1
+                    samples.setdefault("fail", f"{exc.code}: {exc.remote_message}")
 
         async with anyio.create_task_group() as tg:
             for i in range(jobs):
@@ -91,6 +95,7 @@ async def produce(
         "jobs_per_s": round(jobs / elapsed, 1),
         "outcomes": dict(sorted(outcomes.items())),
         "mismatches": mismatches,
+        "sample_decrypted_replies": samples,
     }
 
 

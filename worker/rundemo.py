@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +89,7 @@ def run_demo(*, workers: int, sessions: int, jobs: int) -> int:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        shutil.rmtree(tmp / "keys", ignore_errors=True)  # throwaway keys; the logs stay
         if server is not None:
             server.stop()
         else:
