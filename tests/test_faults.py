@@ -59,6 +59,13 @@ async def _answered(raw: Raw, grants: list[SessionGrant]) -> int:
     return len(await outcomes(raw, grants))
 
 
+async def _until_answered(raw: Raw, grants: list[SessionGrant], n: int) -> None:
+    """Wait until at least ``n`` requests have a reply."""
+    with anyio.fail_after(60):
+        while await _answered(raw, grants) < n:
+            await anyio.sleep(0.01)
+
+
 async def test_sigkill_a_worker_loses_nothing(
     settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, tmp_path: Path
 ) -> None:
@@ -74,9 +81,7 @@ async def test_sigkill_a_worker_loses_nothing(
         await wait_started(redis, settings.prefix, 3)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_push, raw, outs)
-            with anyio.fail_after(60):
-                while await _answered(raw, grants) < 600:
-                    await anyio.sleep(0.05)
+            await _until_answered(raw, grants, 600)
             victim.send_signal(signal.SIGKILL)
             victim.wait()
             procs.start("--concurrency", "32")
@@ -106,10 +111,7 @@ async def test_killed_connections_lose_nothing(
         async with anyio.create_task_group() as tg:
             tg.start_soon(_push, raw, outs)
             for round_ in range(1, 6):
-                with anyio.fail_after(60):
-                    target = round_ * 150
-                    while await _answered(raw, grants) < target:
-                        await anyio.sleep(0.02)
+                await _until_answered(raw, grants, round_ * 150)
                 for c in await redis.client_list():
                     if c["name"].startswith("sealstream-worker:"):
                         killed += await redis.execute_command("CLIENT", "KILL", "ID", c["id"])
@@ -137,9 +139,7 @@ async def test_redis_outage_is_ridden_out_and_logged_once(
         await _push(raw, outs)
         procs.start("--concurrency", "16")
         await wait_started(client, prefix, 1)
-        with anyio.fail_after(30):
-            while await _answered(raw, grants) < 100:
-                await anyio.sleep(0.01)
+        await _until_answered(raw, grants, 100)
         await client.aclose()
         server.shutdown_saving()
         await anyio.sleep(2)  # the outage itself: nothing to wait on but time
@@ -171,9 +171,7 @@ async def test_sigterm_under_load_exits_zero_and_loses_nothing(
         worker = procs.start("--concurrency", "50")
         await wait_started(redis, settings.prefix, 1)
         await _push(raw, outs)
-        with anyio.fail_after(30):
-            while await _answered(raw, grants) < 100:
-                await anyio.sleep(0.02)
+        await _until_answered(raw, grants, 100)
         worker.send_signal(signal.SIGTERM)
         with anyio.fail_after(30):
             while worker.poll() is None:
