@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 
+import hypothesis
 import pytest
 import redis.asyncio as aioredis
 
 from worker.settings import Settings
 from worker.streams import connect
 from worker.testing import RedisServer, ThrowawayKeys
+
+
+# Timing is measured by scripts/bench, never asserted: no per-example deadline, which
+# would only flake on a loaded 2-core CI machine.
+hypothesis.settings.register_profile("sealstream", deadline=None, print_blob=True)
+hypothesis.settings.load_profile("sealstream")
 
 
 @pytest.fixture(scope="session")
