@@ -13,7 +13,6 @@ from worker.settings import Settings
 from worker.streams import connect
 from worker.testing import RedisServer, ThrowawayKeys
 
-
 # Timing is measured by scripts/bench, never asserted: no per-example deadline, which
 # would only flake on a loaded 2-core CI machine.
 hypothesis.settings.register_profile("sealstream", deadline=None, print_blob=True)
