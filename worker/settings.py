@@ -74,6 +74,8 @@ class Settings:
             handler_timeout_s=_float(env, "HANDLER_TIMEOUT_S", 60.0),
             grace_s=_float(env, "GRACE_S", 30.0),
             max_entry_size=_int(env, "MAX_ENTRY_SIZE", 1024 * 1024, low=1024),
+            reply_maxlen=_int(env, "REPLY_MAXLEN", 1000, low=1),
+            dlq_maxlen=_int(env, "DLQ_MAXLEN", 100_000, low=1),
             session_key_bits=_int(env, "SESSION_KEY_BITS", 2048, low=2048, high=4096),
             log_level=text("LOG_LEVEL", "info").lower(),
             log_format=text("LOG_FORMAT", "auto").lower(),

@@ -1,0 +1,87 @@
+"""Settings come from SEALSTREAM_* variables, purely, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.errors import ConfigError
+from worker.keys import MasterKey
+from worker.settings import Settings
+
+
+def test_defaults_without_environment() -> None:
+    """An empty environment gives the documented defaults."""
+    s = Settings.from_env({})
+    assert ("redis://127.0.0.1:6379/0", "sealstream", 1) == (s.redis_url, s.prefix, s.shards)
+    assert (30_000, 120_000, 10) == (s.claim_idle_ms, s.replay_window_ms, s.delivery_limit)
+    assert (1000, 100_000) == (s.reply_maxlen, s.dlq_maxlen)
+
+
+def test_variables_are_read() -> None:
+    """Each SEALSTREAM_* variable sets its field."""
+    s = Settings.from_env(
+        {
+            "SEALSTREAM_REDIS_URL": "redis://example:1/2",
+            "SEALSTREAM_PREFIX": "app",
+            "SEALSTREAM_SHARDS": "4",
+            "SEALSTREAM_CLAIM_IDLE_MS": "5000",
+            "SEALSTREAM_REPLAY_WINDOW_MS": "60000",
+            "SEALSTREAM_SERVICE_KEY_FILE": "/k/service.pem",
+            "SEALSTREAM_REPLY_MAXLEN": "50",
+            "SEALSTREAM_HANDLER_TIMEOUT_S": "2.5",
+        }
+    )
+    assert ("redis://example:1/2", "app", 4) == (s.redis_url, s.prefix, s.shards)
+    assert (5000, 60_000, 50, 2.5) == (
+        s.claim_idle_ms,
+        s.replay_window_ms,
+        s.reply_maxlen,
+        s.handler_timeout_s,
+    )
+    assert Path("/k/service.pem") == s.service_key_file
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SEALSTREAM_SHARDS", "0"),
+        ("SEALSTREAM_CONCURRENCY", "lots"),
+        ("SEALSTREAM_HANDLER_TIMEOUT_S", "-1"),
+        ("SEALSTREAM_HANDLER_TIMEOUT_S", "inf"),
+        ("SEALSTREAM_SESSION_KEY_BITS", "2500"),
+        ("SEALSTREAM_LOG_FORMAT", "xml"),
+        ("SEALSTREAM_PREFIX", "a{b}"),
+    ],
+)
+def test_bad_values_name_their_variable(name: str, value: str) -> None:
+    """A bad value raises ConfigError naming the variable."""
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_master_key_never_in_repr() -> None:
+    """The base64 master key does not appear in the settings' repr."""
+    key = MasterKey.generate().to_base64()
+    s = Settings.from_env({"SEALSTREAM_MASTER_KEY": key})
+    assert key not in repr(s)
+    assert s.load_master_keys().active.to_base64() == key
+
+
+def test_master_key_ring_from_variable() -> None:
+    """Several comma-separated master keys: the first seals, all open."""
+    new, old = MasterKey.generate(), MasterKey.generate()
+    s = Settings.from_env({"SEALSTREAM_MASTER_KEY": f"{new.to_base64()},{old.to_base64()}"})
+    ring = s.load_master_keys()
+    assert new.id == ring.active.id
+    assert old == ring.get(old.id)
+
+
+def test_missing_key_settings_are_named() -> None:
+    """Loading keys that are not configured names the variables to set."""
+    s = Settings.from_env({})
+    with pytest.raises(ConfigError, match="SEALSTREAM_SERVICE_KEY_FILE"):
+        s.load_service_key()
+    with pytest.raises(ConfigError, match="SEALSTREAM_MASTER_KEY"):
+        s.load_master_keys()
