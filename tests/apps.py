@@ -1,0 +1,27 @@
+"""Apps that worker subprocesses load in tests (``tests.apps:leaky``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker import App, BadPayload
+
+leaky = App()
+
+
+@leaky.handler("echo")
+async def echo(payload: Any) -> Any:
+    """Return the payload."""
+    return payload
+
+
+@leaky.handler("leak")
+async def leak(payload: Any) -> Any:
+    """Raise an exception whose text quotes the payload (logs must not show it)."""
+    raise ValueError(f"cannot handle {payload!r}")
+
+
+@leaky.handler("refuse")
+async def refuse(payload: Any) -> Any:
+    """Refuse the payload with a message quoting it (only the client may see it)."""
+    raise BadPayload(f"refused {payload!r}")
