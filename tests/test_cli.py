@@ -126,3 +126,32 @@ async def test_demo_runs_end_to_end(settings: Settings) -> None:
     assert 0 == code, out + err
     assert "demo passed" in out
     assert '"mismatches": 0' in out
+
+
+async def test_worker_finds_an_app_in_the_current_directory(
+    settings: Settings, keys: ThrowawayKeys, tmp_path: Path
+) -> None:
+    """`sealstream worker myapp:app` run from myapp's directory imports it (burst run)."""
+    (tmp_path / "myapp.py").write_text(
+        "from worker import App\n"
+        "app = App()\n\n"
+        "@app.handler('hi')\n"
+        "async def hi(p):\n"
+        "    return p\n"
+    )
+    env = {
+        **keys.write(tmp_path / "keys"),
+        "SEALSTREAM_REDIS_URL": settings.redis_url,
+        "SEALSTREAM_PREFIX": settings.prefix,
+    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SEALSTREAM_", "PYTHONPATH"))}
+    sealstream = str(Path(sys.executable).with_name("sealstream"))
+    result = await anyio.run_process(
+        [sealstream, "worker", "myapp:app", "--burst"],
+        env={**base, **env},
+        cwd=tmp_path,
+        check=False,
+    )
+    err = result.stderr.decode()
+    assert 0 == result.returncode, err
+    assert "'hi'" in err or '"hi"' in err

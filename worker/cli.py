@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -103,6 +104,9 @@ def load_app(spec: str | None) -> App:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"APP: expected module:attribute, got {spec!r}")
+    # Like uvicorn and arq: an app module in the current directory is found as is.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -170,8 +174,6 @@ async def _watch_signals(worker: Any, scope: anyio.CancelScope) -> None:
 
 
 def _send(args: argparse.Namespace) -> int:
-    import os
-
     from worker.client import Client
     from worker.errors import ClientError
 
