@@ -155,3 +155,16 @@ async def test_worker_finds_an_app_in_the_current_directory(
     err = result.stderr.decode()
     assert 0 == result.returncode, err
     assert "'hi'" in err or '"hi"' in err
+
+
+async def test_send_without_redis_is_one_line() -> None:
+    """`send` against a Redis that does not answer says so in one line, no traceback."""
+    code, _, err = await _run(
+        "send",
+        "echo",
+        "{}",
+        env={"SEALSTREAM_REDIS_URL": "redis://127.0.0.1:1/0", "SEALSTREAM_KID": "0" * 64},
+    )
+    assert 1 == code
+    assert 1 == len(err.strip().splitlines()), err
+    assert "Redis" in err and "Traceback" not in err

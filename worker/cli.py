@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from redis.exceptions import RedisError
 
 from worker.errors import ConfigError, SealstreamError
 from worker.handlers import App
@@ -30,12 +31,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args))
+        try:
+            return int(args.run(args))
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
     except ConfigError as exc:
         print(f"sealstream: error: {exc}", file=sys.stderr)
         return 2
     except SealstreamError as exc:
         print(f"sealstream: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except RedisError as exc:
+        url = getattr(args, "redis_url", None) or os.environ.get("SEALSTREAM_REDIS_URL")
+        print(f"sealstream: error: Redis ({url or 'default URL'}): {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
