@@ -168,3 +168,19 @@ async def test_send_without_redis_is_one_line() -> None:
     assert 1 == code
     assert 1 == len(err.strip().splitlines()), err
     assert "Redis" in err and "Traceback" not in err
+
+
+async def test_keygen_into_an_unwritable_place_is_one_line(tmp_path: Path) -> None:
+    """keygen where it cannot write says so in one line."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code, _, err = await _run("keygen", "--dir", str(blocker / "keys"))
+    assert 2 == code
+    assert 1 == len(err.strip().splitlines()), err
+
+
+async def test_demo_refuses_zero_workers() -> None:
+    """`demo --workers 0` is a usage error, not a hang."""
+    code, _, err = await _run("demo", "--workers", "0")
+    assert 2 == code
+    assert "positive integer" in err

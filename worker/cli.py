@@ -89,17 +89,30 @@ def _parser() -> argparse.ArgumentParser:
     send.set_defaults(run=_send)
 
     demo = sub.add_parser("demo", help="run workers and a producer on a private Redis")
-    demo.add_argument("--workers", type=int, default=2)
-    demo.add_argument("--sessions", type=int, default=8)
-    demo.add_argument("--jobs", type=int, default=400)
+    demo.add_argument("--workers", type=_positive, default=2)
+    demo.add_argument("--sessions", type=_positive, default=8)
+    demo.add_argument("--jobs", type=_positive, default=400)
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _keygen(args: argparse.Namespace) -> int:
     from worker.keys import write_keys
 
-    service = write_keys(args.dir, bits=args.bits)
+    try:
+        service = write_keys(args.dir, bits=args.bits)
+    except OSError as exc:
+        raise ConfigError(f"keygen: cannot write to {args.dir}: {exc.strerror}") from None
     print(f"wrote {args.dir}/service.pem, service.pub.pem, master.key", file=sys.stderr)
     print(service.kid)
     return 0
