@@ -6,14 +6,17 @@ from dataclasses import replace
 from typing import Any
 
 import anyio
+import pytest
 import redis.asyncio as aioredis
 
 from tests.helpers import Raw, now_ms, open_ok
 from worker import App, Client, Worker
 from worker.demo import app as demo_app
+from worker.errors import ConfigError
 from worker.names import GROUP
 from worker.sessions import new_session, seal_record
 from worker.settings import Settings
+from worker.streams import Store
 from worker.testing import ThrowawayKeys, running_worker
 
 
@@ -164,3 +167,24 @@ async def test_a_deleted_request_stream_is_recreated_and_served(
         second = raw.seal(grant, {"n": 2})
         await raw.send(second.request)
         assert {"n": 2} == open_ok(await raw.reply(grant.sid, second.request.mid), second)
+
+
+async def test_worker_refuses_a_redis_older_than_7(
+    settings: Settings, keys: ThrowawayKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a Redis older than 7.0 the worker refuses to start, naming the setting."""
+
+    async def old_version(self: Store) -> tuple[int, ...]:
+        return (6, 2, 14)
+
+    monkeypatch.setattr(Store, "server_version", old_version)
+    worker = Worker(demo_app, settings, service_key=keys.service, master_keys=keys.master)
+    with pytest.raises(ConfigError, match="SEALSTREAM_REDIS_URL: Redis 6.2.14 is too old"):
+        await worker.run()
+
+
+async def test_server_version_is_read(settings: Settings, redis: aioredis.Redis) -> None:
+    """The Store reads the real server's version (this suite's server is 7 or newer)."""
+    from worker.names import Names
+
+    assert (7, 0) <= await Store(redis, Names(settings.prefix)).server_version()

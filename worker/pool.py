@@ -27,6 +27,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from redis.exceptions import ResponseError
 
 from worker.autopipe import AutoPipeline
+from worker.errors import ConfigError
 from worker.handlers import App
 from worker.keys import MasterKeys, ServiceKey
 from worker.logging import get_logger
@@ -37,6 +38,8 @@ from worker.streams import Entry, Retrier, Store, connect
 
 log = get_logger("sealstream.worker")
 _READ_BLOCK_MS = 500
+#: SET NX GET, XINFO GROUPS lag (7.0), XAUTOCLAIM (6.2).
+MIN_REDIS = (7, 0)
 
 
 class Worker:
@@ -100,6 +103,12 @@ class Worker:
                 clock=self._clock,
                 retry=self._redis,
             )
+            version = await self._redis(store.server_version)
+            if version < MIN_REDIS:
+                raise ConfigError(
+                    f"SEALSTREAM_REDIS_URL: Redis {'.'.join(map(str, version))} is too old;"
+                    f" sealstream needs {'.'.join(map(str, MIN_REDIS))} or newer"
+                )
             await self._redis(lambda: store.ensure_groups(s.shards))
             await self._redis(
                 lambda: store.publish_config(

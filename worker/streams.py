@@ -188,6 +188,11 @@ class Store:
 
     # -- setup ---------------------------------------------------------------------
 
+    async def server_version(self) -> tuple[int, ...]:
+        """The Redis server's version, e.g. ``(7, 0, 15)``."""
+        info = await self.redis.info("server")
+        return tuple(int(part) for part in str(info["redis_version"]).split(".")[:3])
+
     async def ensure_groups(self, shards: int) -> None:
         """Create group ``workers`` at id 0 (MKSTREAM) on every shard; idempotent."""
         for shard in range(shards):
