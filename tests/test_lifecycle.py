@@ -179,7 +179,7 @@ async def test_worker_refuses_a_redis_older_than_7(
 
     monkeypatch.setattr(Store, "server_version", old_version)
     worker = Worker(demo_app, settings, service_key=keys.service, master_keys=keys.master)
-    with pytest.raises(ConfigError, match="SEALSTREAM_REDIS_URL: Redis 6.2.14 is too old"):
+    with pytest.raises(ConfigError, match=r"SEALSTREAM_REDIS_URL: Redis 6\.2\.14 is too old"):
         await worker.run()
 
 

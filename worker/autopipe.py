@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 Queue = Callable[[Any], object]
 """Queues exactly one command on the pipeline it is given."""
@@ -38,12 +39,14 @@ class AutoPipeline:
         self._redis = client
         self._flushers = flushers
         self._max_batch = max_batch
-        self._send, self._recv = anyio.create_memory_object_stream[_Call](math.inf)
+        self._send: MemoryObjectSendStream[_Call] | None = None
         self.batches = 0
         self.commands = 0
 
     async def __call__(self, queue: Queue) -> Any:
         """Queue one command and return its reply (or raise its error)."""
+        if self._send is None:
+            raise RuntimeError("the AutoPipeline is not running")
         call = _Call(queue)
         self._send.send_nowait(call)
         await call.done.wait()
@@ -53,18 +56,23 @@ class AutoPipeline:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Flush until cancelled."""
-        with self._send, self._recv:
-            async with anyio.create_task_group() as tg:
-                for _ in range(self._flushers):
-                    tg.start_soon(self._flush_loop)
-                task_status.started()
+        send, recv = anyio.create_memory_object_stream[_Call](math.inf)
+        with send, recv:
+            self._send = send
+            try:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(self._flushers):
+                        tg.start_soon(self._flush_loop, recv)
+                    task_status.started()
+            finally:
+                self._send = None
 
-    async def _flush_loop(self) -> None:
+    async def _flush_loop(self, recv: MemoryObjectReceiveStream[_Call]) -> None:
         while True:
-            batch = [await self._recv.receive()]
+            batch = [await recv.receive()]
             while len(batch) < self._max_batch:
                 try:
-                    batch.append(self._recv.receive_nowait())
+                    batch.append(recv.receive_nowait())
                 except anyio.WouldBlock:
                     break
             await self._flush(batch)
