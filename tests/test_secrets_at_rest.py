@@ -101,12 +101,13 @@ async def test_no_secret_or_plaintext_in_redis(
     raw = Raw(redis, settings.prefix, keys)
     secrets: dict[str, bytes] = {}
     async with running_worker(app, settings, keys):
-        for n, field in enumerate(("e", "j")):
-            grant, kb = await _handshake(raw, keys, field)  # type: ignore[arg-type]
+        fields: tuple[wire.Field, ...] = ("e", "j")
+        for n, field in enumerate(fields):
+            grant, kb = await _handshake(raw, keys, field)
             secrets[f"kb{n}"], secrets[f"ks{n}"] = kb, grant.session_key
             for alg in (ALG_SK, ALG_RSA):
                 marker = f"PLAINTEXT-{os.urandom(8).hex()}"
-                out = raw.seal(grant, {"secret": marker}, alg=alg, field=field)  # type: ignore[arg-type]
+                out = raw.seal(grant, {"secret": marker}, alg=alg, field=field)
                 await raw.send(out.request)
                 reply = await raw.reply(grant.sid, out.request.mid)
                 assert "ok" == reply.status

@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -365,9 +366,7 @@ class ClientSession:
         store, after, retry = self.client.store, "0-0", Retrier()
         task_status.started()
         while True:
-            entries = await retry(
-                lambda: store.read_replies(self.sid, after=after, block_ms=1000)  # noqa: B023
-            )
+            entries = await retry(partial(store.read_replies, self.sid, after=after, block_ms=1000))
             for entry in entries:
                 after = entry.id
                 try:

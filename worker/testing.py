@@ -27,6 +27,7 @@ from worker.errors import ConfigError
 from worker.handlers import App
 from worker.keys import MasterKey, MasterKeys, ServiceKey
 from worker.pool import Worker
+from worker.processor import Clock, wall_clock_ms
 from worker.settings import Settings
 
 
@@ -91,9 +92,9 @@ class RedisServer:
 
     @classmethod
     @contextlib.contextmanager
-    def start(cls, **kwargs: float) -> Iterator[RedisServer]:
+    def start(cls, *, port: int | None = None, timeout: float = 10.0) -> Iterator[RedisServer]:
         """``launch`` as a context manager that stops the server afterwards."""
-        server = cls.launch(**kwargs)  # type: ignore[arg-type]
+        server = cls.launch(port=port, timeout=timeout)
         try:
             yield server
         finally:
@@ -161,7 +162,12 @@ class ThrowawayKeys:
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    app: App, settings: Settings, keys: ThrowawayKeys, **kwargs: object
+    app: App,
+    settings: Settings,
+    keys: ThrowawayKeys,
+    *,
+    clock: Clock = wall_clock_ms,
+    consumer: str | None = None,
 ) -> AsyncIterator[Worker]:
     """Run a worker in the background until the block ends (then stop it gracefully)."""
     worker = Worker(
@@ -169,7 +175,8 @@ async def running_worker(
         settings,
         service_key=keys.service,
         master_keys=keys.master,
-        **kwargs,  # type: ignore[arg-type]
+        clock=clock,
+        consumer=consumer,
     )
     async with anyio.create_task_group() as tg:
         await tg.start(worker.run)
