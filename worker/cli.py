@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--redis-url", help="SEALSTREAM_REDIS_URL")
     worker.add_argument("--prefix", help="SEALSTREAM_PREFIX")
     worker.add_argument("--grace", type=float, help="seconds to finish in-flight work on stop")
+    worker.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus /metrics (SEALSTREAM_METRICS_PORT)"
+    )
     worker.set_defaults(run=_worker)
 
     send = sub.add_parser("send", help="send one request and print its reply")
@@ -149,6 +152,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         ("concurrency", "concurrency"),
         ("shards", "shards"),
         ("grace", "grace_s"),
+        ("metrics_port", "metrics_port"),
     ):
         value = getattr(args, flag, None)
         if value is not None:

@@ -31,6 +31,8 @@ from worker.errors import ConfigError
 from worker.handlers import App
 from worker.keys import MasterKeys, ServiceKey
 from worker.logging import get_logger
+from worker.metrics import Metrics
+from worker.metrics import serve as serve_metrics
 from worker.names import Names
 from worker.processor import Clock, Delivery, Processor, wall_clock_ms
 from worker.settings import Settings
@@ -55,6 +57,7 @@ class Worker:
         older_service_keys: tuple[ServiceKey, ...] = (),
         clock: Clock = wall_clock_ms,
         consumer: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -66,7 +69,8 @@ class Worker:
         self._stopping = anyio.Event()
         self._slots = anyio.Semaphore(settings.concurrency)
         self._in_flight: dict[int, set[str]] = {s: set() for s in range(settings.shards)}
-        self._redis = Retrier()
+        self.metrics = metrics or Metrics()
+        self._redis = Retrier(on_outage=self.metrics.redis_outages.inc)
         self.processor: Processor | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -83,6 +87,10 @@ class Worker:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`stop` (or, with ``burst``, until the shards are drained)."""
         s = self.settings
+        exporter = None
+        if s.metrics_port is not None:
+            exporter = serve_metrics(self.metrics, port=s.metrics_port, addr=s.metrics_addr)
+            log.info("metrics_serving", addr=s.metrics_addr, port=exporter.port)
         client = connect(s.redis_url, name=f"sealstream-worker:{self.consumer}")
         try:
             auto = AutoPipeline(client)
@@ -102,6 +110,7 @@ class Worker:
                 consumer=self.consumer,
                 clock=self._clock,
                 retry=self._redis,
+                metrics=self.metrics,
             )
             version = await self._redis(store.server_version)
             if version < MIN_REDIS:
@@ -160,6 +169,8 @@ class Worker:
         finally:
             with anyio.move_on_after(2, shield=True):
                 await client.aclose()
+            if exporter is not None:
+                exporter.close()
 
     # -- loops -----------------------------------------------------------------------
 
@@ -237,6 +248,7 @@ class Worker:
                         log.info(
                             "entry_reclaimed", entry_id=entry.id, attempts=counts.get(entry.id)
                         )
+                        self.metrics.reclaimed.inc()
                         self._start(work, shard, entry, attempts=counts.get(entry.id, 1))
                     if start == "0-0":
                         break
@@ -286,6 +298,7 @@ class Worker:
     def _start(self, work: TaskGroup, shard: int, entry: Entry, *, attempts: int) -> None:
         assert self.processor is not None
         self._in_flight[shard].add(entry.id)
+        self.metrics.in_flight.inc()
         work.start_soon(self._process, shard, entry, attempts)
 
     async def _process(self, shard: int, entry: Entry, attempts: int) -> None:
@@ -299,6 +312,7 @@ class Worker:
             log.exception("entry_failed", entry_id=entry.id)
         finally:
             self._in_flight[shard].discard(entry.id)
+            self.metrics.in_flight.dec()
             self._slots.release()
 
     async def _take_slots(self, most: int = 100) -> int:

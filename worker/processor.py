@@ -40,6 +40,7 @@ from worker.errors import (
 from worker.handlers import App, Context, HandlerSpec
 from worker.keys import MasterKeys, ServiceKey
 from worker.logging import get_logger
+from worker.metrics import Metrics
 from worker.sessions import DEFAULT_TTL_S, Session, clamp_ttl, new_session, open_record, seal_record
 from worker.settings import Settings
 from worker.streams import Entry, Retrier, Store
@@ -127,9 +128,11 @@ class Processor:
         consumer: str,
         clock: Clock = wall_clock_ms,
         retry: Retrier | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.retry = retry or Retrier()
+        self.metrics = metrics or Metrics()
         self.app = app
         self.settings = settings
         self.service_keys = service_keys
@@ -264,6 +267,7 @@ class Processor:
         if state == "done":
             log.info("redelivery_already_answered")
             self.stats.redelivered_done += 1
+            self.metrics.redelivered_done.inc()
             await self.retry(lambda: self.store.ack(d.shard, d.entry.id))
             return False
         log.info("redelivery")
@@ -292,7 +296,12 @@ class Processor:
             started = time.perf_counter()
             try:
                 with anyio.fail_after(timeout):
-                    result = await _call(spec, payload, ctx)
+                    try:
+                        result = await _call(spec, payload, ctx)
+                    finally:
+                        self.metrics.handler_seconds.labels(type=spec.name).observe(
+                            time.perf_counter() - started
+                        )
             except BadPayload as exc:
                 return _error("bad_payload", exc.message, field)
             except TimeoutError:
@@ -358,6 +367,10 @@ class Processor:
             letter = self._dead_letter_fields(d, outcome.dead_letter, request)
             await self.retry(lambda: self.store.dead_letter(letter))
         await self.retry(lambda: self.store.ack(d.shard, d.entry.id))
+        known = request.is_handshake or self.app.get(request.type) is not None
+        self.metrics.requests.labels(
+            type=request.type if known else "unknown", status=outcome.status
+        ).inc()
         if outcome.status == "ok":
             self.stats.ok += 1
             log.info("request_done", status="ok", attempts=d.attempts)
@@ -382,6 +395,7 @@ class Processor:
         await self.retry(lambda: self.store.dead_letter(letter))
         await self.retry(lambda: self.store.ack(d.shard, d.entry.id))
         self.stats.refused += 1
+        self.metrics.refused.labels(reason=exc.reason).inc()
         log.warning(
             "request_refused",
             reason=exc.reason,

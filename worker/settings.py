@@ -45,6 +45,8 @@ class Settings:
     session_key_bits: int = 2048
     trim_interval_s: float = 10.0
     burst: bool = False
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
     log_level: str = "info"
     log_format: str = "auto"
 
@@ -76,6 +78,10 @@ class Settings:
             max_entry_size=_int(env, "MAX_ENTRY_SIZE", 1024 * 1024, low=1024),
             reply_maxlen=_int(env, "REPLY_MAXLEN", 1000, low=1),
             dlq_maxlen=_int(env, "DLQ_MAXLEN", 100_000, low=1),
+            metrics_port=_int(env, "METRICS_PORT", -1, low=0, high=65535)
+            if env.get("SEALSTREAM_METRICS_PORT")
+            else None,
+            metrics_addr=text("METRICS_ADDR", "127.0.0.1"),
             session_key_bits=_int(env, "SESSION_KEY_BITS", 2048, low=2048, high=4096),
             log_level=text("LOG_LEVEL", "info").lower(),
             log_format=text("LOG_FORMAT", "auto").lower(),

@@ -90,8 +90,15 @@ class Retrier:
     reply script); cancellation ends the wait.
     """
 
-    def __init__(self, *, cap_s: float = 2.0, flap_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        cap_s: float = 2.0,
+        flap_s: float = 5.0,
+        on_outage: Callable[[], object] | None = None,
+    ) -> None:
         self.cap_s = cap_s
+        self._on_outage = on_outage
         self.flap_s = flap_s
         self.in_outage = False
         self.outages = 0
@@ -109,6 +116,8 @@ class Retrier:
                     if anyio.current_time() - self._recovered_at > self.flap_s:
                         self._announced = True
                         self.outages += 1
+                        if self._on_outage is not None:
+                            self._on_outage()
                         log.warning("redis_unavailable", error_type=type(exc).__name__)
                 await anyio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter
                 delay = min(delay * 2, self.cap_s)
