@@ -1,7 +1,8 @@
 """The handler registry: an :class:`App` maps a request ``type`` to a handler.
 
 A handler is ``async def handler(payload)`` or ``async def handler(payload, ctx)``
-(plain functions run in a worker thread). It returns the reply's result, raises
+(plain functions run in a worker thread). A payload annotated with a dataclass is
+checked and built (see :mod:`worker.payloads`). It returns the reply's result, raises
 :class:`~worker.errors.BadPayload` to refuse its payload, or raises anything else
 for a ``handler_error`` (after its retries).
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from worker.envelope import HANDSHAKE_TYPE
+from worker.payloads import Converter, payload_converter
 
 F = TypeVar("F", bound=Callable[..., Any])
 _TYPE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -42,6 +44,7 @@ class HandlerSpec:
     retries: int
     takes_context: bool
     is_async: bool
+    convert: Converter | None = None
 
 
 class App:
@@ -96,6 +99,7 @@ class App:
             retries=retries if retries is not None else self.retries,
             takes_context=len(params) == 2,
             is_async=inspect.iscoroutinefunction(fn),
+            convert=payload_converter(fn),
         )
 
     def get(self, name: str) -> HandlerSpec | None:

@@ -41,6 +41,7 @@ from worker.handlers import App, Context, HandlerSpec
 from worker.keys import MasterKeys, ServiceKey
 from worker.logging import get_logger
 from worker.metrics import Metrics
+from worker.payloads import to_value
 from worker.sessions import DEFAULT_TTL_S, Session, clamp_ttl, new_session, open_record, seal_record
 from worker.settings import Settings
 from worker.streams import Entry, Retrier, Store
@@ -452,10 +453,12 @@ def _open(request: wire.Request, private_key: Any, ks: bytes | None) -> messages
 
 
 async def _call(spec: HandlerSpec, payload: Any, ctx: Context) -> Any:
+    if spec.convert is not None:
+        payload = spec.convert(payload)  # BadPayload when it does not fit
     args = (payload, ctx) if spec.takes_context else (payload,)
     if spec.is_async:
-        return await spec.fn(*args)
-    return await anyio.to_thread.run_sync(lambda: spec.fn(*args), abandon_on_cancel=True)
+        return to_value(await spec.fn(*args))
+    return to_value(await anyio.to_thread.run_sync(lambda: spec.fn(*args), abandon_on_cancel=True))
 
 
 def _error(
