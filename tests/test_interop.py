@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import shutil
+import struct
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
+from worker import wire
 from worker.demo import app
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker
@@ -56,3 +61,32 @@ async def test_node_client_round_trips(
     assert ("echo", "j", "SK+A256GCM") in steps
     assert ("echo", "e", "RSA-OAEP-256+A256GCM") in steps
     assert all(line.get("ok") for line in lines[:-1])
+
+
+async def test_json_is_written_byte_for_byte_as_json_stringify() -> None:
+    """Our JSON writer and Node's JSON.stringify give the same bytes (floats included)."""
+    assert NODE is not None
+    rng = random.Random(20261129)
+    floats = [
+        struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0] for _ in range(3000)
+    ]
+    floats = [x for x in floats if math.isfinite(x)]
+    floats += [rng.uniform(-1e6, 1e6) for _ in range(1000)]
+    floats += [float(10**e) for e in range(-10, 25)] + [1.5 * 10.0**e for e in range(-10, 25)]
+    values: list[Any] = [[x] for x in floats]
+    values.append({"text": 'é😀\n\t\x01\x1f"\\/\u2028', "n": [0, -1, 2**53, True, None, {}]})
+    script = (
+        "const lines = require('fs').readFileSync(0, 'utf8').split('\\n').filter(Boolean);"
+        "for (const l of lines) console.log(JSON.stringify(JSON.parse(l)));"
+    )
+    # Python's repr reads back exactly, so Node parses the very same doubles.
+    stdin = "\n".join(json.dumps(v, ensure_ascii=False) for v in values).encode()
+    result = await anyio.run_process([NODE, "-e", script], input=stdin, check=True)
+    expected = result.stdout.decode().split("\n")[:-1]
+    assert len(values) == len(expected)
+    mismatches = [
+        (v, want)
+        for v, want in zip(values, expected, strict=True)
+        if wire.dumps(v, "j").decode() != want
+    ]
+    assert [] == mismatches[:5]

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.helpers import Raw, open_ok
-from worker import Client, RemoteError, wire
+from worker import App, Client, RemoteError, wire
 from worker.demo import app
 from worker.envelope import ALG_RSA, ALG_SK
 from worker.settings import Settings
@@ -185,3 +185,39 @@ async def test_a_copy_of_a_pending_request_does_not_cancel_it(
             assert [{"slept": 300}] == result
             codes = [r.code for r in await Raw(redis, settings.prefix, keys).replies(session.sid)]
             assert "replay" in codes
+
+
+results = App()
+
+
+@results.handler("int_keys")
+async def int_keys(payload: Any) -> Any:
+    """A result a strict reader would refuse: a map with an integer key."""
+    return {1: "a"}
+
+
+@results.handler("pair")
+async def pair(payload: Any) -> Any:
+    """A tuple result."""
+    return ("a", 1.0)
+
+
+@pytest.mark.parametrize("encoding", ["e", "j"])
+async def test_result_with_non_string_keys_is_handler_error(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, encoding: str
+) -> None:
+    """A result with a non-string map key is a handler_error (and a dead letter) in both
+    encodings, not a reply the client cannot read or JSON with the key quietly changed."""
+    async with running_worker(results, settings, keys):
+        async with Client.from_url(
+            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix, encoding=encoding
+        ) as client:
+            async with client.session() as session:
+                with pytest.raises(RemoteError) as err:
+                    await session.request("int_keys", {})
+                assert "handler_error" == err.value.code
+                # Tuples go out as arrays; 1.0 in JSON as JavaScript writes it.
+                expected = ["a", 1] if encoding == "j" else ["a", 1.0]
+                assert expected == await session.request("pair", {})
+    letters = await Raw(redis, settings.prefix, keys).dead_letters()
+    assert [b"handler_error"] == [letter["reason"] for letter in letters]

@@ -354,16 +354,22 @@ def test_other_version_is_unsupported(field: Field, value: int) -> None:
         Verbatim(b"1.7e12"),
         str(TS),
         None,
-        -1,
     ],
     ids=repr,
 )
 @pytest.mark.parametrize("field", FIELDS)
 def test_ts_of_the_wrong_type_is_malformed(field: Field, value: Any) -> None:
-    """``ts`` given as bool, float, string, null or a negative number is Malformed."""
+    """``ts`` given as bool, float, string or null is Malformed."""
     if isinstance(value, Verbatim) and field == "e":
         value = float(value.data.decode())
     refused(entry(replaced(pairs(), "ts", value), field))
+
+
+@pytest.mark.parametrize("value", [0, -1, -(2**63), 2**53, 2**64 - 1], ids=repr)
+@pytest.mark.parametrize("field", FIELDS)
+def test_any_integer_ts_is_well_formed(field: Field, value: int) -> None:
+    """Any integer ``ts`` decodes: whether it is fresh is the worker's check (``expired``)."""
+    assert value == wire.decode_request(entry(replaced(pairs(), "ts", value), field)).ts
 
 
 # -- binary values: raw bytes or canonical base64 ----------------------------------
@@ -883,3 +889,75 @@ def test_decode_reply_of_mutated_replies_raises_only_malformed(
         wire.decode_reply({field.encode(): raw})
     except Malformed:
         pass
+
+
+# -- writing: what strict decoding accepts, JSON as JSON.stringify --------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (1.0, "1"),
+        (-0.0, "0"),
+        (0.1, "0.1"),
+        (-2.5, "-2.5"),
+        (1e16, "10000000000000000"),
+        (1e20, "100000000000000000000"),
+        (1e21, "1e+21"),
+        (1.5e300, "1.5e+300"),
+        (1e-6, "0.000001"),
+        (1.2345e-6, "0.0000012345"),
+        (1e-7, "1e-7"),
+        (-2.5e-10, "-2.5e-10"),
+        (5e-324, "5e-324"),
+        (1.7976931348623157e308, "1.7976931348623157e+308"),
+        (123456789012345680000.0, "123456789012345680000"),
+    ],
+    ids=repr,
+)
+def test_floats_are_written_as_javascript_writes_them(value: float, text: str) -> None:
+    """A float in JSON is laid out as JavaScript's Number#toString does."""
+    assert text == wire.js_number(value)
+    assert text.encode() == wire.dumps(value, "j")
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_written_floats_read_back_exactly(value: float) -> None:
+    """Every finite float written as JSON reads back as the same double.
+
+    An integral float is written without a fraction (as JavaScript does), so a
+    reader sees an integer literal; as a double it is the same number.
+    """
+    assert value == float(wire.loads(wire.dumps([value], "j"), "j")[0])
+
+
+def test_json_is_compact_utf8_with_stringify_escapes() -> None:
+    """Keys in order, no spaces, non-ASCII as is, control characters escaped."""
+    value = {"b": [1, True, None, 'é\n\x01"\\'], "a": {"x": -3}}
+    assert '{"b":[1,true,null,"é\\n\\u0001\\"\\\\"],"a":{"x":-3}}'.encode() == wire.dumps(
+        value, "j"
+    )
+
+
+@pytest.mark.parametrize("field", FIELDS)
+@pytest.mark.parametrize(
+    "value",
+    [{1: "a"}, {"ok": {b"k": 1}}, [{None: 1}], {"x": float("nan")}, {"s": "\ud800"}],
+    ids=["int key", "bytes key", "null key", "NaN", "lone surrogate"],
+)
+def test_writing_refuses_what_strict_decoding_refuses(field: Field, value: Any) -> None:
+    """A value a strict reader would refuse is not written, in either encoding."""
+    with pytest.raises(ValueError):
+        wire.dumps(value, field)
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_tuples_are_written_as_arrays(field: Field) -> None:
+    """A tuple goes out as an array and reads back as a list."""
+    assert {"pair": [1, "b"]} == wire.loads(wire.dumps({"pair": (1, "b")}, field), field)
+
+
+def test_bytes_cannot_be_written_as_json() -> None:
+    """JSON has no binary type: bytes are a TypeError, not silently base64."""
+    with pytest.raises(TypeError):
+        wire.dumps({"blob": b"\x00"}, "j")
