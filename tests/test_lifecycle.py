@@ -188,3 +188,63 @@ async def test_server_version_is_read(settings: Settings, redis: aioredis.Redis)
     from worker.names import Names
 
     assert (7, 0) <= await Store(redis, Names(settings.prefix)).server_version()
+
+
+async def test_replay_record_outlives_the_handlers_time_budget(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A handler allowed 2 x 15 min gets a replay record living past that, not 10 min."""
+    started, release = anyio.Event(), anyio.Event()
+    app = App()
+
+    @app.handler("patient", timeout_s=900, retries=1)
+    async def patient(payload: Any) -> str:
+        started.set()
+        await release.wait()
+        return "done"
+
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    async with running_worker(app, settings, keys):
+        out = raw.seal(grant, {}, type_="patient")
+        await raw.send(out.request)
+        with anyio.fail_after(10):
+            await started.wait()
+        ttl = await redis.pttl(raw.names.seen(grant.sid, out.request.mid))
+        release.set()
+        assert "done" == open_ok(await raw.reply(grant.sid, out.request.mid), out)
+    assert 2 * 900_000 < ttl
+
+
+async def test_dead_letter_is_not_lost_when_the_reply_step_fails(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A handler_error whose first try cannot write to the dead-letter stream is
+    dead-lettered on the redelivery: the reply (which marks the request done) waits."""
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    await redis.set(raw.names.dlq, "not a stream")  # XADD to it fails with WRONGTYPE
+    async with running_worker(demo_app, settings, keys):
+        out = raw.seal(grant, {}, type_="fail")
+        entry_id = await raw.send(out.request)
+        stream = raw.names.request_stream(0)
+        # The first try is over once the entry, delivered, is redelivered (it failed)
+        # or no longer pending (it was answered without its dead letter).
+        with anyio.fail_after(10):
+            while True:
+                (group,) = await redis.xinfo_groups(stream)
+                info = await redis.xpending_range(
+                    stream, GROUP, min=entry_id, max=entry_id, count=1
+                )
+                if entry_id == group["last-delivered-id"].decode() and (
+                    not info or info[0]["times_delivered"] >= 2
+                ):
+                    break
+                await anyio.sleep(0.02)
+        await redis.delete(raw.names.dlq)
+        reply = await raw.reply(grant.sid, out.request.mid)
+        assert "error" == reply.status
+        letters = await raw.wait_dead_letters(1)
+    assert [b"handler_error"] == [letter["reason"] for letter in letters]
+    assert [out.request.mid.encode()] == [letter["mid"] for letter in letters]
+    assert ["error"] == [r.status for r in await raw.replies(grant.sid)]

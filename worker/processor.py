@@ -9,6 +9,7 @@ dead letter, then acknowledges. Nothing here ever raises for bad input.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -256,7 +257,15 @@ class Processor:
     async def _claim_mid(self, d: Delivery, request: wire.Request) -> bool:
         """Set the replay record; False when this entry was already answered."""
         now = self.clock()
-        ttl = max(request.ts + self.settings.replay_window_ms + _SEEN_MARGIN_MS - now, _SEEN_MIN_MS)
+        # The record must outlive the handler's every attempt: the reply is added
+        # only while it is still this entry's.
+        spec = self.app.get(request.type)
+        budget_ms = 0 if spec is None else self._timeout_s(spec) * (spec.retries + 1) * 1000
+        ttl = max(
+            request.ts + self.settings.replay_window_ms + _SEEN_MARGIN_MS - now,
+            _SEEN_MIN_MS,
+            math.ceil(budget_ms) + _SEEN_MARGIN_MS,
+        )
         prev = await self.retry(
             lambda: self.store.mark_seen(request.sid, request.mid, d.entry.id, ttl_ms=ttl)
         )
@@ -274,6 +283,9 @@ class Processor:
         log.info("redelivery")
         return True
 
+    def _timeout_s(self, spec: HandlerSpec) -> float:
+        return spec.timeout_s if spec.timeout_s is not None else self.settings.handler_timeout_s
+
     async def _dispatch(self, d: Delivery, request: wire.Request, plaintext: bytes) -> Outcome:
         field = request.field
         spec = self.app.get(request.type)
@@ -283,7 +295,7 @@ class Processor:
             payload = wire.loads(plaintext, field)
         except wire.DecodeError:
             return _error("bad_payload", "the payload is not a single strict value", field)
-        timeout = spec.timeout_s if spec.timeout_s is not None else self.settings.handler_timeout_s
+        timeout = self._timeout_s(spec)
         outcome = _error("handler_error", "the handler failed", field, dead_letter="handler_error")
         for attempt in range(1, spec.retries + 2):
             ctx = Context(
@@ -344,9 +356,16 @@ class Processor:
         *,
         session: Session | None = None,
     ) -> None:
-        """Write the reply atomically with the replay record, dead-letter, then XACK."""
+        """Dead-letter, write the reply atomically with the replay record, then XACK.
+
+        The dead letter goes first: a crash before the reply then repeats it on the
+        redelivery instead of losing it (the reply marks the record ``done``).
+        """
         record = seal_record(session, self.master_keys.active) if session is not None else None
         entry = wire.encode_reply(reply)
+        if outcome.dead_letter is not None:
+            letter = self._dead_letter_fields(d, outcome.dead_letter, request)
+            await self.retry(lambda: self.store.dead_letter(letter))
         written = await self.retry(
             lambda: self.store.add_reply(
                 request.sid,
@@ -364,9 +383,6 @@ class Processor:
             log.info("reply_already_written")
             await self.retry(lambda: self.store.ack(d.shard, d.entry.id))
             return
-        if outcome.dead_letter is not None:
-            letter = self._dead_letter_fields(d, outcome.dead_letter, request)
-            await self.retry(lambda: self.store.dead_letter(letter))
         await self.retry(lambda: self.store.ack(d.shard, d.entry.id))
         known = request.is_handshake or self.app.get(request.type) is not None
         self.metrics.requests.labels(
