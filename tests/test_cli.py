@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from worker.demo import app
 from worker.keys import load_service_key
 from worker.settings import Settings
-from worker.testing import ThrowawayKeys, running_worker
+from worker.testing import ThrowawayKeys, free_port, running_worker
 
 
 async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -184,3 +185,39 @@ async def test_demo_refuses_zero_workers() -> None:
     code, _, err = await _run("demo", "--workers", "0")
     assert 2 == code
     assert "positive integer" in err
+
+
+async def test_sigterm_while_redis_is_unreachable_stops_the_worker(
+    tmp_path: Path, keys: ThrowawayKeys
+) -> None:
+    """A worker waiting for a Redis that is down at startup stops on the first SIGTERM,
+    exit 0, and its log says where it was connecting (without credentials)."""
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"  # nothing listens there
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SEALSTREAM_")}
+    env = {
+        **base,
+        **keys.write(tmp_path),
+        "SEALSTREAM_REDIS_URL": url,
+        "SEALSTREAM_LOG_FORMAT": "json",
+    }
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        proc = await anyio.open_process(
+            [sys.executable, "-m", "worker", "worker"], env=env, stdout=log, stderr=log
+        )
+    try:
+        with anyio.fail_after(30):
+            while "redis_unavailable" not in log_path.read_text():
+                await anyio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(10):
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.aclose()
+    text = log_path.read_text()
+    assert 0 == proc.returncode, text
+    assert "worker_stopped_before_start" in text
+    assert "redis://***@127.0.0.1" in text
+    assert "hunter2" not in text

@@ -8,7 +8,7 @@ import pytest
 
 from worker.errors import ConfigError
 from worker.keys import MasterKey
-from worker.settings import Settings
+from worker.settings import Settings, redacted_url
 
 
 def test_defaults_without_environment() -> None:
@@ -53,6 +53,10 @@ def test_variables_are_read() -> None:
         ("SEALSTREAM_SESSION_KEY_BITS", "2500"),
         ("SEALSTREAM_LOG_FORMAT", "xml"),
         ("SEALSTREAM_PREFIX", "a{b}"),
+        ("SEALSTREAM_SESSION_KEY_BITS", "1024"),
+        ("SEALSTREAM_LOG_LEVEL", "loud"),
+        ("SEALSTREAM_REDIS_URL", "http://127.0.0.1:6379"),
+        ("SEALSTREAM_REDIS_URL", "127.0.0.1:6379"),
     ],
 )
 def test_bad_values_name_their_variable(name: str, value: str) -> None:
@@ -85,3 +89,24 @@ def test_missing_key_settings_are_named() -> None:
         s.load_service_key()
     with pytest.raises(ConfigError, match="SEALSTREAM_MASTER_KEY"):
         s.load_master_keys()
+
+
+def test_bad_redis_url_error_does_not_echo_it() -> None:
+    """The URL may carry a password: the error names the setting, not the value."""
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"SEALSTREAM_REDIS_URL": "http://user:hunter2@db:6379"})
+    assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:hunter2@db:6380/1", "redis://***@db:6380/1"),
+        ("rediss://user:hunter2@db/0?ssl_cert_reqs=none", "rediss://***@db/0"),
+        ("unix:///run/redis.sock?db=2", "unix:///run/redis.sock"),
+    ],
+)
+def test_redacted_url_drops_credentials(url: str, shown: str) -> None:
+    """Logs show where Redis is, never its credentials."""
+    assert shown == redacted_url(url)

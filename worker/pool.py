@@ -35,7 +35,7 @@ from worker.metrics import Metrics
 from worker.metrics import serve as serve_metrics
 from worker.names import Names
 from worker.processor import Clock, Delivery, Processor, wall_clock_ms
-from worker.settings import Settings
+from worker.settings import Settings, redacted_url
 from worker.streams import Entry, Retrier, Store, connect
 
 log = get_logger("sealstream.worker")
@@ -72,12 +72,15 @@ class Worker:
         self.metrics = metrics or Metrics()
         self._redis = Retrier(on_outage=self.metrics.redis_outages.inc)
         self.processor: Processor | None = None
+        self._startup: anyio.CancelScope | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
     def stop(self) -> None:
         """Ask the worker to stop reading and finish what it has (idempotent)."""
         self._stopping.set()
+        if self._startup is not None:
+            self._startup.cancel()
 
     @property
     def stats(self) -> dict[str, int]:
@@ -112,20 +115,17 @@ class Worker:
                 retry=self._redis,
                 metrics=self.metrics,
             )
-            version = await self._redis(store.server_version)
-            if version < MIN_REDIS:
-                raise ConfigError(
-                    f"SEALSTREAM_REDIS_URL: Redis {'.'.join(map(str, version))} is too old;"
-                    f" sealstream needs {'.'.join(map(str, MIN_REDIS))} or newer"
-                )
-            await self._redis(lambda: store.ensure_groups(s.shards))
-            await self._redis(
-                lambda: store.publish_config(
-                    shards=s.shards,
-                    public_pem=self.service_key.public_pem,
-                    kid=self.service_key.kid,
-                )
-            )
+            log.info("worker_connecting", redis=redacted_url(s.redis_url))
+            # Startup waits out an unreachable Redis, but a stop request ends the wait.
+            with anyio.CancelScope() as startup:
+                self._startup = startup
+                if self._stopping.is_set():
+                    startup.cancel()
+                await self._start_up(store)
+            self._startup = None
+            if startup.cancel_called:
+                log.info("worker_stopped_before_start")
+                return
             log.info(
                 "worker_started",
                 consumer=self.consumer,
@@ -171,6 +171,24 @@ class Worker:
                 await client.aclose()
             if exporter is not None:
                 exporter.close()
+
+    async def _start_up(self, store: Store) -> None:
+        """Check the server, create the groups, publish ``P:config``."""
+        s = self.settings
+        version = await self._redis(store.server_version)
+        if version < MIN_REDIS:
+            raise ConfigError(
+                f"SEALSTREAM_REDIS_URL: Redis {'.'.join(map(str, version))} is too old;"
+                f" sealstream needs {'.'.join(map(str, MIN_REDIS))} or newer"
+            )
+        await self._redis(lambda: store.ensure_groups(s.shards))
+        await self._redis(
+            lambda: store.publish_config(
+                shards=s.shards,
+                public_pem=self.service_key.public_pem,
+                kid=self.service_key.kid,
+            )
+        )
 
     # -- loops -----------------------------------------------------------------------
 

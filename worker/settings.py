@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from worker.errors import ConfigError
 from worker.keys import (
@@ -21,6 +22,8 @@ from worker.keys import (
 )
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,7 +85,7 @@ class Settings:
             if env.get("SEALSTREAM_METRICS_PORT")
             else None,
             metrics_addr=text("METRICS_ADDR", "127.0.0.1"),
-            session_key_bits=_int(env, "SESSION_KEY_BITS", 2048, low=2048, high=4096),
+            session_key_bits=_int(env, "SESSION_KEY_BITS", 2048),
             log_level=text("LOG_LEVEL", "info").lower(),
             log_format=text("LOG_FORMAT", "auto").lower(),
         ).validated()
@@ -91,6 +94,11 @@ class Settings:
         """Check cross-field rules; return self or raise :class:`ConfigError`."""
         if self.session_key_bits not in (2048, 3072, 4096):
             raise ConfigError("SEALSTREAM_SESSION_KEY_BITS: expected 2048, 3072 or 4096")
+        if urlsplit(self.redis_url).scheme not in REDIS_SCHEMES:
+            # The URL itself is not echoed: it may carry a password.
+            raise ConfigError("SEALSTREAM_REDIS_URL: expected a redis://, rediss:// or unix:// URL")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"SEALSTREAM_LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError("SEALSTREAM_LOG_FORMAT: expected auto, json or console")
         if not self.prefix or any(c in self.prefix for c in "{} \n"):
@@ -142,3 +150,12 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if not value > 0 or value == float("inf"):
         raise ConfigError(f"SEALSTREAM_{name}: expected a positive number, got {raw!r}")
     return value
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its credentials, for logs: ``redis://***@host:6379/0``."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url.split("?", 1)[0]
+    netloc = "***@" + parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=netloc, query="").geturl()
