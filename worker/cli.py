@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--shards", type=int, help="request shards (SEALSTREAM_SHARDS)")
     worker.add_argument("--redis-url", help="SEALSTREAM_REDIS_URL")
     worker.add_argument("--prefix", help="SEALSTREAM_PREFIX")
-    worker.add_argument("--grace", type=float, help="seconds to finish in-flight work on stop")
+    worker.add_argument(
+        "--grace", type=float, help="seconds to finish in-flight work on stop (SEALSTREAM_GRACE_S)"
+    )
     worker.add_argument(
         "--metrics-port", type=int, help="serve Prometheus /metrics (SEALSTREAM_METRICS_PORT)"
     )

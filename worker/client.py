@@ -155,7 +155,10 @@ class Client:
         config = await self.store.read_config()
         pem = self._service_pem or config.get("servicePublicKey")
         if pem is None:
-            raise ConfigError("no service public key: no worker has published P:config yet")
+            raise ConfigError(
+                "no service public key: no worker has published"
+                f" {self.store.names.config} yet (is the prefix right?)"
+            )
         key = load_public_key(pem)
         if self.kid is not None and kid_of(key) != self.kid:
             raise ConfigError("the service public key does not match the pinned kid")
