@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from typing import Any
 
 import anyio
@@ -221,3 +223,51 @@ async def test_result_with_non_string_keys_is_handler_error(
                 assert expected == await session.request("pair", {})
     letters = await Raw(redis, settings.prefix, keys).dead_letters()
     assert [b"handler_error"] == [letter["reason"] for letter in letters]
+
+
+escapes = App()
+
+
+@escapes.handler("stray_cancel")
+async def stray_cancel(payload: Any) -> Any:
+    """Await a future somebody else cancelled: a CancelledError nobody asked of us."""
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.cancel()
+    await future
+
+
+@escapes.handler("exits")
+async def exits(payload: Any) -> Any:
+    """Call sys.exit from handler code."""
+    sys.exit(3)
+
+
+@escapes.handler("exits_in_thread")
+def exits_in_thread(payload: Any) -> Any:
+    """A plain handler calling sys.exit (it runs in a thread)."""
+    sys.exit(3)
+
+
+@escapes.handler("echo")
+async def echo_(payload: Any) -> Any:
+    """Return the payload."""
+    return payload
+
+
+@pytest.mark.parametrize("type_", ["stray_cancel", "exits", "exits_in_thread"])
+async def test_handler_cannot_stop_the_worker(
+    settings: Settings, keys: ThrowawayKeys, type_: str
+) -> None:
+    """A handler raising SystemExit or a stray CancelledError is a handler_error; the
+    worker goes on serving (it would otherwise stop, and every worker after it)."""
+    async with running_worker(escapes, settings, keys) as worker:
+        async with Client.from_url(
+            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
+        ) as client:
+            async with client.session() as session:
+                for _ in range(2):
+                    with pytest.raises(RemoteError) as err:
+                        await session.request(type_, {})
+                    assert "handler_error" == err.value.code
+                assert {"still": "serving"} == await session.request("echo", {"still": "serving"})
+        assert 2 == worker.stats["error"]

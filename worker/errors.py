@@ -16,7 +16,8 @@
     ├── DecryptError                one opaque failure to open anything sealed
     ├── HandlerFailure              a handler's outcome that becomes an ``error`` reply
     │   ├── BadPayload                code ``bad_payload``: the payload was refused
-    │   └── UnknownType               code ``unknown_type``
+    │   ├── UnknownType               code ``unknown_type``
+    │   └── HandlerEscaped            code ``handler_error``: SystemExit or a stray cancellation
     └── ClientError                 raised to users of :mod:`worker.client`
         ├── RequestRejected           the worker sent a ``rejected`` notice
         ├── RemoteError               the worker sent an ``error`` reply
@@ -145,6 +146,15 @@ class UnknownType(HandlerFailure):
     """No handler is registered for the request's ``type``."""
 
     code = "unknown_type"
+
+
+class HandlerEscaped(HandlerFailure):
+    """A handler raised what would end the worker (``SystemExit``, a stray cancellation).
+
+    Caught and answered as a ``handler_error``; the message is the escaped type's name.
+    """
+
+    code = "handler_error"
 
 
 class ClientError(SealstreamError):

@@ -9,6 +9,7 @@ dead letter, then acknowledges. Nothing here ever raises for bad input.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from worker.errors import (
     DecryptError,
     DeliveryLimit,
     Expired,
+    HandlerEscaped,
     Malformed,
     ProtocolError,
     Replay,
@@ -328,7 +330,8 @@ class Processor:
                 continue
             except Exception as exc:
                 # The exception text may quote the payload: log its type only.
-                log.warning("handler_failed", attempt=attempt, error_type=type(exc).__name__)
+                error_type = str(exc) if isinstance(exc, HandlerEscaped) else type(exc).__name__
+                log.warning("handler_failed", attempt=attempt, error_type=error_type)
                 outcome = _error(
                     "handler_error", "the handler failed", field, dead_letter="handler_error"
                 )
@@ -469,12 +472,37 @@ def _open(request: wire.Request, private_key: Any, ks: bytes | None) -> messages
 
 
 async def _call(spec: HandlerSpec, payload: Any, ctx: Context) -> Any:
+    """Run the handler; what it raises is its own failure, never the worker's.
+
+    ``SystemExit``/``KeyboardInterrupt`` raised by handler code, and a cancellation
+    that nobody asked of this task (a handler awaiting a future someone cancelled),
+    would otherwise stop the whole worker; they become :class:`HandlerEscaped`
+    (a ``handler_error``). A real cancellation (timeout, shutdown) goes through.
+    """
     if spec.convert is not None:
         payload = spec.convert(payload)  # BadPayload when it does not fit
     args = (payload, ctx) if spec.takes_context else (payload,)
-    if spec.is_async:
-        return to_value(await spec.fn(*args))
-    return to_value(await anyio.to_thread.run_sync(lambda: spec.fn(*args), abandon_on_cancel=True))
+    try:
+        if spec.is_async:
+            return to_value(await spec.fn(*args))
+        return to_value(
+            await anyio.to_thread.run_sync(lambda: spec.fn(*args), abandon_on_cancel=True)
+        )
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise HandlerEscaped(type(exc).__name__) from None
+    except anyio.get_cancelled_exc_class():
+        if _cancel_requested():
+            raise
+        raise HandlerEscaped("CancelledError") from None
+
+
+def _cancel_requested() -> bool:
+    """Whether this task was asked to cancel (asyncio); elsewhere, assume it was."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return True
+    return task is None or task.cancelling() > 0
 
 
 def _error(
