@@ -248,3 +248,63 @@ async def test_dead_letter_is_not_lost_when_the_reply_step_fails(
     assert [b"handler_error"] == [letter["reason"] for letter in letters]
     assert [out.request.mid.encode()] == [letter["mid"] for letter in letters]
     assert ["error"] == [r.status for r in await raw.replies(grant.sid)]
+
+
+def _gated_app() -> tuple[App, anyio.Event, anyio.Event]:
+    started, release = anyio.Event(), anyio.Event()
+    app = App()
+
+    @app.handler("gated")
+    async def gated(payload: Any) -> str:
+        started.set()
+        await release.wait()
+        return "done"
+
+    return app, started, release
+
+
+async def test_redelivery_pushes_the_replay_record_expiry_out(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A reclaimed entry whose record was about to expire gets a full lifetime again."""
+    app, started, release = _gated_app()
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    out = raw.seal(grant, {}, type_="gated")
+    entry_id = await raw.send(out.request)
+    seen = raw.names.seen(grant.sid, out.request.mid)
+    # A first worker took it, claimed the mid long ago, and died.
+    stream = raw.names.request_stream(0)
+    await redis.xgroup_create(stream, GROUP, id="0")
+    await redis.xreadgroup(GROUP, "dead", {stream: ">"}, count=1)
+    await redis.set(seen, entry_id, px=5_000)
+    async with running_worker(app, replace(settings, claim_idle_ms=200), keys):
+        with anyio.fail_after(10):
+            await started.wait()
+        ttl = await redis.pttl(seen)
+        release.set()
+        assert "done" == open_ok(await raw.reply(grant.sid, out.request.mid), out)
+    assert 9 * 60_000 < ttl
+
+
+async def test_reply_is_written_when_the_record_expired_during_the_run(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A replay record gone while the handler ran is set again with the reply: the
+    request is answered once, not acknowledged without an answer."""
+    app, started, release = _gated_app()
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    async with running_worker(app, settings, keys):
+        out = raw.seal(grant, {}, type_="gated")
+        entry_id = await raw.send(out.request)
+        with anyio.fail_after(10):
+            await started.wait()
+        seen = raw.names.seen(grant.sid, out.request.mid)
+        assert 1 == await redis.delete(seen)  # as if it expired
+        release.set()
+        assert "done" == open_ok(await raw.reply(grant.sid, out.request.mid), out)
+        await raw.wait_drained()
+    assert f"{entry_id}|done".encode() == await redis.get(seen)
+    assert 0 < await redis.pttl(seen)
+    assert ["ok"] == [r.status for r in await raw.replies(grant.sid)]

@@ -376,6 +376,7 @@ class Processor:
                 d.entry.id,
                 entry,
                 fallback_ttl_ms=2 * self.settings.replay_window_ms,
+                seen_ttl_ms=_SEEN_MIN_MS,
                 session_record=record,
                 session_expires_at_ms=session.expires if session is not None else None,
             )

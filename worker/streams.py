@@ -32,15 +32,31 @@ log = get_logger("sealstream.redis")
 
 _ADD_REPLY = """
 local cur = redis.call('GET', KEYS[1])
-if cur ~= ARGV[1] then return 0 end
-if ARGV[6] then
-  if not redis.call('SET', KEYS[3], ARGV[6], 'NX', 'PXAT', ARGV[7]) then return -1 end
+if not cur then
+  -- The record expired while the handler ran: no other entry holds the mid (a copy
+  -- would hold it, or be stale), so it becomes this entry's again, in this step.
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[6])
+elseif cur ~= ARGV[1] then
+  return 0
+end
+if ARGV[7] then
+  if not redis.call('SET', KEYS[3], ARGV[7], 'NX', 'PXAT', ARGV[8]) then return -1 end
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', ARGV[4], ARGV[5])
 local pt = redis.call('PTTL', KEYS[3])
 if pt > 0 then redis.call('PEXPIRE', KEYS[2], pt) else redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
 redis.call('SET', KEYS[1], ARGV[1] .. '|done', 'KEEPTTL')
 return 1
+"""
+
+_MARK_SEEN = """
+local prev = redis.call('GET', KEYS[1])
+if not prev then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return false
+end
+if prev == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2], 'GT') end
+return prev
 """
 
 _ADD_NOTICE = """
@@ -335,10 +351,12 @@ class Store:
     async def mark_seen(self, sid: str, mid: str, entry_id: str, *, ttl_ms: int) -> str | None:
         """SET the replay record NX; return its previous value (None: this call set it).
 
-        Retry-safe: a retried call that finds its own entry id sees a redelivery.
+        A redelivery (the record holds this entry's id, not done) pushes the record's
+        expiry out to ``ttl_ms`` from now, never in: the re-run needs it as long as
+        the first run did. Retry-safe: a retried call that finds its own entry id
+        sees a redelivery.
         """
-        key = self.names.seen(sid, mid)
-        prev = await self._one(lambda p: p.set(key, entry_id, nx=True, px=ttl_ms, get=True))
+        prev = await self._script(_MARK_SEEN, [self.names.seen(sid, mid)], [entry_id, ttl_ms])
         return _s(prev) if prev is not None else None
 
     async def add_reply(
@@ -349,17 +367,27 @@ class Store:
         entry: Mapping[str, bytes],
         *,
         fallback_ttl_ms: int,
+        seen_ttl_ms: int,
         session_record: bytes | None = None,
         session_expires_at_ms: int | None = None,
     ) -> int:
         """Add a reply iff the replay record is still this entry's; mark it done.
 
+        A record that expired while the handler ran is set again for this entry
+        (``seen_ttl_ms``) in the same step: no other entry holds the mid.
         With ``session_record`` the session is created (NX) in the same step.
         Returns 1 when written, 0 when the record is not this entry's (already done,
         or taken), -1 when the session already exists.
         """
         ((field, payload),) = entry.items()
-        args: list[Any] = [entry_id, self.reply_maxlen, fallback_ttl_ms, field, payload]
+        args: list[Any] = [
+            entry_id,
+            self.reply_maxlen,
+            fallback_ttl_ms,
+            field,
+            payload,
+            seen_ttl_ms,
+        ]
         if session_record is not None:
             args += [session_record, session_expires_at_ms]
         keys = [self.names.seen(sid, mid), self.names.reply_stream(sid), self.names.session(sid)]
