@@ -169,6 +169,25 @@ async def test_a_deleted_request_stream_is_recreated_and_served(
         assert {"n": 2} == open_ok(await raw.reply(grant.sid, second.request.mid), second)
 
 
+async def test_lost_config_is_published_again(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """P:config deleted (a Redis restarted empty) is written again within a trim pass,
+    so a client pinning only the kid can start."""
+    fast = replace(settings, trim_interval_s=0.1)
+    async with running_worker(demo_app, fast, keys):
+        config = Raw(redis, settings.prefix, keys).names.config
+        assert 1 == await redis.delete(config)
+        with anyio.fail_after(10):
+            while not await redis.exists(config):
+                await anyio.sleep(0.02)
+        async with Client.from_url(
+            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
+        ) as client:
+            async with client.session() as session:
+                assert [1] == await session.request("echo", [1])
+
+
 async def test_worker_refuses_a_redis_older_than_7(
     settings: Settings, keys: ThrowawayKeys, monkeypatch: pytest.MonkeyPatch
 ) -> None:

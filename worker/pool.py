@@ -182,9 +182,12 @@ class Worker:
                 f" sealstream needs {'.'.join(map(str, MIN_REDIS))} or newer"
             )
         await self._redis(lambda: store.ensure_groups(s.shards))
+        await self._publish_config(store)
+
+    async def _publish_config(self, store: Store) -> None:
         await self._redis(
             lambda: store.publish_config(
-                shards=s.shards,
+                shards=self.settings.shards,
                 public_pem=self.service_key.public_pem,
                 kid=self.service_key.kid,
             )
@@ -285,6 +288,10 @@ class Worker:
         while not self._stopping.is_set():
             # Passes start every interval (the protocol's "at least every 10 s").
             next_pass = anyio.current_time() + self.settings.trim_interval_s
+            if not await self._redis(store.read_config):
+                # Redis lost it (restarted empty, or flushed): clients need it.
+                await self._publish_config(store)
+                log.warning("config_republished")
             for shard in range(self.settings.shards):
                 trimmed = await self._redis(partial(store.trim, shard))
                 if trimmed:
