@@ -15,12 +15,13 @@ import redis.asyncio as aioredis
 
 from tests.helpers import Raw
 from tests.procs import WorkerProcs, encode_all, outcomes, wait_answered, wait_started
-from worker import messages
+from worker import Client, ReplyTimeout, messages
 from worker.client import SessionGrant
+from worker.demo import app as demo_app
 from worker.envelope import ALG_RSA, ALG_SK
 from worker.settings import Settings
 from worker.streams import connect
-from worker.testing import RedisServer, ThrowawayKeys
+from worker.testing import RedisServer, ThrowawayKeys, running_worker
 
 pytestmark = pytest.mark.slow
 
@@ -189,3 +190,27 @@ async def test_sigterm_under_load_exits_zero_and_loses_nothing(
         assert 0 == procs.procs[-1].returncode
     finally:
         procs.kill_all()
+
+
+async def test_request_timeout_holds_while_redis_is_frozen(
+    keys: ThrowawayKeys, prefix: str
+) -> None:
+    """With Redis frozen (SIGSTOP), request(timeout=1) raises ReplyTimeout, well before
+    any socket timeout; once Redis thaws, the same session works again."""
+    server = RedisServer.launch()
+    try:
+        settings = Settings(redis_url=server.url, prefix=prefix)
+        async with running_worker(demo_app, settings, keys):
+            async with Client.from_url(server.url, kid=keys.service.kid, prefix=prefix) as client:
+                async with client.session() as session:
+                    assert [1] == await session.request("echo", [1])
+                    server.process.send_signal(signal.SIGSTOP)
+                    try:
+                        # (without the fix: 3 x 15 s socket timeouts, then a redis error)
+                        with anyio.fail_after(10), pytest.raises(ReplyTimeout):
+                            await session.request("echo", [2], timeout=1)
+                    finally:
+                        server.process.send_signal(signal.SIGCONT)
+                    assert [3] == await session.request("echo", [3], timeout=30)
+    finally:
+        server.stop()

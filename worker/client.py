@@ -123,6 +123,7 @@ class Client:
         if kid is None and service_public_key is None:
             raise ConfigError("Client needs the pinned service kid or service public key")
         self.store = Store(redis, Names(prefix))
+        self._retry = Retrier()
         self.kid = kid
         self.encoding = encoding
         self._service_pem = service_public_key
@@ -250,7 +251,10 @@ class Client:
 
     async def _send(self, request: wire.Request) -> str:
         shard = self.store.names.default_shard(request.mid, await self.shards())
-        return await self.store.add_request(shard, wire.encode_request(request))
+        entry = wire.encode_request(request)
+        # Retried through a Redis blip. Safe: should a lost answer hide an entry that
+        # was added, the copy gets a ``replay`` notice, which the session ignores.
+        return await self._retry(lambda: self.store.add_request(shard, entry))
 
     async def _await_one(self, sid: str, mid: str, timeout: float) -> wire.Reply:
         after = "0-0"
@@ -308,15 +312,20 @@ class ClientSession:
         Raises :class:`RemoteError` for an ``error`` reply, :class:`RequestRejected`
         for a notice, :class:`ReplyTimeout` when nothing comes within ``timeout``.
         """
-        waiter = await self._send(type_, payload, alg=alg, encoding=encoding, streamed=False)
-        mid = waiter.outgoing.request.mid
+        waiter: _Waiter | None = None
         try:
+            # One deadline for sending (through a Redis outage, say) and the reply.
             with anyio.fail_after(timeout):
+                waiter = await self._send(
+                    type_, payload, alg=alg, encoding=encoding, streamed=False
+                )
                 await waiter.done.wait()
         except TimeoutError:
+            mid = waiter.outgoing.request.mid if waiter is not None else None
             raise ReplyTimeout(f"no reply within {timeout:g} s", message_id=mid) from None
         finally:
-            self._waiters.pop(mid, None)
+            if waiter is not None:
+                self._waiters.pop(waiter.outgoing.request.mid, None)
         assert waiter.result is not None
         return waiter.result.unwrap()
 
