@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from worker import App, BadPayload
@@ -25,3 +26,9 @@ async def leak(payload: Any) -> Any:
 async def refuse(payload: Any) -> Any:
     """Refuse the payload with a message quoting it (only the client may see it)."""
     raise BadPayload(f"refused {payload!r}")
+
+
+@leaky.handler("stuck", timeout_s=0.2)
+def stuck(payload: Any) -> Any:
+    """A plain handler that runs far past its timeout (a thread cannot be stopped)."""
+    time.sleep(120)

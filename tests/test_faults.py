@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from tests.helpers import Raw
 from tests.procs import WorkerProcs, encode_all, outcomes, wait_answered, wait_started
-from worker import Client, ReplyTimeout, messages
+from worker import Client, RemoteError, ReplyTimeout, messages
 from worker.client import SessionGrant
 from worker.demo import app as demo_app
 from worker.envelope import ALG_RSA, ALG_SK
@@ -214,3 +214,29 @@ async def test_request_timeout_holds_while_redis_is_frozen(
                     assert [3] == await session.request("echo", [3], timeout=30)
     finally:
         server.stop()
+
+
+async def test_sigterm_with_a_stuck_plain_handler_still_exits(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """A plain handler stuck past its timeout is answered ``timeout``; its thread cannot
+    be stopped, yet SIGTERM still ends the worker (exit 0) instead of waiting for it."""
+    procs = WorkerProcs(settings, keys, tmp_path)
+    try:
+        proc = procs.start("tests.apps:leaky")
+        await wait_started(redis, settings.prefix, 1)
+        async with Client.from_url(
+            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
+        ) as client:
+            async with client.session() as session:
+                with pytest.raises(RemoteError) as err:
+                    await session.request("stuck", {})
+                assert "timeout" == err.value.code
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(20):
+            while proc.poll() is None:
+                await anyio.sleep(0.05)
+        assert 0 == proc.returncode
+        assert "exit_past_stuck_handlers" in procs.logs()
+    finally:
+        procs.kill_all()

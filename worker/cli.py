@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from redis.exceptions import RedisError
 
 from worker.errors import ConfigError, SealstreamError
 from worker.handlers import App
-from worker.logging import configure
+from worker.logging import configure, get_logger
 from worker.settings import Settings
 
 
@@ -186,7 +187,27 @@ def _worker(args: argparse.Namespace) -> int:
             tg.cancel_scope.cancel()
 
     anyio.run(run)
+    _exit_past_stuck_threads()
     return 0
+
+
+def _exit_past_stuck_threads() -> None:
+    """Exit now when a plain handler's thread outlived its timeout.
+
+    Python cannot stop a thread, and the interpreter would wait for it at exit: a
+    worker asked to stop would hang on a stuck handler. The worker has already
+    written its replies and acks (the abandoned request was answered ``timeout``).
+    """
+    stuck = [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and t.is_alive() and not t.daemon
+    ]
+    if stuck:
+        get_logger("sealstream.worker").warning("exit_past_stuck_handlers", threads=len(stuck))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 async def _watch_signals(worker: Any, scope: anyio.CancelScope) -> None:
