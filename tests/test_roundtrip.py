@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.helpers import Raw, open_ok
-from worker import App, Client, RemoteError, wire
+from worker import App, Client, RemoteError, ReplyTimeout, wire
 from worker.demo import app
 from worker.envelope import ALG_RSA, ALG_SK
 from worker.settings import Settings
@@ -271,3 +271,35 @@ async def test_handler_cannot_stop_the_worker(
                     assert "handler_error" == err.value.code
                 assert {"still": "serving"} == await session.request("echo", {"still": "serving"})
         assert 2 == worker.stats["error"]
+
+
+async def test_in_flight_requests_are_capped_per_session(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """With max_in_flight=3, a fourth request waits for a slot (so replies cannot pile
+    up past what the workers keep in the reply stream); replies free the slots."""
+    grant = await Raw(redis, settings.prefix, keys).grant()
+    async with Client.from_url(
+        settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
+    ) as client:
+        async with client.session(grant, max_in_flight=3) as session:
+            mids = {await session.submit("echo", {"i": i}) for i in range(3)}
+            with anyio.move_on_after(0.5) as blocked:  # no worker yet: no replies
+                await session.submit("echo", {"i": 3})
+            assert blocked.cancelled_caught
+            with pytest.raises(ReplyTimeout):
+                await session.request("echo", {"i": 3}, timeout=0.3)
+            assert 3 == session.outstanding
+            async with running_worker(app, settings, keys):
+                with anyio.fail_after(10):
+                    mids.add(await session.submit("echo", {"i": 3}))
+                    got = set()
+                    async for result in session.replies():
+                        got.add(result.mid)
+                        if got == mids:
+                            break
+                assert [5] == await session.request("echo", [5])
+            assert 0 == session.outstanding
+    with pytest.raises(ValueError, match="max_in_flight"):
+        async with client.session(grant, max_in_flight=0):
+            pass

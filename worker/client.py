@@ -225,13 +225,21 @@ class Client:
         alg: str = ALG_SK,
         ttl_s: int = 3600,
         timeout: float = 30.0,
+        max_in_flight: int = 500,
     ) -> AsyncIterator[ClientSession]:
-        """Open a session (handshake unless ``grant`` is given) with its reply reader."""
+        """Open a session (handshake unless ``grant`` is given) with its reply reader.
+
+        At most ``max_in_flight`` requests wait for replies at once; ``submit`` and
+        ``request`` wait for a free slot (``request`` within its timeout). Keep it
+        below the workers' ``SEALSTREAM_REPLY_MAXLEN`` (1,000).
+        """
         if alg not in ALGORITHMS:
             raise ValueError(f"alg must be one of {sorted(ALGORITHMS)}")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         if grant is None:
             grant = await self.handshake(ttl_s=ttl_s, timeout=timeout)
-        session = ClientSession(self, grant, alg=alg)
+        session = ClientSession(self, grant, alg=alg, max_in_flight=max_in_flight)
         with session._results_in, session._results_out:
             try:
                 async with anyio.create_task_group() as tg:
@@ -274,13 +282,20 @@ class Client:
 class ClientSession:
     """An open session: send requests, receive their replies."""
 
-    def __init__(self, client: Client, grant: SessionGrant, *, alg: str) -> None:
+    def __init__(
+        self, client: Client, grant: SessionGrant, *, alg: str, max_in_flight: int
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         self.client = client
         self.grant = grant
         self.sid = grant.sid
         self.alg = alg
         self._public_key = load_public_key(grant.public_key_pem, what="session public key")
         self._waiters: dict[str, _Waiter] = {}
+        # Replies wait in a stream the workers trim to ~1,000 entries; more requests
+        # in flight than that could see their replies trimmed before they are read.
+        self._slots = anyio.Semaphore(max_in_flight)
         send: MemoryObjectSendStream[Result]
         recv: MemoryObjectReceiveStream[Result]
         send, recv = anyio.create_memory_object_stream[Result](math.inf)
@@ -325,7 +340,7 @@ class ClientSession:
             raise ReplyTimeout(f"no reply within {timeout:g} s", message_id=mid) from None
         finally:
             if waiter is not None:
-                self._waiters.pop(waiter.outgoing.request.mid, None)
+                self._forget(waiter.outgoing.request.mid)
         assert waiter.result is not None
         return waiter.result.unwrap()
 
@@ -354,25 +369,37 @@ class ClientSession:
             raise ValueError(f"alg must be one of {sorted(ALGORITHMS)}")
         if not wire.is_type(type_):
             raise ValueError("type must match [A-Za-z0-9_.:-]{1,64}")
-        out = messages.seal_request(
-            field=field_,
-            alg=alg,
-            sid=self.sid,
-            mid=new_id(),
-            ts=_now_ms(),
-            type_=type_,
-            plaintext=wire.dumps(payload, field_),
-            public_key=self._public_key if alg == ALG_RSA else None,
-            ks=self.grant.session_key if alg == ALG_SK else None,
-        )
+        plaintext = wire.dumps(payload, field_)
+        # Wait for a slot first, so ``ts`` is taken when the request really goes out.
+        await self._slots.acquire()
+        try:
+            out = messages.seal_request(
+                field=field_,
+                alg=alg,
+                sid=self.sid,
+                mid=new_id(),
+                ts=_now_ms(),
+                type_=type_,
+                plaintext=plaintext,
+                public_key=self._public_key if alg == ALG_RSA else None,
+                ks=self.grant.session_key if alg == ALG_SK else None,
+            )
+        except BaseException:
+            self._slots.release()
+            raise
         waiter = _Waiter(outgoing=out, type=type_, streamed=streamed)
         self._waiters[out.request.mid] = waiter
         try:
             await self.client._send(out.request)
         except BaseException:
-            self._waiters.pop(out.request.mid, None)
+            self._forget(out.request.mid)
             raise
         return waiter
+
+    def _forget(self, mid: str) -> None:
+        """Stop waiting for ``mid`` (its slot is free again)."""
+        if self._waiters.pop(mid, None) is not None:
+            self._slots.release()
 
     async def _read_replies(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         store, after, retry = self.client.store, "0-0", Retrier()
@@ -396,7 +423,7 @@ class ClientSession:
                     continue
                 waiter.result = result
                 if waiter.streamed:
-                    self._waiters.pop(reply.mid, None)
+                    self._forget(reply.mid)
                     self._results_in.send_nowait(result)
                 waiter.done.set()
 
