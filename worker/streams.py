@@ -49,16 +49,6 @@ redis.call('SET', KEYS[1], ARGV[1] .. '|done', 'KEEPTTL')
 return 1
 """
 
-_MARK_SEEN = """
-local prev = redis.call('GET', KEYS[1])
-if not prev then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return false
-end
-if prev == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2], 'GT') end
-return prev
-"""
-
 _ADD_NOTICE = """
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[3], ARGV[4])
 local pt = redis.call('PTTL', KEYS[2])
@@ -356,8 +346,15 @@ class Store:
         the first run did. Retry-safe: a retried call that finds its own entry id
         sees a redelivery.
         """
-        prev = await self._script(_MARK_SEEN, [self.names.seen(sid, mid)], [entry_id, ttl_ms])
-        return _s(prev) if prev is not None else None
+        key = self.names.seen(sid, mid)
+        raw = await self._one(lambda p: p.set(key, entry_id, nx=True, px=ttl_ms, get=True))
+        prev = _s(raw) if raw is not None else None
+        if prev == entry_id:
+            # Rare (redeliveries only), so a second command rather than a script on
+            # every request. The record cannot change hands in between: should it
+            # expire, the reply script sets it again.
+            await self._one(lambda p: p.pexpire(key, ttl_ms, gt=True))
+        return prev
 
     async def add_reply(
         self,
