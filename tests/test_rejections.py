@@ -322,6 +322,13 @@ async def _assert_refused(
     return letter
 
 
+async def _send_refused(rig: _Rig, request: wire.Request, **expected: Any) -> dict[str, bytes]:
+    """Send ``request`` as it is and check it is refused (see :func:`_assert_refused`)."""
+    fields = _fields(request)
+    entry_id = await rig.raw.send_fields(fields)
+    return await _assert_refused(rig, entry_id, fields, **expected)
+
+
 async def _assert_serving(
     rig: _Rig, grant: SessionGrant, *, alg: str = ALG_SK, field: wire.Field = "e",
     ts: int | None = None,
@@ -383,10 +390,8 @@ async def test_tampered_field_fails_authentication(
                 with _case(f"{alg} {field}"):
                     out = rig.raw.seal(grant, {"pay": "load"}, alg=alg, field=field)
                     bad = _tamper(out.request, name)
-                    fields = _fields(bad)
-                    entry_id = await rig.raw.send_fields(fields)
-                    await _assert_refused(
-                        rig, entry_id, fields, reason="auth_failed", notice="rejected",
+                    await _send_refused(
+                        rig, bad, reason="auth_failed", notice="rejected",
                         sid=bad.sid, mid=bad.mid, type_=bad.type, alg=alg,
                     )
         assert 0 == sum(rig.calls.values())
@@ -402,10 +407,8 @@ async def test_request_spliced_into_another_session(
         a, b = await rig.raw.grant(), await rig.raw.grant()
         out = rig.raw.seal(a, {"for": "a"}, alg=alg)
         spliced = dataclasses.replace(out.request, sid=b.sid)
-        fields = _fields(spliced)
-        entry_id = await rig.raw.send_fields(fields)
-        await _assert_refused(
-            rig, entry_id, fields, reason="auth_failed", notice="rejected",
+        await _send_refused(
+            rig, spliced, reason="auth_failed", notice="rejected",
             sid=b.sid, mid=spliced.mid, type_="echo", alg=alg,
         )
         assert [] == await rig.raw.replies(a.sid)
@@ -543,10 +546,8 @@ async def test_ts_outside_window_is_expired(
         grant = await rig.raw.grant()
         ts = now_ms() + direction * (settings.replay_window_ms + 5_000)
         out = rig.raw.seal(grant, {}, ts=ts, field=field)
-        fields = _fields(out.request)
-        entry_id = await rig.raw.send_fields(fields)
-        await _assert_refused(
-            rig, entry_id, fields, reason="expired", notice="expired",
+        await _send_refused(
+            rig, out.request, reason="expired", notice="expired",
             sid=grant.sid, mid=out.request.mid, type_="echo", alg=ALG_SK,
         )
         assert 0 == sum(rig.calls.values())
@@ -564,10 +565,8 @@ async def test_integer_ts_far_from_now_is_expired(
         for field in _ENCODINGS:
             with _case(field):
                 out = rig.raw.seal(grant, {}, ts=ts, field=field)
-                fields = _fields(out.request)
-                entry_id = await rig.raw.send_fields(fields)
-                await _assert_refused(
-                    rig, entry_id, fields, reason="expired", notice="expired",
+                await _send_refused(
+                    rig, out.request, reason="expired", notice="expired",
                     sid=grant.sid, mid=out.request.mid, type_="echo", alg=ALG_SK,
                 )
         assert 0 == sum(rig.calls.values())
@@ -582,10 +581,8 @@ async def test_wrapped_key_length_is_checked_after_the_session_record(
         ghost = _unknown_session(keys)
         out = rig.raw.seal(ghost, {}, alg=ALG_RSA)
         bad = dataclasses.replace(out.request, encrypted_aes_key=b"")
-        fields = _fields(bad)
-        entry_id = await rig.raw.send_fields(fields)
-        await _assert_refused(
-            rig, entry_id, fields, reason="session_invalid", notice="session_unknown",
+        await _send_refused(
+            rig, bad, reason="session_invalid", notice="session_unknown",
             sid=ghost.sid, mid=bad.mid, type_="echo", alg=ALG_RSA,
         )
         await _assert_serving(rig, await rig.raw.grant())
@@ -600,10 +597,8 @@ async def test_unknown_session_is_session_unknown(
             with _case(f"{alg} {field}"):
                 ghost = _unknown_session(keys)
                 out = rig.raw.seal(ghost, {}, alg=alg, field=field)
-                fields = _fields(out.request)
-                entry_id = await rig.raw.send_fields(fields)
-                await _assert_refused(
-                    rig, entry_id, fields, reason="session_invalid", notice="session_unknown",
+                await _send_refused(
+                    rig, out.request, reason="session_invalid", notice="session_unknown",
                     sid=ghost.sid, mid=out.request.mid, type_="echo", alg=alg,
                 )
                 # With no session, the reply stream expires after at most 2 x window.
@@ -627,10 +622,8 @@ async def test_tampered_session_record_is_session_unknown(
         for alg, field in _BOTH:
             with _case(f"{alg} {field}"):
                 out = rig.raw.seal(grant, {}, alg=alg, field=field)
-                fields = _fields(out.request)
-                entry_id = await rig.raw.send_fields(fields)
-                await _assert_refused(
-                    rig, entry_id, fields, reason="session_invalid", notice="session_unknown",
+                await _send_refused(
+                    rig, out.request, reason="session_invalid", notice="session_unknown",
                     sid=grant.sid, mid=out.request.mid, type_="echo", alg=alg,
                 )
         assert 1 == rig.calls["echo"]
@@ -649,10 +642,8 @@ async def test_session_record_under_another_sid_is_session_unknown(
         b = dataclasses.replace(a, sid=new_id())
         await redis.set(rig.raw.names.session(b.sid), record, px=600_000)
         out = rig.raw.seal(b, {})
-        fields = _fields(out.request)
-        entry_id = await rig.raw.send_fields(fields)
-        await _assert_refused(
-            rig, entry_id, fields, reason="session_invalid", notice="session_unknown",
+        await _send_refused(
+            rig, out.request, reason="session_invalid", notice="session_unknown",
             sid=b.sid, mid=out.request.mid, type_="echo", alg=ALG_SK,
         )
         assert 0 == sum(rig.calls.values())
@@ -674,10 +665,8 @@ async def test_session_past_its_sealed_expiry_is_session_unknown(
             sid=sid, public_key_pem=session.public_pem, session_key=ks, expires_at=session.expires
         )
         out = rig.raw.seal(stale, {})
-        fields = _fields(out.request)
-        entry_id = await rig.raw.send_fields(fields)
-        await _assert_refused(
-            rig, entry_id, fields, reason="session_invalid", notice="session_unknown",
+        await _send_refused(
+            rig, out.request, reason="session_invalid", notice="session_unknown",
             sid=sid, mid=out.request.mid, type_="echo", alg=ALG_SK,
         )
         assert 0 == sum(rig.calls.values())
@@ -717,10 +706,8 @@ async def test_key_wrapped_with_other_padding_fails_authentication(
                     iv=box.iv, encrypted_data=box.ciphertext, auth_tag=box.tag,
                     encrypted_aes_key=public_key.encrypt(k, pad),
                 )
-                fields = _fields(request)
-                entry_id = await rig.raw.send_fields(fields)
-                await _assert_refused(
-                    rig, entry_id, fields, reason="auth_failed", notice="rejected",
+                await _send_refused(
+                    rig, request, reason="auth_failed", notice="rejected",
                     sid=grant.sid, mid=mid, type_="echo", alg=ALG_RSA,
                 )
         assert 0 == sum(rig.calls.values())
@@ -784,10 +771,8 @@ async def test_wrong_iv_or_tag_length_is_malformed(
                         if name == "authTag"
                         else dataclasses.replace(out.request, iv=value)
                     )
-                    fields = _fields(bad)
-                    entry_id = await rig.raw.send_fields(fields)
-                    await _assert_refused(
-                        rig, entry_id, fields, reason="malformed", notice="rejected",
+                    await _send_refused(
+                        rig, bad, reason="malformed", notice="rejected",
                         sid=grant.sid, mid=bad.mid, type_="echo", alg=alg,
                     )
         assert 0 == sum(rig.calls.values())
@@ -1008,10 +993,8 @@ async def test_oversize_entry_is_dead_lettered_by_size_without_notice(
         reply = await rig.raw.reply(grant.sid, at_limit.request.mid)
         assert payload == open_ok(reply, at_limit)
         over, _ = _padded_to(grant, rig.raw, 2049)
-        fields = _fields(over.request)
-        entry_id = await rig.raw.send_fields(fields)
-        await _assert_refused(
-            rig, entry_id, fields, reason="malformed", notice=None, original=False,
+        await _send_refused(
+            rig, over.request, reason="malformed", notice=None, original=False,
             watch=(grant.sid, over.request.mid),
         )
         assert [] == await _statuses(rig.raw, grant.sid, over.request.mid)
@@ -1088,10 +1071,8 @@ async def test_handshake_with_unknown_kid_fails_authentication(
     async with _serving(settings, keys, redis) as rig:
         kid = hashlib.sha256(os.urandom(16)).hexdigest()
         out = _handshake(keys, kid=kid)
-        fields = _fields(out.request)
-        entry_id = await rig.raw.send_fields(fields)
-        await _assert_refused(
-            rig, entry_id, fields, reason="auth_failed", notice="rejected",
+        await _send_refused(
+            rig, out.request, reason="auth_failed", notice="rejected",
             sid=out.request.sid, mid=out.request.mid, type_=HANDSHAKE_TYPE, alg=ALG_RSA,
         )
         assert await _get(rig.raw, rig.raw.names.session(out.request.sid)) is None
@@ -1150,10 +1131,8 @@ async def test_tampered_handshake_fails_authentication(
                 with _case(f"{label} {field}"):
                     out = _handshake(keys, field=field)
                     bad = change(out.request)
-                    fields = _fields(bad)
-                    entry_id = await rig.raw.send_fields(fields)
-                    await _assert_refused(
-                        rig, entry_id, fields, reason="auth_failed", notice="rejected",
+                    await _send_refused(
+                        rig, bad, reason="auth_failed", notice="rejected",
                         sid=bad.sid, mid=bad.mid, type_=HANDSHAKE_TYPE, alg=ALG_RSA,
                     )
                     for sid in {bad.sid, out.request.sid}:
