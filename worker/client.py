@@ -285,8 +285,6 @@ class ClientSession:
     def __init__(
         self, client: Client, grant: SessionGrant, *, alg: str, max_in_flight: int
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
         self.client = client
         self.grant = grant
         self.sid = grant.sid
