@@ -296,7 +296,7 @@ async def test_redelivery_pushes_the_replay_record_expiry_out(
     stream = raw.names.request_stream(0)
     await redis.xgroup_create(stream, GROUP, id="0")
     await redis.xreadgroup(GROUP, "dead", {stream: ">"}, count=1)
-    await redis.set(seen, entry_id, px=5_000)
+    await redis.set(seen, f"0|{entry_id}", px=5_000)  # shard 0, this entry
     async with running_worker(app, replace(settings, claim_idle_ms=200), keys):
         with anyio.fail_after(10):
             await started.wait()
@@ -324,6 +324,6 @@ async def test_reply_is_written_when_the_record_expired_during_the_run(
         release.set()
         assert "done" == open_ok(await raw.reply(grant.sid, out.request.mid), out)
         await raw.wait_drained()
-    assert f"{entry_id}|done".encode() == await redis.get(seen)
+    assert f"0|{entry_id}|done".encode() == await redis.get(seen)
     assert 0 < await redis.pttl(seen)
     assert ["ok"] == [r.status for r in await raw.replies(grant.sid)]

@@ -465,7 +465,7 @@ async def test_replayed_entry_is_refused_and_not_run(
                 assert before + 1 == rig.calls["count"]
                 # The record still names the first entry, done, and lives >= 10 minutes.
                 seen = rig.raw.names.seen(grant.sid, out.request.mid)
-                assert f"{first_id}|done".encode() == await _get(rig.raw, seen)
+                assert f"0|{first_id}|done".encode() == await _get(rig.raw, seen)
                 assert 590_000 < await redis.pttl(seen)
                 assert ["ok", "rejected"] == await _statuses(rig.raw, grant.sid, out.request.mid)
         await _assert_serving(rig, grant)

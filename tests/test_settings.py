@@ -15,7 +15,7 @@ def test_defaults_without_environment() -> None:
     """An empty environment gives the documented defaults."""
     s = Settings.from_env({})
     assert ("redis://127.0.0.1:6379/0", "sealstream", 1) == (s.redis_url, s.prefix, s.shards)
-    assert (30_000, 120_000, 10) == (s.claim_idle_ms, s.replay_window_ms, s.delivery_limit)
+    assert (30_000, 900_000, 10) == (s.claim_idle_ms, s.replay_window_ms, s.delivery_limit)
     assert (1000, 100_000) == (s.reply_maxlen, s.dlq_maxlen)
 
 

@@ -53,6 +53,12 @@ class Metrics:
             "Redeliveries of entries already answered (acknowledged, not run again).",
             registry=r,
         )
+        self.handshakes = Counter(
+            "sealstream_handshakes",
+            "Handshakes by outcome: ok, bad_payload, or the refusal's dead-letter reason.",
+            ["outcome"],
+            registry=r,
+        )
         self.redis_outages = Counter(
             "sealstream_redis_outages", "Redis outages ridden out.", registry=r
         )

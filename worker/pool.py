@@ -1,7 +1,8 @@
 """The worker runtime: an anyio task group that owns every task.
 
-- one reader per shard (XREADGROUP ``>``), reading only as many entries as there
-  are free processing slots, so nothing waits in memory unstarted;
+- one reader per shard (XREADGROUP ``>``), reading a batch of at most as many
+  entries as there are free slots (handlers running plus ``prefetch`` read ahead)
+  and handing it to the :class:`~worker.processor.Processor`;
 - a reclaimer (XAUTOCLAIM past the claim timeout, from any consumer), which also
   enforces the delivery limit;
 - a heartbeat that keeps this worker's in-flight entries from looking idle, so a
@@ -23,10 +24,9 @@ from functools import partial
 from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 from redis.exceptions import ResponseError
 
-from worker.autopipe import AutoPipeline
 from worker.errors import ConfigError
 from worker.handlers import App
 from worker.keys import MasterKeys, ServiceKey
@@ -40,6 +40,8 @@ from worker.streams import Entry, Retrier, Store, connect
 
 log = get_logger("sealstream.worker")
 _READ_BLOCK_MS = 500
+#: Entries one XREADGROUP or XAUTOCLAIM asks for at most.
+_MAX_READ = 256
 #: SET NX GET, XINFO GROUPS lag (7.0), XAUTOCLAIM (6.2).
 MIN_REDIS = (7, 0)
 
@@ -67,8 +69,10 @@ class Worker:
         self._master_keys = master_keys
         self._clock = clock
         self._stopping = anyio.Event()
-        self._slots = anyio.Semaphore(settings.concurrency)
+        self._slots = anyio.Semaphore(settings.in_flight_limit)
         self._in_flight: dict[int, set[str]] = {s: set() for s in range(settings.shards)}
+        self._parked: set[tuple[int, str]] = set()
+        self._idle = anyio.Event()
         self.metrics = metrics or Metrics()
         self._redis = Retrier(on_outage=self.metrics.redis_outages.inc)
         self.processor: Processor | None = None
@@ -96,13 +100,12 @@ class Worker:
             log.info("metrics_serving", addr=s.metrics_addr, port=exporter.port)
         client = connect(s.redis_url, name=f"sealstream-worker:{self.consumer}")
         try:
-            auto = AutoPipeline(client)
             store = Store(
                 client,
                 Names(s.prefix),
                 reply_maxlen=s.reply_maxlen,
                 dlq_maxlen=s.dlq_maxlen,
-                pipeline=auto,
+                fallback_ttl_ms=2 * s.replay_window_ms,
             )
             self.processor = Processor(
                 store=store,
@@ -111,6 +114,7 @@ class Worker:
                 service_keys=self._keys,
                 master_keys=self._master_keys,
                 consumer=self.consumer,
+                tracker=self,
                 clock=self._clock,
                 retry=self._redis,
                 metrics=self.metrics,
@@ -135,35 +139,34 @@ class Worker:
                 handlers=self.app.names,
             )
             async with anyio.create_task_group() as outer:
-                # The pipeline and the heartbeat outlive the feeders and the work:
-                # in-flight entries still need both during the grace period.
-                await outer.start(auto.run)
+                # The handlers, writers and the heartbeat outlive the feeders: in-flight
+                # entries still need them during the grace period.
+                await outer.start(self.processor.run)
                 outer.start_soon(
                     partial(self._supervised, after_stop=True),
                     store,
                     partial(self._heartbeat_loop, store),
                 )
-                async with anyio.create_task_group() as work:
-                    async with anyio.create_task_group() as feeders:
-                        loops = [partial(self._read_loop, store, n, work) for n in range(s.shards)]
-                        loops += [
-                            partial(self._reclaim_loop, store, work),
-                            partial(self._trim_loop, store),
-                        ]
-                        if s.burst:
-                            loops.append(partial(self._burst_watch, store))
-                        for loop in loops:
-                            feeders.start_soon(self._supervised, store, loop)
-                        task_status.started()
-                        await self._stopping.wait()
-                        # Every feeder returns on its own once it sees the flag (a
-                        # reader within one blocking read), so no read is cut off
-                        # after Redis delivered to us; the deadline is a safety net.
-                        feeders.cancel_scope.deadline = anyio.current_time() + 2.0
-                    log.info("worker_stopping", in_flight=self._count_in_flight())
-                    work.cancel_scope.deadline = anyio.current_time() + s.grace_s
+                async with anyio.create_task_group() as feeders:
+                    loops = [partial(self._read_loop, store, n) for n in range(s.shards)]
+                    loops += [partial(self._reclaim_loop, store), partial(self._trim_loop, store)]
+                    if s.burst:
+                        loops.append(partial(self._burst_watch, store))
+                    for loop in loops:
+                        feeders.start_soon(self._supervised, store, loop)
+                    task_status.started()
+                    await self._stopping.wait()
+                    # Every feeder returns on its own once it sees the flag (a reader
+                    # within one blocking read), so no read is cut off after Redis
+                    # delivered to us; the deadline is a safety net.
+                    feeders.cancel_scope.deadline = anyio.current_time() + 2.0
+                log.info("worker_stopping", in_flight=self._count_in_flight())
+                with anyio.move_on_after(s.grace_s) as grace:
+                    while self._count_in_flight():
+                        self._idle = anyio.Event()
+                        await self._idle.wait()
                 outer.cancel_scope.cancel()
-            if work.cancel_scope.cancel_called:
+            if grace.cancel_called:
                 log.warning("worker_grace_expired", left=self._count_in_flight())
             log.info("worker_stopped", **self.stats)
         finally:
@@ -222,9 +225,9 @@ class Worker:
                 return
             delay = min(delay * 2, 5.0)
 
-    async def _read_loop(self, store: Store, shard: int, work: TaskGroup) -> None:
+    async def _read_loop(self, store: Store, shard: int) -> None:
         # A reader blocked on a quiet shard must not hold every free slot.
-        share = max(1, self.settings.concurrency // self.settings.shards)
+        share = max(1, self.settings.in_flight_limit // self.settings.shards)
         while not self._stopping.is_set():
             slots = await self._take_slots(share)
             try:
@@ -235,10 +238,10 @@ class Worker:
                 self._give_back(slots)
                 raise
             self._give_back(slots - len(entries))
-            for entry in entries:
-                self._start(work, shard, entry, attempts=1)
+            if entries:
+                await self._process(shard, entries, {})
 
-    async def _reclaim_loop(self, store: Store, work: TaskGroup) -> None:
+    async def _reclaim_loop(self, store: Store) -> None:
         s = self.settings
         interval = max(0.05, min(s.claim_idle_ms / 4000, 5.0))
         while not self._stopping.is_set():
@@ -270,7 +273,8 @@ class Worker:
                             "entry_reclaimed", entry_id=entry.id, attempts=counts.get(entry.id)
                         )
                         self.metrics.reclaimed.inc()
-                        self._start(work, shard, entry, attempts=counts.get(entry.id, 1))
+                    if entries:
+                        await self._process(shard, entries, counts)
                     if start == "0-0":
                         break
             with anyio.move_on_after(interval):
@@ -322,31 +326,52 @@ class Worker:
 
     # -- helpers ---------------------------------------------------------------------
 
-    def _start(self, work: TaskGroup, shard: int, entry: Entry, *, attempts: int) -> None:
+    async def _process(self, shard: int, entries: list[Entry], counts: dict[str, int]) -> None:
         assert self.processor is not None
-        self._in_flight[shard].add(entry.id)
-        self.metrics.in_flight.inc()
-        work.start_soon(self._process, shard, entry, attempts)
-
-    async def _process(self, shard: int, entry: Entry, attempts: int) -> None:
-        assert self.processor is not None
-        processor = self.processor
+        batch = [
+            Delivery(shard=shard, entry=e, attempts=counts.get(e.id, 1)) for e in entries
+        ]
+        for d in batch:
+            self._in_flight[shard].add(d.entry.id)
+        self.metrics.in_flight.inc(len(batch))
         try:
-            await processor.process(Delivery(shard=shard, entry=entry, attempts=attempts))
+            await self.processor.process(batch)
         except Exception:
-            # A bug, not bad input: keep serving; the entry stays pending and is
-            # reclaimed (and eventually dead-lettered by the delivery limit).
-            log.exception("entry_failed", entry_id=entry.id)
-        finally:
-            self._in_flight[shard].discard(entry.id)
-            self.metrics.in_flight.dec()
+            # A bug, not bad input: keep serving; what was not handed on stays pending
+            # and is reclaimed (and eventually dead-lettered by the delivery limit).
+            log.exception("batch_failed", shard=shard, entries=len(batch))
+            for d in batch:
+                self.done(d)
+
+    # -- Tracker: the processor reports here ------------------------------------------
+
+    def parked(self, d: Delivery) -> None:
+        """``d`` waits in the handshake lane: free its slot (it stays in flight)."""
+        key = (d.shard, d.entry.id)
+        if d.entry.id in self._in_flight[d.shard] and key not in self._parked:
+            self._parked.add(key)
             self._slots.release()
 
-    async def _take_slots(self, most: int = 100) -> int:
+    def done(self, d: Delivery) -> None:
+        """``d`` is finished: no longer in flight; its slot is free (idempotent)."""
+        ids = self._in_flight[d.shard]
+        if d.entry.id not in ids:
+            return
+        ids.discard(d.entry.id)
+        self.metrics.in_flight.dec()
+        key = (d.shard, d.entry.id)
+        if key in self._parked:
+            self._parked.discard(key)
+        else:
+            self._slots.release()
+        if not self._count_in_flight():
+            self._idle.set()
+
+    async def _take_slots(self, most: int = _MAX_READ) -> int:
         """Wait for one free processing slot, then take up to ``most`` that are free."""
         await self._slots.acquire()
         taken = 1
-        while taken < min(most, 100):
+        while taken < min(most, _MAX_READ):
             try:
                 self._slots.acquire_nowait()
             except anyio.WouldBlock:

@@ -1,28 +1,41 @@
-"""One stream entry through the protocol: the worker's data path.
+"""The worker's data path, a batch of stream entries at a time.
 
-entry -> wire.decode_request -> session -> messages.open_request -> replay record ->
-handler -> messages.seal_reply -> wire.encode_reply -> reply stream -> XACK.
+::
 
-Every refusal sends a notice (when ``sid`` and ``mid`` are well formed), writes a
-dead letter, then acknowledges. Nothing here ever raises for bad input.
+    entries -> wire.decode_request -> freshness -> sessions (one MGET per batch)
+      -> messages.open_request (SK on the loop; RSA in threads, in chunks)
+      -> replay records (one script per batch) -> handler pool -> messages.seal_reply
+      -> writer: reply + record done + XACK (one script per flush of many messages)
+
+Handshakes leave the batch after decoding for their own lane (bounded key
+generation, :mod:`worker.keypool`), so a flood of them never takes the slots or
+threads of ordinary requests. Every refusal sends a notice (when ``sid`` and ``mid``
+are well formed), writes a dead letter, then acknowledges. Nothing here raises for
+bad input; Redis outages are waited out by the retrier.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import math
+import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import anyio
-import structlog
+import anyio.lowlevel
+from anyio.abc import TaskStatus
+from cryptography.hazmat.primitives.asymmetric import rsa
+from redis.exceptions import ResponseError
 
 from worker import messages, wire
+from worker.dispatch import Dispatcher, Outcome, error
 from worker.envelope import (
     ALG_RSA,
+    HANDSHAKE_TYPE,
     handshake_session_key,
     x25519_keypair,
     x25519_shared,
@@ -33,26 +46,41 @@ from worker.errors import (
     DecryptError,
     DeliveryLimit,
     Expired,
-    HandlerEscaped,
     Malformed,
     ProtocolError,
     Replay,
     SessionExists,
     SessionInvalid,
 )
-from worker.handlers import App, Context, HandlerSpec
+from worker.handlers import App, Context
+from worker.keypool import KeyPool
 from worker.keys import MasterKeys, ServiceKey
 from worker.logging import get_logger
 from worker.metrics import Metrics
-from worker.payloads import to_value
 from worker.sessions import DEFAULT_TTL_S, Session, clamp_ttl, new_session, open_record, seal_record
 from worker.settings import Settings
-from worker.streams import Entry, Retrier, Store
+from worker.streams import (
+    AckWrite,
+    Claim,
+    Entry,
+    RefusalWrite,
+    ReplyWrite,
+    Retrier,
+    Store,
+    Write,
+)
 
 log = get_logger("sealstream.worker")
 Clock = Callable[[], int]
-_SEEN_MIN_MS = 600_000
 _SEEN_MARGIN_MS = 60_000
+#: Handshakes parked per worker waiting for the lane; past it the reader waits too.
+HANDSHAKE_BACKLOG = 1024
+#: Messages per writer script call, and RSA unwraps per thread hop.
+_WRITE_BATCH = 256
+_RSA_CHUNK = 16
+#: The event loop runs other tasks at least this often while a batch is decoded (s).
+_YIELD_S = 0.005
+_DETAIL_MAX = 200
 
 
 def wall_clock_ms() -> int:
@@ -68,15 +96,42 @@ class Delivery:
     entry: Entry
     attempts: int
 
+    @property
+    def owner(self) -> str:
+        """The replay record's value for this entry: ``<shard>|<entry id>``."""
+        return f"{self.shard}|{self.entry.id}"
+
+
+class Tracker(Protocol):
+    """The runtime's bookkeeping of entries in flight (slots and heartbeats)."""
+
+    def parked(self, d: Delivery) -> None:
+        """``d`` waits in the handshake lane: its processing slot is free again."""
+
+    def done(self, d: Delivery) -> None:
+        """``d`` is finished (acknowledged, or left pending to be reclaimed)."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Outcome:
-    """What a dispatched request ends in: a status, its plaintext, maybe a dead letter."""
+class _Job:
+    """An authenticated request whose replay record is this entry's: run its handler."""
 
-    status: str
-    plaintext: bytes
-    dead_letter: str | None = None
-    code: str | None = None
+    delivery: Delivery
+    request: wire.Request
+    plaintext: bytes = field(repr=False)
+    reply_key: bytes = field(repr=False)
+    seen_ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Pending:
+    """A write for the writer, with what it finishes (for logs and metrics)."""
+
+    delivery: Delivery
+    write: Write
+    request: wire.Request | None = None
+    outcome: Outcome | None = None
+    refusal: ProtocolError | None = None
 
 
 class SessionCache:
@@ -119,7 +174,7 @@ class Stats:
 
 
 class Processor:
-    """Runs one delivery through the protocol. Safe to call concurrently."""
+    """Takes batches of deliveries to their replies. Run :meth:`run` while it is used."""
 
     def __init__(
         self,
@@ -130,6 +185,7 @@ class Processor:
         service_keys: dict[str, ServiceKey],
         master_keys: MasterKeys,
         consumer: str,
+        tracker: Tracker,
         clock: Clock = wall_clock_ms,
         retry: Retrier | None = None,
         metrics: Metrics | None = None,
@@ -142,70 +198,246 @@ class Processor:
         self.service_keys = service_keys
         self.master_keys = master_keys
         self.consumer = consumer
+        self.tracker = tracker
         self.clock = clock
         self.sessions = SessionCache()
         self.stats = Stats()
+        self.dispatcher = Dispatcher(
+            app, default_timeout_s=settings.handler_timeout_s, metrics=self.metrics
+        )
+        self._rsa = anyio.CapacityLimiter(os.cpu_count() or 2)
+        self._lane = anyio.CapacityLimiter(settings.handshake_concurrency)
+        self.keys = KeyPool(bits=settings.session_key_bits, size=4, limiter=self._lane)
 
-    async def process(self, d: Delivery) -> None:
-        """Process one delivery to its end: a reply or a dead letter, then XACK."""
-        with structlog.contextvars.bound_contextvars(entry_id=d.entry.id, shard=d.shard):
-            request: wire.Request | None = None
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the handler pool, the handshake lane and the writers until cancelled."""
+        self._jobs = anyio.create_memory_object_stream[_Job](math.inf)
+        self._writes = anyio.create_memory_object_stream[_Pending](math.inf)
+        self._handshakes = anyio.create_memory_object_stream[tuple[Delivery, wire.Request]](
+            HANDSHAKE_BACKLOG
+        )
+        with contextlib.ExitStack() as streams:
+            for stream in (*self._jobs, *self._writes, *self._handshakes):
+                streams.enter_context(stream)
+            async with anyio.create_task_group() as tg:
+                for _ in range(self.settings.concurrency):
+                    tg.start_soon(self._handler_loop)
+                for _ in range(self.settings.handshake_concurrency):
+                    tg.start_soon(self._handshake_loop)
+                for _ in range(2):  # one flush in flight while the next one gathers
+                    tg.start_soon(self._write_loop)
+                await tg.start(self.keys.run)
+                task_status.started()
+
+    # -- intake: decode, authenticate, claim ------------------------------------------
+
+    async def process(self, batch: Sequence[Delivery]) -> None:
+        """Take a batch as far as its handlers (or the handshake lane); refuse the rest."""
+        now = self.clock()
+        ordinary: list[tuple[Delivery, wire.Request]] = []
+        tick = time.perf_counter()
+        for d in batch:
+            if time.perf_counter() - tick > _YIELD_S:
+                await anyio.lowlevel.checkpoint()
+                tick = time.perf_counter()
             try:
-                try:
-                    request = _decode(d.entry.fields, self.settings.max_entry_size)
-                except ProtocolError as exc:
-                    if d.attempts > self.settings.delivery_limit:
-                        raise _with_context(
-                            DeliveryLimit("delivered too many times"), exc
-                        ) from None
-                    raise
-                if d.attempts > self.settings.delivery_limit:
-                    raise DeliveryLimit("delivered too many times")
-                structlog.contextvars.bind_contextvars(
-                    session_id=request.sid, message_id=request.mid, type=request.type
-                )
-                self._check_fresh(request, d.entry.id)
-                if request.is_handshake:
-                    await self._handshake(d, request)
-                else:
-                    await self._request(d, request)
+                request = self._admit(d, now)
             except ProtocolError as exc:
-                if request is not None:
-                    _fill_context(exc, request)
-                await self._refuse(d, exc)
-            finally:
-                structlog.contextvars.unbind_contextvars("session_id", "message_id", "type")
+                self._refuse(d, exc)
+                continue
+            if request.is_handshake:
+                await self._park(d, request)
+            else:
+                ordinary.append((d, request))
+        if ordinary:
+            await self._authenticate(ordinary)
 
-    # -- the two paths ---------------------------------------------------------------
-
-    def _check_fresh(self, request: wire.Request, entry_id: str) -> None:
-        added_ms = int(entry_id.split("-", 1)[0])
-        if abs(request.ts - added_ms) > self.settings.replay_window_ms:
-            raise Expired("ts is outside the freshness window")
-
-    async def _request(self, d: Delivery, request: wire.Request) -> None:
-        raw = await self.retry(lambda: self.store.get_session(request.sid))
-        if raw is None:
-            raise SessionInvalid("no session")
+    def _admit(self, d: Delivery, now: int) -> wire.Request:
+        """Decode and validate before any crypto; ProtocolError with what context there is."""
         try:
-            session = self.sessions.open(request.sid, raw, self.master_keys)
+            request = _decode(d.entry.fields, self.settings.max_entry_size)
+        except ProtocolError as exc:
+            if d.attempts > self.settings.delivery_limit:
+                raise _with_context(DeliveryLimit("delivered too many times"), exc) from None
+            raise
+        try:
+            if d.attempts > self.settings.delivery_limit:
+                raise DeliveryLimit("delivered too many times")
+            # Freshness by this worker's clock: the entry id is the writer's choice.
+            if abs(request.ts - now) > self.settings.replay_window_ms:
+                raise Expired("ts is outside the freshness window")
+        except ProtocolError as exc:
+            _fill_context(exc, request)
+            raise
+        return request
+
+    async def _park(self, d: Delivery, request: wire.Request) -> None:
+        send = self._handshakes[0]
+        try:
+            send.send_nowait((d, request))
+        except anyio.WouldBlock:
+            await send.send((d, request))  # the lane is full: hold the slot meanwhile
+        self.tracker.parked(d)
+
+    async def _authenticate(self, batch: list[tuple[Delivery, wire.Request]]) -> None:
+        sids = list(dict.fromkeys(r.sid for _, r in batch))
+        raws = await self.retry(lambda: self.store.get_sessions(sids))
+        sessions = {sid: self._session(sid, raw) for sid, raw in zip(sids, raws, strict=True)}
+        now = self.clock()
+        opened: list[tuple[Delivery, wire.Request, messages.Opened]] = []
+        wrapped: list[tuple[Delivery, wire.Request, Session]] = []
+        for d, r in batch:
+            try:
+                session = sessions[r.sid]
+                if session is None:
+                    raise SessionInvalid("no session, or its record failed to open")
+                if session.expired(now):
+                    raise SessionInvalid("the session has expired")
+                if r.alg == ALG_RSA:
+                    if len(r.encrypted_aes_key or b"") != session.wrapped_key_size:
+                        raise Malformed("encryptedAesKey is not the session modulus size")
+                    wrapped.append((d, r, session))
+                else:
+                    opened.append((d, r, _open(r, None, session.ks)))
+            except ProtocolError as exc:
+                _fill_context(exc, r)
+                self._refuse(d, exc)
+        for start in range(0, len(wrapped), _RSA_CHUNK):
+            chunk = wrapped[start : start + _RSA_CHUNK]
+            results = await anyio.to_thread.run_sync(_open_rsa, chunk, limiter=self._rsa)
+            for (d, r, _), result in zip(chunk, results, strict=True):
+                if result is None:
+                    self._refuse(d, _fill_context(AuthFailed("authentication failed"), r))
+                else:
+                    opened.append((d, r, result))
+        if opened:
+            await self._claim(opened)
+
+    def _session(self, sid: str, raw: bytes | None) -> Session | None:
+        if raw is None:
+            return None
+        try:
+            return self.sessions.open(sid, raw, self.master_keys)
         except DecryptError:
             # No traceback: it would carry the crypto library's text.
-            log.error("session_record_invalid", alarm="tamper")  # noqa: TRY400
-            raise SessionInvalid("the session record failed to open") from None
-        if session.expired(self.clock()):
-            raise SessionInvalid("the session has expired")
-        if request.alg == ALG_RSA:
-            if len(request.encrypted_aes_key or b"") != session.wrapped_key_size:
-                raise Malformed("encryptedAesKey is not the session modulus size")
-            opened = await anyio.to_thread.run_sync(_open, request, session.private_key, None)
-        else:
-            opened = _open(request, None, session.ks)
-        if not await self._claim_mid(d, request):
-            return
-        outcome = await self._dispatch(d, request, opened.plaintext)
-        reply = messages.seal_reply(request, opened.reply_key, outcome.status, outcome.plaintext)
-        await self._finish(d, request, reply, outcome)
+            log.error("session_record_invalid", alarm="tamper", session_id=sid)  # noqa: TRY400
+            return None
+
+    def _seen_ttl(self, request: wire.Request, now: int) -> int:
+        # The record outlives the window (a copy stays a replay until it is stale)
+        # and the handler's every attempt (the reply is added only while it lives).
+        return max(
+            request.ts + self.settings.replay_window_ms + _SEEN_MARGIN_MS - now,
+            self.dispatcher.budget_ms(request.type) + _SEEN_MARGIN_MS,
+        )
+
+    async def _claim(self, batch: list[tuple[Delivery, wire.Request, messages.Opened]]) -> None:
+        """Set the replay records (after authentication: a forgery cannot burn a mid)."""
+        now = self.clock()
+        claims = [
+            Claim(sid=r.sid, mid=r.mid, owner=d.owner, ttl_ms=self._seen_ttl(r, now))
+            for d, r, _ in batch
+        ]
+        prevs = await self.retry(lambda: self.store.claim(claims))
+        send = self._jobs[0]
+        for (d, r, o), claim, prev in zip(batch, claims, prevs, strict=True):
+            try:
+                if not self._claimed(d, prev):
+                    continue
+            except ProtocolError as exc:
+                self._refuse(d, _fill_context(exc, r))
+                continue
+            send.send_nowait(
+                _Job(
+                    delivery=d,
+                    request=r,
+                    plaintext=o.plaintext,
+                    reply_key=o.reply_key,
+                    seen_ttl_ms=claim.ttl_ms,
+                )
+            )
+
+    def _claimed(self, d: Delivery, prev: str | None) -> bool:
+        """Whether to run the entry given its record's previous value; Replay if not ours."""
+        if prev is None:
+            return True
+        if prev == d.owner:
+            log.info("redelivery", entry_id=d.entry.id, shard=d.shard)
+            return True
+        if prev == d.owner + "|done":
+            log.info("redelivery_already_answered", entry_id=d.entry.id, shard=d.shard)
+            self.stats.redelivered_done += 1
+            self.metrics.redelivered_done.inc()
+            self._write(_Pending(delivery=d, write=AckWrite(shard=d.shard, entry_id=d.entry.id)))
+            return False
+        raise Replay("the mid was already used by another entry")
+
+    # -- handlers ----------------------------------------------------------------------
+
+    async def _handler_loop(self) -> None:
+        async for job in self._jobs[1]:
+            try:
+                await self._run(job)
+            except Exception:
+                # A bug, not bad input: keep serving; the entry stays pending and is
+                # reclaimed (and eventually dead-lettered by the delivery limit).
+                log.exception("entry_failed", entry_id=job.delivery.entry.id)
+                self.tracker.done(job.delivery)
+
+    async def _run(self, job: _Job) -> None:
+        d, r = job.delivery, job.request
+        ctx = Context(
+            session_id=r.sid,
+            message_id=r.mid,
+            type=r.type,
+            ts=r.ts,
+            entry_id=d.entry.id,
+            attempt=1,
+        )
+        outcome = await self.dispatcher.run(ctx, r.field, job.plaintext)
+        self._reply(d, r, job.reply_key, outcome, seen_ttl_ms=job.seen_ttl_ms)
+
+    def _reply(
+        self,
+        d: Delivery,
+        r: wire.Request,
+        reply_key: bytes,
+        outcome: Outcome,
+        *,
+        seen_ttl_ms: int,
+        session: Session | None = None,
+    ) -> None:
+        """Seal the reply and queue it, with its dead letter first (a crash between the
+        two cannot happen: they are one atomic step)."""
+        reply = messages.seal_reply(r, reply_key, outcome.status, outcome.plaintext)
+        letter = None
+        if outcome.dead_letter is not None:
+            letter = self._letter(d, outcome.dead_letter, request=r)
+        write = ReplyWrite(
+            shard=d.shard,
+            entry_id=d.entry.id,
+            sid=r.sid,
+            mid=r.mid,
+            owner=d.owner,
+            entry=wire.encode_reply(reply),
+            seen_ttl_ms=seen_ttl_ms,
+            letter=letter,
+            session_record=seal_record(session, self.master_keys.active) if session else None,
+            session_expires_at_ms=session.expires if session else None,
+        )
+        self._write(_Pending(delivery=d, write=write, request=r, outcome=outcome))
+
+    # -- handshakes --------------------------------------------------------------------
+
+    async def _handshake_loop(self) -> None:
+        async for d, request in self._handshakes[1]:
+            try:
+                await self._handshake(d, request)
+            except ProtocolError as exc:
+                self._refuse(d, _fill_context(exc, request))
+            except Exception:
+                log.exception("entry_failed", entry_id=d.entry.id)
+                self.tracker.done(d)
 
     async def _handshake(self, d: Delivery, request: wire.Request) -> None:
         service = self.service_keys.get(request.kid or "")
@@ -213,20 +445,32 @@ class Processor:
             raise AuthFailed("unknown kid")
         if len(request.encrypted_aes_key or b"") != service.wrapped_key_size:
             raise Malformed("encryptedAesKey is not the service modulus size")
-        opened = await anyio.to_thread.run_sync(_open, request, service.private_key, None)
-        if not await self._claim_mid(d, request):
+        opened = await anyio.to_thread.run_sync(
+            _open, request, service.private_key, None, limiter=self._lane
+        )
+        claim = Claim(
+            sid=request.sid,
+            mid=request.mid,
+            owner=d.owner,
+            ttl_ms=self._seen_ttl(request, self.clock()),
+        )
+        (prev,) = await self.retry(lambda: self.store.claim([claim]))
+        if not self._claimed(d, prev):
             return
         if await self.retry(lambda: self.store.session_exists(request.sid)):
             raise SessionExists("a session already exists for this sid")
         try:
-            ec, ttl = _handshake_payload(wire.loads(opened.plaintext, request.field), request.field)
+            ec, ttl = _handshake_payload(
+                wire.loads(opened.plaintext, request.field),
+                request.field,
+                self.settings.session_max_ttl_s,
+            )
             ew_private, ew = x25519_keypair()
             shared = x25519_shared(ew_private, ec)
         except (wire.DecodeError, BadPayload, ValueError) as exc:
             message = exc.message if isinstance(exc, BadPayload) else "invalid handshake payload"
-            outcome = _error("bad_payload", message, request.field)
-            reply = messages.seal_reply(request, opened.reply_key, "error", outcome.plaintext)
-            await self._finish(d, request, reply, outcome)
+            outcome = error("bad_payload", message, request.field)
+            self._reply(d, request, opened.reply_key, outcome, seen_ttl_ms=claim.ttl_ms)
             return
         ks = handshake_session_key(
             kb=opened.reply_key,
@@ -235,14 +479,14 @@ class Processor:
             client_ephemeral=ec,
             worker_ephemeral=ew,
         )
-        session = await anyio.to_thread.run_sync(
-            lambda: new_session(
-                request.sid,
-                ks=ks,
-                now_ms=self.clock(),
-                ttl_s=ttl,
-                bits=self.settings.session_key_bits,
-            )
+        key: rsa.RSAPrivateKey = await self.keys.take()
+        session = new_session(
+            request.sid,
+            ks=ks,
+            now_ms=self.clock(),
+            ttl_s=ttl,
+            max_ttl_s=self.settings.session_max_ttl_s,
+            private_key=key,
         )
         body = {
             "sessionId": request.sid,
@@ -251,186 +495,131 @@ class Processor:
             "expiresAt": session.expires,
         }
         outcome = Outcome(status="ok", plaintext=wire.dumps(body, request.field))
-        reply = messages.seal_reply(request, opened.reply_key, "ok", outcome.plaintext)
-        await self._finish(d, request, reply, outcome, session=session)
-
-    # -- steps -----------------------------------------------------------------------
-
-    async def _claim_mid(self, d: Delivery, request: wire.Request) -> bool:
-        """Set the replay record; False when this entry was already answered."""
-        now = self.clock()
-        # The record must outlive the handler's every attempt: the reply is added
-        # only while it is still this entry's.
-        spec = self.app.get(request.type)
-        budget_ms = 0 if spec is None else self._timeout_s(spec) * (spec.retries + 1) * 1000
-        ttl = max(
-            request.ts + self.settings.replay_window_ms + _SEEN_MARGIN_MS - now,
-            _SEEN_MIN_MS,
-            math.ceil(budget_ms) + _SEEN_MARGIN_MS,
+        self._reply(
+            d, request, opened.reply_key, outcome, seen_ttl_ms=claim.ttl_ms, session=session
         )
-        prev = await self.retry(
-            lambda: self.store.mark_seen(request.sid, request.mid, d.entry.id, ttl_ms=ttl)
-        )
-        if prev is None:
-            return True
-        owner, _, state = prev.partition("|")
-        if owner != d.entry.id:
-            raise Replay("the mid was already used by another entry")
-        if state == "done":
-            log.info("redelivery_already_answered")
-            self.stats.redelivered_done += 1
-            self.metrics.redelivered_done.inc()
-            await self.retry(lambda: self.store.ack(d.shard, d.entry.id))
-            return False
-        log.info("redelivery")
-        return True
 
-    def _timeout_s(self, spec: HandlerSpec) -> float:
-        return spec.timeout_s if spec.timeout_s is not None else self.settings.handler_timeout_s
+    # -- refusals and writes -----------------------------------------------------------
 
-    async def _dispatch(self, d: Delivery, request: wire.Request, plaintext: bytes) -> Outcome:
-        field = request.field
-        spec = self.app.get(request.type)
-        if spec is None:
-            return _error("unknown_type", f"no handler for type {request.type!r}", field)
-        try:
-            payload = wire.loads(plaintext, field)
-        except wire.DecodeError:
-            return _error("bad_payload", "the payload is not a single strict value", field)
-        timeout = self._timeout_s(spec)
-        outcome = _error("handler_error", "the handler failed", field, dead_letter="handler_error")
-        for attempt in range(1, spec.retries + 2):
-            ctx = Context(
-                session_id=request.sid,
-                message_id=request.mid,
-                type=request.type,
-                ts=request.ts,
-                entry_id=d.entry.id,
-                attempt=attempt,
-            )
-            started = time.perf_counter()
-            try:
-                with anyio.fail_after(timeout):
-                    try:
-                        result = await _call(spec, payload, ctx)
-                    finally:
-                        self.metrics.handler_seconds.labels(type=spec.name).observe(
-                            time.perf_counter() - started
-                        )
-            except BadPayload as exc:
-                return _error("bad_payload", exc.message, field)
-            except TimeoutError:
-                log.warning("handler_timeout", attempt=attempt, timeout_s=timeout)
-                outcome = _error(
-                    "timeout",
-                    f"the handler timed out after {timeout:g} s",
-                    field,
-                    dead_letter="timeout",
-                )
-                continue
-            except Exception as exc:
-                # The exception text may quote the payload: log its type only.
-                error_type = str(exc) if isinstance(exc, HandlerEscaped) else type(exc).__name__
-                log.warning("handler_failed", attempt=attempt, error_type=error_type)
-                outcome = _error(
-                    "handler_error", "the handler failed", field, dead_letter="handler_error"
-                )
-                continue
-            try:
-                body = wire.dumps(result, field)
-            except (TypeError, ValueError, OverflowError):
-                log.warning("handler_result_unencodable", encoding=field)
-                return _error(
-                    "handler_error",
-                    "the handler's result cannot be encoded",
-                    field,
-                    dead_letter="handler_error",
-                )
-            log.debug("handler_done", ms=round((time.perf_counter() - started) * 1000, 2))
-            return Outcome(status="ok", plaintext=body)
-        return outcome
-
-    async def _finish(
-        self,
-        d: Delivery,
-        request: wire.Request,
-        reply: wire.Reply,
-        outcome: Outcome,
-        *,
-        session: Session | None = None,
-    ) -> None:
-        """Dead-letter, write the reply atomically with the replay record, then XACK.
-
-        The dead letter goes first: a crash before the reply then repeats it on the
-        redelivery instead of losing it (the reply marks the record ``done``).
-        """
-        record = seal_record(session, self.master_keys.active) if session is not None else None
-        entry = wire.encode_reply(reply)
-        if outcome.dead_letter is not None:
-            letter = self._dead_letter_fields(d, outcome.dead_letter, request)
-            await self.retry(lambda: self.store.dead_letter(letter))
-        written = await self.retry(
-            lambda: self.store.add_reply(
-                request.sid,
-                request.mid,
-                d.entry.id,
-                entry,
-                fallback_ttl_ms=2 * self.settings.replay_window_ms,
-                seen_ttl_ms=_SEEN_MIN_MS,
-                session_record=record,
-                session_expires_at_ms=session.expires if session is not None else None,
-            )
-        )
-        if written == -1:
-            raise SessionExists("a session already exists for this sid")
-        if written == 0:
-            log.info("reply_already_written")
-            await self.retry(lambda: self.store.ack(d.shard, d.entry.id))
-            return
-        await self.retry(lambda: self.store.ack(d.shard, d.entry.id))
-        known = request.is_handshake or self.app.get(request.type) is not None
-        self.metrics.requests.labels(
-            type=request.type if known else "unknown", status=outcome.status
-        ).inc()
-        if outcome.status == "ok":
-            self.stats.ok += 1
-            log.info("request_done", status="ok", attempts=d.attempts)
-        else:
-            self.stats.error += 1
-            log.info("request_done", status="error", code=outcome.code, attempts=d.attempts)
-
-    async def _refuse(self, d: Delivery, exc: ProtocolError) -> None:
-        """Notice (when ids are well formed), dead letter, XACK. Logged, never raised."""
+    def _refuse(self, d: Delivery, exc: ProtocolError) -> None:
+        """Queue the notice (when ids are well formed), the dead letter and the XACK."""
+        notice = None
         if exc.session_id and exc.message_id and exc.field in wire.FIELDS:
             field: wire.Field = "e" if exc.field == "e" else "j"
             note = messages.notice(
                 field=field, sid=exc.session_id, mid=exc.message_id, code=exc.notice, alg=exc.alg
             )
-            sid, entry = exc.session_id, wire.encode_reply(note)
-            await self.retry(
-                lambda: self.store.add_notice(
-                    sid, entry, fallback_ttl_ms=2 * self.settings.replay_window_ms
-                )
+            notice = wire.encode_reply(note)
+        write = RefusalWrite(
+            shard=d.shard,
+            entry_id=d.entry.id,
+            letter=self._letter(d, exc.reason, exc=exc),
+            sid=exc.session_id if notice else None,
+            notice=notice,
+        )
+        self._write(_Pending(delivery=d, write=write, refusal=exc))
+
+    def _write(self, pending: _Pending) -> None:
+        self._writes[0].send_nowait(pending)
+
+    async def _write_loop(self) -> None:
+        recv = self._writes[1]
+        while True:
+            batch = [await recv.receive()]
+            while len(batch) < _WRITE_BATCH:
+                try:
+                    batch.append(recv.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            statuses = await self._finish(batch)
+            for pending, status in zip(batch, statuses, strict=True):
+                self._written(pending, status)
+
+    async def _finish(self, batch: list[_Pending]) -> list[int | None]:
+        """One script call for the batch; a call Redis refuses is split to find the cause."""
+        try:
+            statuses: list[int | None] = list(
+                await self.retry(lambda: self.store.finish([p.write for p in batch]))
             )
-        letter = self._dead_letter_fields(d, exc.reason, None, exc)
-        await self.retry(lambda: self.store.dead_letter(letter))
-        await self.retry(lambda: self.store.ack(d.shard, d.entry.id))
-        self.stats.refused += 1
-        self.metrics.refused.labels(reason=exc.reason).inc()
-        log.warning(
-            "request_refused",
-            reason=exc.reason,
-            notice=exc.notice,
-            detail=exc.detail,
-            session_id=exc.session_id,
-            message_id=exc.message_id,
+            return statuses
+        except ResponseError:
+            if len(batch) > 1:
+                half = len(batch) // 2
+                return [*await self._finish(batch[:half]), *await self._finish(batch[half:])]
+            d = batch[0].delivery
+            log.error("write_refused", entry_id=d.entry.id, shard=d.shard)  # noqa: TRY400
+            # Acknowledged all the same: it must not stay pending (blocking trims) forever.
+            try:
+                await self.retry(lambda: self.store.ack(d.shard, d.entry.id))
+            except ResponseError:
+                pass
+            return [None]
+
+    def _written(self, p: _Pending, status: int | None) -> None:
+        d, w = p.delivery, p.write
+        if isinstance(w, ReplyWrite) and p.request is not None and p.outcome is not None:
+            r = p.request
+            if status == -1:
+                self._refuse(d, _fill_context(SessionExists("a session already exists"), r))
+                return
+            if status == -2:
+                log.error("reply_unanswerable", session_id=r.sid, message_id=r.mid)
+                letter = self._letter(d, "unanswerable", request=r)
+                write = RefusalWrite(shard=d.shard, entry_id=d.entry.id, letter=letter)
+                self._write(_Pending(delivery=d, write=write))
+                return
+            if status == -3:
+                log.error("dead_letter_refused", session_id=r.sid, message_id=r.mid)
+            elif status == 0:
+                log.info("reply_already_written", session_id=r.sid, message_id=r.mid)
+            elif status == 1:
+                self._count_reply(d, r, p.outcome)
+        elif isinstance(w, RefusalWrite) and p.refusal is not None:
+            exc = p.refusal
+            self.stats.refused += 1
+            self.metrics.refused.labels(reason=exc.reason).inc()
+            if exc.type == HANDSHAKE_TYPE:
+                self.metrics.handshakes.labels(outcome=exc.reason).inc()
+            log.warning(
+                "request_refused",
+                reason=exc.reason,
+                notice=exc.notice,
+                detail=exc.detail[:_DETAIL_MAX],
+                session_id=exc.session_id,
+                message_id=exc.message_id,
+                entry_id=d.entry.id,
+                shard=d.shard,
+                write_failed=status if status not in (1, None) else None,
+            )
+        self.tracker.done(d)
+
+    def _count_reply(self, d: Delivery, r: wire.Request, outcome: Outcome) -> None:
+        known = r.is_handshake or self.app.get(r.type) is not None
+        self.metrics.requests.labels(
+            type=r.type if known else "unknown", status=outcome.status
+        ).inc()
+        if r.is_handshake:
+            self.metrics.handshakes.labels(outcome=outcome.code or outcome.status).inc()
+        if outcome.status == "ok":
+            self.stats.ok += 1
+        else:
+            self.stats.error += 1
+        log.info(
+            "request_done",
+            status=outcome.status,
+            code=outcome.code,
+            attempts=d.attempts,
+            session_id=r.sid,
+            message_id=r.mid,
+            type=r.type,
         )
 
-    def _dead_letter_fields(
+    def _letter(
         self,
         d: Delivery,
         reason: str,
-        request: wire.Request | None,
+        *,
+        request: wire.Request | None = None,
         exc: ProtocolError | None = None,
     ) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -445,11 +634,15 @@ class Processor:
             if value:
                 fields[name] = value
         fields.update(attempts=d.attempts, at=self.clock(), worker=self.consumer)
-        field = wire.entry_field(d.entry.fields)
-        if (exc is None or exc.keep_original) and field is not None:
-            fields[field] = d.entry.fields[field.encode()]
+        entry_field = wire.entry_field(d.entry.fields)
+        size = wire.entry_size(d.entry.fields)
+        keep = exc is None or exc.keep_original
+        # A refusal never stores more than the copy limit: a flood of large
+        # forgeries stays small in the dead-letter stream.
+        if keep and entry_field is not None and size <= self.settings.dlq_copy_max:
+            fields[entry_field] = d.entry.fields[entry_field.encode()]
         else:
-            fields["size"] = wire.entry_size(d.entry.fields)
+            fields["size"] = size
         return fields
 
 
@@ -472,48 +665,20 @@ def _open(request: wire.Request, private_key: Any, ks: bytes | None) -> messages
         raise AuthFailed("authentication failed") from None
 
 
-async def _call(spec: HandlerSpec, payload: Any, ctx: Context) -> Any:
-    """Run the handler; what it raises is its own failure, never the worker's.
-
-    ``SystemExit``/``KeyboardInterrupt`` raised by handler code, and a cancellation
-    that nobody asked of this task (a handler awaiting a future someone cancelled),
-    would otherwise stop the whole worker; they become :class:`HandlerEscaped`
-    (a ``handler_error``). A real cancellation (timeout, shutdown) goes through.
-    """
-    if spec.convert is not None:
-        payload = spec.convert(payload)  # BadPayload when it does not fit
-    args = (payload, ctx) if spec.takes_context else (payload,)
-    try:
-        if spec.is_async:
-            return to_value(await spec.fn(*args))
-        return to_value(
-            await anyio.to_thread.run_sync(lambda: spec.fn(*args), abandon_on_cancel=True)
-        )
-    except (SystemExit, KeyboardInterrupt) as exc:
-        raise HandlerEscaped(type(exc).__name__) from None
-    except anyio.get_cancelled_exc_class():
-        if _cancel_requested():
-            raise
-        raise HandlerEscaped("CancelledError") from None
+def _open_rsa(
+    chunk: list[tuple[Delivery, wire.Request, Session]],
+) -> list[messages.Opened | None]:
+    """RSA unwraps of a chunk, in one thread hop (cryptography releases the GIL)."""
+    out: list[messages.Opened | None] = []
+    for _, request, session in chunk:
+        try:
+            out.append(messages.open_request(request, private_key=session.private_key))
+        except DecryptError:
+            out.append(None)
+    return out
 
 
-def _cancel_requested() -> bool:
-    """Whether this task was asked to cancel (asyncio); elsewhere, assume it was."""
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:
-        return True
-    return task is None or task.cancelling() > 0
-
-
-def _error(
-    code: str, message: str, field: wire.Field, *, dead_letter: str | None = None
-) -> Outcome:
-    body = wire.dumps({"code": code, "message": message}, field)
-    return Outcome(status="error", plaintext=body, dead_letter=dead_letter, code=code)
-
-
-def _handshake_payload(value: Any, field: wire.Field) -> tuple[bytes, int]:
+def _handshake_payload(value: Any, field: wire.Field, max_ttl_s: int) -> tuple[bytes, int]:
     if not isinstance(value, dict) or "clientEphemeral" not in value:
         raise BadPayload("the handshake needs clientEphemeral")
     if not set(value) <= {"clientEphemeral", "ttl"}:
@@ -527,15 +692,16 @@ def _handshake_payload(value: Any, field: wire.Field) -> tuple[bytes, int]:
     ttl = value.get("ttl", DEFAULT_TTL_S)
     if not wire.is_int(ttl):
         raise BadPayload("ttl must be an integer number of seconds")
-    return ec, clamp_ttl(ttl)
+    return ec, clamp_ttl(ttl, max_ttl_s)
 
 
-def _fill_context(exc: ProtocolError, request: wire.Request) -> None:
+def _fill_context(exc: ProtocolError, request: wire.Request) -> ProtocolError:
     exc.session_id = exc.session_id or request.sid
     exc.message_id = exc.message_id or request.mid
     exc.field = exc.field or request.field
     exc.alg = exc.alg or request.alg
     exc.type = exc.type or request.type
+    return exc
 
 
 def _with_context(new: ProtocolError, old: ProtocolError) -> ProtocolError:

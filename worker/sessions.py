@@ -57,21 +57,30 @@ class Session:
         return now_ms >= self.expires
 
 
-def clamp_ttl(ttl_s: int) -> int:
-    """Clamp a requested session lifetime to 60..86400 seconds."""
-    return max(MIN_TTL_S, min(MAX_TTL_S, ttl_s))
+def clamp_ttl(ttl_s: int, max_ttl_s: int = MAX_TTL_S) -> int:
+    """Clamp a requested session lifetime to 60..``max_ttl_s`` (default 86400) seconds."""
+    return max(MIN_TTL_S, min(max_ttl_s, ttl_s))
 
 
 def new_session(
-    sid: str, *, ks: bytes, now_ms: int, ttl_s: int = DEFAULT_TTL_S, bits: int = DEFAULT_KEY_BITS
+    sid: str,
+    *,
+    ks: bytes,
+    now_ms: int,
+    ttl_s: int = DEFAULT_TTL_S,
+    bits: int = DEFAULT_KEY_BITS,
+    max_ttl_s: int = MAX_TTL_S,
+    private_key: rsa.RSAPrivateKey | None = None,
 ) -> Session:
-    """Create a session with a fresh RSA pair (slow: run it off the event loop)."""
+    """Create a session: ``private_key``, or a fresh RSA pair (slow: off the event loop).
+
+    The lifetime is ``ttl_s`` clamped to 60..``max_ttl_s`` seconds.
+    """
     if len(ks) != KEY_SIZE:
         raise ValueError("a session key is 32 bytes")
-    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    return Session(
-        sid=sid, private_key=key, ks=ks, created=now_ms, expires=now_ms + clamp_ttl(ttl_s) * 1000
-    )
+    key = private_key or rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    expires = now_ms + clamp_ttl(ttl_s, max_ttl_s) * 1000
+    return Session(sid=sid, private_key=key, ks=ks, created=now_ms, expires=expires)
 
 
 def _record_aad(sid: str, kek_id: str) -> bytes:

@@ -38,13 +38,17 @@ class Settings:
     shards: int = 1
     concurrency: int = 32
     claim_idle_ms: int = 30_000
-    replay_window_ms: int = 120_000
+    replay_window_ms: int = 900_000
     delivery_limit: int = 10
     handler_timeout_s: float = 60.0
     grace_s: float = 30.0
     max_entry_size: int = 1024 * 1024
     reply_maxlen: int = 1000
     dlq_maxlen: int = 100_000
+    dlq_copy_max: int = 64 * 1024
+    handshake_concurrency: int = 1
+    session_max_ttl_s: int = 86_400
+    prefetch: int | None = None
     session_key_bits: int = 2048
     trim_interval_s: float = 10.0
     burst: bool = False
@@ -74,13 +78,19 @@ class Settings:
             shards=_int(env, "SHARDS", 1, low=1, high=1024),
             concurrency=_int(env, "CONCURRENCY", 32, low=1, high=10_000),
             claim_idle_ms=_int(env, "CLAIM_IDLE_MS", 30_000, low=100),
-            replay_window_ms=_int(env, "REPLAY_WINDOW_MS", 120_000, low=1000),
+            replay_window_ms=_int(env, "REPLAY_WINDOW_MS", 900_000, low=1000),
             delivery_limit=_int(env, "DELIVERY_LIMIT", 10, low=1),
             handler_timeout_s=_float(env, "HANDLER_TIMEOUT_S", 60.0),
             grace_s=_float(env, "GRACE_S", 30.0),
             max_entry_size=_int(env, "MAX_ENTRY_SIZE", 1024 * 1024, low=1024),
             reply_maxlen=_int(env, "REPLY_MAXLEN", 1000, low=1),
             dlq_maxlen=_int(env, "DLQ_MAXLEN", 100_000, low=1),
+            dlq_copy_max=_int(env, "DLQ_COPY_MAX", 64 * 1024, low=0),
+            handshake_concurrency=_int(env, "HANDSHAKE_CONCURRENCY", 1, low=1, high=64),
+            session_max_ttl_s=_int(env, "SESSION_MAX_TTL_S", 86_400, low=60),
+            prefetch=_int(env, "PREFETCH", 0, low=1, high=10_000)
+            if env.get("SEALSTREAM_PREFETCH")
+            else None,
             metrics_port=_int(env, "METRICS_PORT", -1, low=0, high=65535)
             if env.get("SEALSTREAM_METRICS_PORT")
             else None,
@@ -104,6 +114,11 @@ class Settings:
         if not self.prefix or any(c in self.prefix for c in "{} \n"):
             raise ConfigError("SEALSTREAM_PREFIX: must be non-empty, without braces or spaces")
         return self
+
+    @property
+    def in_flight_limit(self) -> int:
+        """Entries a worker holds at once: running handlers plus those read ahead."""
+        return self.concurrency + (self.prefetch if self.prefetch is not None else self.concurrency)
 
     def load_service_key(self) -> ServiceKey:
         """The service key pair from ``service_key_file``."""

@@ -8,7 +8,6 @@ a handshake, the session record is created). Each script touches one slot.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,48 +21,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker.autopipe import AutoPipeline, Queue
+from worker import scripts
 from worker.logging import get_logger
 from worker.names import GROUP, Names
 
 Fields = dict[bytes, bytes]
 T = TypeVar("T")
 log = get_logger("sealstream.redis")
-
-_ADD_REPLY = """
-local cur = redis.call('GET', KEYS[1])
-if not cur then
-  -- The record expired while the handler ran: no other entry holds the mid (a copy
-  -- would hold it, or be stale), so it becomes this entry's again, in this step.
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[6])
-elseif cur ~= ARGV[1] then
-  return 0
-end
-if ARGV[7] then
-  if not redis.call('SET', KEYS[3], ARGV[7], 'NX', 'PXAT', ARGV[8]) then return -1 end
-end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', ARGV[4], ARGV[5])
-local pt = redis.call('PTTL', KEYS[3])
-if pt > 0 then redis.call('PEXPIRE', KEYS[2], pt) else redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
-redis.call('SET', KEYS[1], ARGV[1] .. '|done', 'KEEPTTL')
-return 1
-"""
-
-_ADD_NOTICE = """
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[3], ARGV[4])
-local pt = redis.call('PTTL', KEYS[2])
-if pt > 0 then
-  redis.call('PEXPIRE', KEYS[1], pt)
-elseif redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 1
-"""
-
-
-def _sha(script: str) -> str:
-    return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis names scripts so
-
 
 def connect(url: str, *, name: str | None = None) -> aioredis.Redis:
     """A Redis client for sealstream: bytes replies, keepalive, a short retry.
@@ -116,7 +80,9 @@ class Retrier:
         while True:
             try:
                 result = await op()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+                if isinstance(exc, ResponseError) and not transient(exc):
+                    raise
                 if not self.in_outage:
                     self.in_outage = True
                     if anyio.current_time() - self._recovered_at > self.flap_s:
@@ -137,6 +103,20 @@ class Retrier:
             return result
 
 
+#: Errors a server gives while it cannot take writes for now: waited out like an outage.
+_TRANSIENT = ("OOM", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY ")
+
+
+def transient(exc: ResponseError) -> bool:
+    """Whether Redis refused for now (out of memory, loading, a replica, failing over).
+
+    Any other error (WRONGTYPE, say) is permanent: retrying cannot help, and the
+    worker dead-letters what it was writing instead.
+    """
+    text = str(exc)
+    return text.startswith(_TRANSIENT) or any(f" {t}" in text[:200] for t in _TRANSIENT[:1])
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Entry:
     """A stream entry: its id and raw fields."""
@@ -151,6 +131,69 @@ class Pending:
 
     count: int
     oldest: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Claim:
+    """A replay-record claim: ``owner`` is ``<shard>|<entry id>``."""
+
+    sid: str
+    mid: str
+    owner: str
+    ttl_ms: int
+
+
+Letter = Mapping[str, bytes | str | int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplyWrite:
+    """A reply added iff the replay record is still ``owner``'s, then marked done and acked.
+
+    ``letter`` (a dead letter) is written first; ``session_record`` is created (NX)
+    in the same step (a handshake).
+    """
+
+    shard: int
+    entry_id: str
+    sid: str
+    mid: str
+    owner: str
+    entry: Mapping[str, bytes]
+    seen_ttl_ms: int
+    letter: Letter | None = None
+    session_record: bytes | None = None
+    session_expires_at_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RefusalWrite:
+    """A refusal: a notice to ``sid`` (when given), a dead letter, then XACK."""
+
+    shard: int
+    entry_id: str
+    letter: Letter
+    sid: str | None = None
+    notice: Mapping[str, bytes] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AckWrite:
+    """A bare XACK (a redelivery of an entry already answered)."""
+
+    shard: int
+    entry_id: str
+    letter: Letter | None = None
+
+
+Write = ReplyWrite | RefusalWrite | AckWrite
+
+
+def _flat(letter: Letter) -> list[bytes | str | int]:
+    out: list[bytes | str | int] = []
+    for name, value in letter.items():
+        out += (name, value)
+    return out
 
 
 def _s(value: bytes | str) -> str:
@@ -176,25 +219,22 @@ class Store:
         *,
         reply_maxlen: int = 1000,
         dlq_maxlen: int = 100_000,
-        pipeline: AutoPipeline | None = None,
+        fallback_ttl_ms: int = 1_800_000,
     ) -> None:
         self.redis = client
         self.names = names
         self.reply_maxlen = reply_maxlen
         self.dlq_maxlen = dlq_maxlen
-        self.pipeline = pipeline
+        #: how long a reply stream lives when its sid has no session (2 x window)
+        self.fallback_ttl_ms = fallback_ttl_ms
 
-    async def _one(self, queue: Queue) -> Any:
-        """Run one command: coalesced into the shared pipeline when there is one."""
-        if self.pipeline is not None:
-            return await self.pipeline(queue)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            queue(pipe)
-            return (await pipe.execute())[0]
+    async def _one(self, queue: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Run one command (``queue`` calls it on the client)."""
+        return await queue(self.redis)
 
     async def _script(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA, loading the script first when Redis does not know it (a restart)."""
-        sha = _sha(script)
+        sha = scripts.sha1(script)
         try:
             return await self._one(lambda p: p.evalsha(sha, len(keys), *keys, *args))
         except NoScriptError:
@@ -338,68 +378,69 @@ class Store:
         ok = await self.redis.set(self.names.session(sid), record, nx=True, pxat=expires_at_ms)
         return bool(ok)
 
-    async def mark_seen(self, sid: str, mid: str, entry_id: str, *, ttl_ms: int) -> str | None:
-        """SET the replay record NX; return its previous value (None: this call set it).
+    async def get_sessions(self, sids: Sequence[str]) -> list[bytes | None]:
+        """The sealed session records of ``sids`` (None where there is none), in one MGET."""
+        if not sids:
+            return []
+        keys = [self.names.session(sid) for sid in sids]
+        raw = await self._one(lambda p: p.mget(keys))
+        return [bytes(r) if r is not None else None for r in raw]
 
-        A redelivery (the record holds this entry's id, not done) pushes the record's
-        expiry out to ``ttl_ms`` from now, never in: the re-run needs it as long as
-        the first run did. Retry-safe: a retried call that finds its own entry id
-        sees a redelivery.
+    async def claim(self, claims: Sequence[Claim]) -> list[str | None]:
+        """Set each request's replay record (NX) in one step; return the previous values.
+
+        None: this call set it. ``"!"``: the key holds another type. A record equal
+        to the claim's owner is a redelivery (its expiry is pushed out, never in).
+        Retry-safe: a retried call finds its own owner, as a redelivery does.
         """
-        key = self.names.seen(sid, mid)
-        raw = await self._one(lambda p: p.set(key, entry_id, nx=True, px=ttl_ms, get=True))
-        prev = _s(raw) if raw is not None else None
-        if prev == entry_id:
-            # Rare (redeliveries only), so a second command rather than a script on
-            # every request. The record cannot change hands in between: should it
-            # expire, the reply script sets it again.
-            await self._one(lambda p: p.pexpire(key, ttl_ms, gt=True))
-        return prev
+        if not claims:
+            return []
+        keys = [self.names.seen(c.sid, c.mid) for c in claims]
+        args: list[Any] = []
+        for c in claims:
+            args += (c.owner, c.ttl_ms)
+        raw = await self._script(scripts.CLAIM, keys, args)
+        return [_s(r) if r is not None else None for r in raw]
 
-    async def add_reply(
-        self,
-        sid: str,
-        mid: str,
-        entry_id: str,
-        entry: Mapping[str, bytes],
-        *,
-        fallback_ttl_ms: int,
-        seen_ttl_ms: int,
-        session_record: bytes | None = None,
-        session_expires_at_ms: int | None = None,
-    ) -> int:
-        """Add a reply iff the replay record is still this entry's; mark it done.
+    async def finish(self, items: Sequence[Write]) -> list[int]:
+        """Write replies, notices and dead letters and acknowledge, in one step.
 
-        A record that expired while the handler ran is set again for this entry
-        (``seen_ttl_ms``) in the same step: no other entry holds the mid.
-        With ``session_record`` the session is created (NX) in the same step.
-        Returns 1 when written, 0 when the record is not this entry's (already done,
-        or taken), -1 when the session already exists.
+        See :data:`worker.scripts.FINISH` for what each status means.
         """
-        ((field, payload),) = entry.items()
-        args: list[Any] = [
-            entry_id,
-            self.reply_maxlen,
-            fallback_ttl_ms,
-            field,
-            payload,
-            seen_ttl_ms,
-        ]
-        if session_record is not None:
-            args += [session_record, session_expires_at_ms]
-        keys = [self.names.seen(sid, mid), self.names.reply_stream(sid), self.names.session(sid)]
-        return int(await self._script(_ADD_REPLY, keys, args))
-
-    async def add_notice(
-        self, sid: str, entry: Mapping[str, bytes], *, fallback_ttl_ms: int
-    ) -> None:
-        """Add a ``rejected`` notice to the sid's reply stream."""
-        ((field, payload),) = entry.items()
-        await self._script(
-            _ADD_NOTICE,
-            [self.names.reply_stream(sid), self.names.session(sid)],
-            [self.reply_maxlen, fallback_ttl_ms, field, payload],
-        )
+        if not items:
+            return []
+        n = self.names
+        keys: list[str] = []
+        args: list[Any] = [self.reply_maxlen, self.fallback_ttl_ms, self.dlq_maxlen, GROUP]
+        for item in items:
+            stream = n.request_stream(item.shard)
+            letter = _flat(item.letter) if item.letter else []
+            if isinstance(item, ReplyWrite):
+                keys += (n.seen(item.sid, item.mid), n.reply_stream(item.sid))
+                keys += (n.session(item.sid), stream)
+                ((field, payload),) = item.entry.items()
+                args += ("R", item.entry_id, item.owner, field, payload, item.seen_ttl_ms)
+                args += (item.session_record or b"", item.session_expires_at_ms or 0)
+                args.append(len(letter) // 2)
+                if letter:
+                    keys.append(n.dlq)
+                    args += letter
+            elif isinstance(item, RefusalWrite):
+                args += ("N", item.entry_id)
+                if item.sid is not None and item.notice is not None:
+                    ((field, payload),) = item.notice.items()
+                    keys += (n.reply_stream(item.sid), n.session(item.sid))
+                    args += ("1", field, payload)
+                else:
+                    args.append("0")
+                keys += (n.dlq, stream)
+                args.append(len(letter) // 2)
+                args += letter
+            else:
+                keys.append(stream)
+                args += ("A", item.entry_id)
+        raw = await self._script(scripts.FINISH, keys, args)
+        return [int(r) for r in raw]
 
     async def dead_letter(self, fields: Mapping[str, bytes | str | int]) -> None:
         """Add a dead letter to ``P:dlq``."""

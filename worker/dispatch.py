@@ -1,0 +1,182 @@
+"""Running a request's handler: payload decoding, time limit, retries, the outcome.
+
+Pure of Redis: takes an authenticated plaintext, returns an :class:`Outcome` (a
+status, the reply plaintext, maybe a dead-letter reason). Nothing here raises for
+what a handler does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from worker import wire
+from worker.errors import BadPayload, HandlerEscaped
+from worker.handlers import App, Context, HandlerSpec
+from worker.logging import get_logger
+from worker.metrics import Metrics
+from worker.payloads import to_value
+
+log = get_logger("sealstream.worker")
+#: Plaintexts larger than this are decoded in a thread, off the event loop.
+LARGE_PLAINTEXT = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """What a dispatched request ends in: a status, its plaintext, maybe a dead letter."""
+
+    status: str
+    plaintext: bytes
+    dead_letter: str | None = None
+    code: str | None = None
+
+
+def error(code: str, message: str, field: wire.Field, *, dead_letter: str | None = None) -> Outcome:
+    """An ``error`` outcome with ``{code, message}``."""
+    body = wire.dumps({"code": code, "message": message}, field)
+    return Outcome(status="error", plaintext=body, dead_letter=dead_letter, code=code)
+
+
+class Dispatcher:
+    """Runs handlers of an :class:`App` with the worker's time limits and retries."""
+
+    def __init__(self, app: App, *, default_timeout_s: float, metrics: Metrics) -> None:
+        self.app = app
+        self.default_timeout_s = default_timeout_s
+        self.metrics = metrics
+        self._decode_lane = anyio.CapacityLimiter(1)
+
+    def timeout_s(self, spec: HandlerSpec) -> float:
+        """The handler's time limit per attempt."""
+        return spec.timeout_s if spec.timeout_s is not None else self.default_timeout_s
+
+    def budget_ms(self, type_: str) -> int:
+        """The longest a request of ``type_`` may run: its timeout x attempts (ms)."""
+        spec = self.app.get(type_)
+        if spec is None:
+            return 0
+        return int(self.timeout_s(spec) * (spec.retries + 1) * 1000)
+
+    async def run(self, ctx: Context, field: wire.Field, plaintext: bytes) -> Outcome:
+        """Decode the payload and run the handler for ``ctx.type``; never raises for it."""
+        spec = self.app.get(ctx.type)
+        if spec is None:
+            return error("unknown_type", f"no handler for type {ctx.type!r}", field)
+        try:
+            if len(plaintext) > LARGE_PLAINTEXT:
+                # Bounded, but a large decode still takes milliseconds: off the loop.
+                payload = await anyio.to_thread.run_sync(
+                    wire.loads, plaintext, field, limiter=self._decode_lane
+                )
+            else:
+                payload = wire.loads(plaintext, field)
+        except wire.DecodeError:
+            return error("bad_payload", "the payload is not a single strict value", field)
+        timeout = self.timeout_s(spec)
+        outcome = error("handler_error", "the handler failed", field, dead_letter="handler_error")
+        for attempt in range(1, spec.retries + 2):
+            started = time.perf_counter()
+            try:
+                with anyio.fail_after(timeout):
+                    try:
+                        result = await _call(spec, payload, _attempt(ctx, attempt))
+                    finally:
+                        self.metrics.handler_seconds.labels(type=spec.name).observe(
+                            time.perf_counter() - started
+                        )
+            except BadPayload as exc:
+                return error("bad_payload", exc.message, field)
+            except TimeoutError:
+                log.warning(
+                    "handler_timeout",
+                    attempt=attempt,
+                    timeout_s=timeout,
+                    session_id=ctx.session_id,
+                    message_id=ctx.message_id,
+                )
+                outcome = error(
+                    "timeout",
+                    f"the handler timed out after {timeout:g} s",
+                    field,
+                    dead_letter="timeout",
+                )
+                continue
+            except Exception as exc:
+                # The exception text may quote the payload: log its type only.
+                error_type = str(exc) if isinstance(exc, HandlerEscaped) else type(exc).__name__
+                log.warning(
+                    "handler_failed",
+                    attempt=attempt,
+                    error_type=error_type,
+                    session_id=ctx.session_id,
+                    message_id=ctx.message_id,
+                )
+                outcome = error(
+                    "handler_error", "the handler failed", field, dead_letter="handler_error"
+                )
+                continue
+            try:
+                body = wire.dumps(result, field)
+            except (TypeError, ValueError, OverflowError):
+                log.warning("handler_result_unencodable", encoding=field, message_id=ctx.message_id)
+                return error(
+                    "handler_error",
+                    "the handler's result cannot be encoded",
+                    field,
+                    dead_letter="handler_error",
+                )
+            log.debug("handler_done", ms=round((time.perf_counter() - started) * 1000, 2))
+            return Outcome(status="ok", plaintext=body)
+        return outcome
+
+
+def _attempt(ctx: Context, attempt: int) -> Context:
+    if ctx.attempt == attempt:
+        return ctx
+    return Context(
+        session_id=ctx.session_id,
+        message_id=ctx.message_id,
+        type=ctx.type,
+        ts=ctx.ts,
+        entry_id=ctx.entry_id,
+        attempt=attempt,
+    )
+
+
+async def _call(spec: HandlerSpec, payload: Any, ctx: Context) -> Any:
+    """Run the handler; what it raises is its own failure, never the worker's.
+
+    ``SystemExit``/``KeyboardInterrupt`` raised by handler code, and a cancellation
+    that nobody asked of this task (a handler awaiting a future someone cancelled),
+    would otherwise stop the whole worker; they become :class:`HandlerEscaped`
+    (a ``handler_error``). A real cancellation (timeout, shutdown) goes through.
+    """
+    if spec.convert is not None:
+        payload = spec.convert(payload)  # BadPayload when it does not fit
+    args = (payload, ctx) if spec.takes_context else (payload,)
+    try:
+        if spec.is_async:
+            return to_value(await spec.fn(*args))
+        return to_value(
+            await anyio.to_thread.run_sync(lambda: spec.fn(*args), abandon_on_cancel=True)
+        )
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise HandlerEscaped(type(exc).__name__) from None
+    except anyio.get_cancelled_exc_class():
+        if _cancel_requested():
+            raise
+        raise HandlerEscaped("CancelledError") from None
+
+
+def _cancel_requested() -> bool:
+    """Whether this task was asked to cancel (asyncio); elsewhere, assume it was."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return True
+    return task is None or task.cancelling() > 0

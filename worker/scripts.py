@@ -1,0 +1,152 @@
+"""The Lua scripts behind the worker's atomic steps, one script call per batch.
+
+Redis runs a script as one step, so each script below is the protocol's "one script
+or transaction" for every message in it. Per message they use ``redis.pcall``: a key
+holding the wrong type (a poison entry, say ``SET P:{sid}:reply x``) fails that
+message alone, reported in its status, never the batch. Out of memory aborts the
+whole call (the caller retries it like an outage); what ran before the abort is
+safe to run again (a claim finds its own record, a written reply finds ``|done``).
+
+Both scripts name every key in KEYS. On one Redis server a batch spans slots; a
+cluster client sends one call per slot group (see :mod:`worker.streams`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final
+
+CLAIM: Final = """
+-- KEYS[i]: P:{sid}:seen:<mid>; ARGV[2i-1]: "<shard>|<entry id>", ARGV[2i]: ttl (ms).
+-- Per request: false when this call set the record, else its previous value, or
+-- "!" when the key holds another type. A redelivery (the record is this entry's)
+-- pushes the expiry out, never in.
+local out = {}
+for i = 1, #KEYS do
+  local owner, ttl = ARGV[2 * i - 1], ARGV[2 * i]
+  local prev = redis.pcall('SET', KEYS[i], owner, 'NX', 'PX', ttl, 'GET')
+  if type(prev) == 'table' and prev.err then
+    if string.sub(prev.err, 1, 3) == 'OOM' then return redis.error_reply(prev.err) end
+    out[i] = '!'
+  else
+    if prev == owner then redis.pcall('PEXPIRE', KEYS[i], ttl, 'GT') end
+    out[i] = prev
+  end
+end
+return out
+"""
+
+FINISH: Final = """
+-- ARGV[1..4]: reply maxlen, reply-stream ttl without a session (ms), dlq maxlen, group.
+-- Then one item per message, its keys taken from KEYS in order:
+--   R (reply)   keys seen, reply, session, stream[, dlq]
+--               args entry id, owner, field, payload, seen ttl, record, record expiry,
+--               n, then n dead-letter field/value pairs (written first)
+--   N (refusal) keys [reply, session,] dlq, stream
+--               args entry id, notice?, [field, payload,] n, n field/value pairs
+--   A (ack)     keys stream; args entry id
+-- Status per item. R: 1 written, 0 the record is not this entry's (done or taken),
+-- -1 the session already exists (handshake), -2 unanswerable (the reply could not be
+-- added), -3 its dead letter could not be added (nothing written: left pending, so a
+-- redelivery writes both; the delivery limit ends the attempts). N: 1, plus 2 if the
+-- notice failed, plus 4 if the dead letter failed.
+-- Acknowledged: every item but R's -1, -2 (which the caller refuses instead) and -3.
+local maxlen, fallback, dlqlen, group = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local k, a = 1, 5
+local acks, out = {}, {}
+local function failed(r)
+  if type(r) == 'table' and r.err then
+    if string.sub(r.err, 1, 3) == 'OOM' then error(r.err) end
+    return true
+  end
+  return false
+end
+local function key() k = k + 1; return KEYS[k - 1] end
+local function arg() a = a + 1; return ARGV[a - 1] end
+local function ack(stream, id)
+  local ids = acks[stream]
+  if not ids then ids = {}; acks[stream] = ids end
+  ids[#ids + 1] = id
+end
+local function letter(dlq, n)
+  local cmd = {'XADD', dlq, 'MAXLEN', '~', dlqlen, '*'}
+  for _ = 1, 2 * n do cmd[#cmd + 1] = arg() end
+  return not failed(redis.pcall(unpack(cmd)))
+end
+local function expire_with_session(reply, session)
+  local pt = redis.call('PTTL', session)
+  if pt > 0 then redis.pcall('PEXPIRE', reply, pt)
+  elseif redis.call('PTTL', reply) < fallback then redis.pcall('PEXPIRE', reply, fallback) end
+end
+local i = 0
+while a <= #ARGV do
+  i = i + 1
+  local kind = arg()
+  if kind == 'R' then
+    local seen, reply, session, stream = key(), key(), key(), key()
+    local id, owner, field, payload, ttl = arg(), arg(), arg(), arg(), arg()
+    local record, expiry, n = arg(), arg(), tonumber(arg())
+    local status = 1
+    local cur = nil
+    if n > 0 and not letter(key(), n) then
+      status = -3
+    else
+      cur = redis.pcall('GET', seen)
+    end
+    if status == -3 then
+      -- Not answered: the redelivery writes the dead letter (the delivery limit ends it).
+    elseif failed(cur) then
+      status = -2
+    elseif cur and cur ~= owner then
+      status = 0
+    else
+      if not cur then
+        -- The record expired while the handler ran: no other entry holds the mid
+        -- (a copy would hold it, or be stale by now), so it is this entry's again.
+        redis.pcall('SET', seen, owner, 'PX', ttl)
+      end
+      if record ~= '' then
+        local made = redis.pcall('SET', session, record, 'NX', 'PXAT', expiry)
+        if failed(made) then status = -2 elseif not made then status = -1 end
+      end
+      if status == 1 then
+        if failed(redis.pcall('XADD', reply, 'MAXLEN', '~', maxlen, '*', field, payload)) then
+          status = -2
+        else
+          expire_with_session(reply, session)
+          redis.pcall('SET', seen, owner .. '|done', 'KEEPTTL')
+        end
+      end
+    end
+    if status >= 0 then ack(stream, id) end
+    out[i] = status
+  elseif kind == 'N' then
+    local id, notice = arg(), arg()
+    local status = 1
+    if notice == '1' then
+      local reply, session = key(), key()
+      local field, payload = arg(), arg()
+      if failed(redis.pcall('XADD', reply, 'MAXLEN', '~', maxlen, '*', field, payload)) then
+        status = status + 2
+      else
+        expire_with_session(reply, session)
+      end
+    end
+    local dlq, stream = key(), key()
+    if not letter(dlq, tonumber(arg())) then status = status + 4 end
+    ack(stream, id)
+    out[i] = status
+  else
+    local stream = key()
+    ack(stream, arg())
+    out[i] = 1
+  end
+end
+for stream, ids in pairs(acks) do redis.pcall('XACK', stream, group, unpack(ids)) end
+return out
+"""
+
+
+def sha1(script: str) -> str:
+    """The name Redis gives a script (EVALSHA)."""
+    return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis names scripts so
