@@ -50,6 +50,7 @@ class Dispatcher:
         self.default_timeout_s = default_timeout_s
         self.metrics = metrics
         self._decode_lane = anyio.CapacityLimiter(1)
+        self._timers: dict[str, Any] = {}
 
     def timeout_s(self, spec: HandlerSpec) -> float:
         """The handler's time limit per attempt."""
@@ -78,17 +79,21 @@ class Dispatcher:
         except wire.DecodeError:
             return error("bad_payload", "the payload is not a single strict value", field)
         timeout = self.timeout_s(spec)
+        timer = self._timers.get(spec.name)
+        if timer is None:
+            timer = self._timers[spec.name] = self.metrics.handler_seconds.labels(type=spec.name)
         outcome = error("handler_error", "the handler failed", field, dead_letter="handler_error")
         for attempt in range(1, spec.retries + 2):
             started = time.perf_counter()
             try:
-                with anyio.fail_after(timeout):
+                # A bare cancel scope: fail_after's generator costs more than the echo.
+                with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
                     try:
                         result = await _call(spec, payload, _attempt(ctx, attempt))
                     finally:
-                        self.metrics.handler_seconds.labels(type=spec.name).observe(
-                            time.perf_counter() - started
-                        )
+                        timer.observe(time.perf_counter() - started)
+                if scope.cancelled_caught:
+                    raise TimeoutError
             except BadPayload as exc:
                 return error("bad_payload", exc.message, field)
             except TimeoutError:

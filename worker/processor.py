@@ -202,6 +202,7 @@ class Processor:
         self.clock = clock
         self.sessions = SessionCache()
         self.stats = Stats()
+        self._counters: dict[tuple[str, str], Any] = {}
         self.dispatcher = Dispatcher(
             app, default_timeout_s=settings.handler_timeout_s, metrics=self.metrics
         )
@@ -375,7 +376,19 @@ class Processor:
     # -- handlers ----------------------------------------------------------------------
 
     async def _handler_loop(self) -> None:
-        async for job in self._jobs[1]:
+        recv = self._jobs[1]
+        tick = time.perf_counter()
+        while True:
+            # Take queued jobs without a checkpoint each; yield to the loop every few ms.
+            try:
+                job = recv.receive_nowait()
+            except anyio.WouldBlock:
+                job = await recv.receive()
+                tick = time.perf_counter()
+            else:
+                if time.perf_counter() - tick > _YIELD_S:
+                    await anyio.lowlevel.checkpoint()
+                    tick = time.perf_counter()
             try:
                 await self._run(job)
             except Exception:
@@ -595,9 +608,11 @@ class Processor:
 
     def _count_reply(self, d: Delivery, r: wire.Request, outcome: Outcome) -> None:
         known = r.is_handshake or self.app.get(r.type) is not None
-        self.metrics.requests.labels(
-            type=r.type if known else "unknown", status=outcome.status
-        ).inc()
+        label = (r.type if known else "unknown", outcome.status)
+        counter = self._counters.get(label)
+        if counter is None:
+            counter = self._counters[label] = self.metrics.requests.labels(*label)
+        counter.inc()
         if r.is_handshake:
             self.metrics.handshakes.labels(outcome=outcome.code or outcome.status).inc()
         if outcome.status == "ok":
