@@ -221,3 +221,21 @@ async def test_sigterm_while_redis_is_unreachable_stops_the_worker(
     assert "worker_stopped_before_start" in text
     assert "redis://***@127.0.0.1" in text
     assert "hunter2" not in text
+
+
+async def test_worker_at_critical_prints_no_info_line(
+    settings: Settings, keys: ThrowawayKeys, tmp_path: Path
+) -> None:
+    """SEALSTREAM_LOG_LEVEL=critical is honoured: a worker's whole run (start, burst
+    drain, stop) prints no debug, info, warning or error line."""
+    env = {
+        **keys.write(tmp_path),
+        "SEALSTREAM_REDIS_URL": settings.redis_url,
+        "SEALSTREAM_PREFIX": settings.prefix,
+        "SEALSTREAM_LOG_FORMAT": "json",
+        "SEALSTREAM_LOG_LEVEL": "critical",
+    }
+    code, out, err = await _run("worker", "--burst", env=env)
+    assert 0 == code, err
+    levels = [json.loads(line)["level"] for line in (out + err).splitlines() if line.strip()]
+    assert [] == [level for level in levels if level != "critical"]
