@@ -46,20 +46,16 @@ from worker.envelope import (
     x25519_keypair,
     x25519_shared,
 )
-from worker.errors import (
-    ConfigError,
-    DecryptError,
-    Malformed,
-    RemoteError,
-    ReplyTimeout,
-    RequestRejected,
-)
+from worker.errors import ConfigError, DecryptError, Malformed, ReplyTimeout
 from worker.keys import load_public_key
 from worker.logging import get_logger
 from worker.names import Names
-from worker.streams import Entry, Retrier, Store, connect
+from worker.replies import Result, batch, copy_refused, resolve
+from worker.streams import Retrier, Store, connect
 
 log = get_logger("sealstream.client")
+
+__all__ = ["MAX_SHARDS", "Client", "ClientSession", "Result", "SessionGrant", "new_id"]
 
 MAX_SHARDS = 1024  # as SEALSTREAM_SHARDS allows
 
@@ -81,37 +77,6 @@ class SessionGrant:
     public_key_pem: str
     session_key: bytes = field(repr=False)
     expires_at: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Result:
-    """A result as :meth:`ClientSession.replies` yields it.
-
-    ``status`` is ``ok``, ``error`` (authenticated, with ``code`` and ``message``),
-    ``rejected`` (a notice, with ``code``) or ``timeout`` (no reply within the
-    ``submit`` timeout).
-    """
-
-    mid: str
-    type: str
-    status: str
-    value: Any = None
-    code: str | None = None
-    message: str | None = None
-
-    def unwrap(self) -> Any:
-        """The value of an ``ok`` result.
-
-        Raises :class:`RemoteError` (``error``), :class:`ReplyTimeout` (``timeout``)
-        or :class:`RequestRejected` (``rejected``).
-        """
-        if self.status == "ok":
-            return self.value
-        if self.status == "error":
-            raise RemoteError(self.code or "", self.message or "", message_id=self.mid)
-        if self.status == "timeout":
-            raise ReplyTimeout("no reply within the submit timeout", message_id=self.mid)
-        raise RequestRejected(self.code or "rejected", message_id=self.mid)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -307,13 +272,13 @@ class Client:
                 read = partial(self.store.read_replies, sid, after=after, block_ms=1000)
                 entries = await self._retry(read)
                 after = entries[-1].id if entries else after
-                for reply in _batch(entries, sid):
-                    if reply.mid != mid or _copy_refused(reply):
+                for reply in batch(entries, sid):
+                    if reply.mid != mid or copy_refused(reply):
                         continue
                     try:
                         # Sealed replies come first in a batch: a notice is used only
                         # when none of them opened.
-                        return _resolve(reply, out, HANDSHAKE_TYPE)
+                        return resolve(reply, out, HANDSHAKE_TYPE)
                     except DecryptError:
                         log.warning("reply_unauthentic", session_id=sid, message_id=mid)
         raise ReplyTimeout("no handshake reply", message_id=mid)
@@ -483,9 +448,9 @@ class ClientSession:
         while True:
             entries = await retry(partial(store.read_replies, self.sid, after=after, block_ms=1000))
             after = entries[-1].id if entries else after
-            for reply in _batch(entries, self.sid):
+            for reply in batch(entries, self.sid):
                 waiter = self._waiters.get(reply.mid)
-                if waiter is None or _copy_refused(reply):
+                if waiter is None or copy_refused(reply):
                     continue
                 # Sealed replies come first in a batch. A notice never replaces a
                 # result; a genuine reply replaces a notice request() has not taken.
@@ -494,7 +459,7 @@ class ClientSession:
                 ):
                     continue
                 try:
-                    result = _resolve(reply, waiter.outgoing, waiter.type)
+                    result = resolve(reply, waiter.outgoing, waiter.type)
                 except DecryptError:
                     log.warning("reply_unauthentic", session_id=self.sid, message_id=reply.mid)
                     continue
@@ -518,53 +483,3 @@ class ClientSession:
             self._deadlines_changed = anyio.Event()
             with anyio.move_on_after(next_due - now):
                 await self._deadlines_changed.wait()
-
-
-def _batch(entries: list[Entry], sid: str) -> list[wire.Reply]:
-    """A batch's well-formed replies for ``sid``, sealed ones before notices.
-
-    Read order otherwise: a notice read in the same batch as the authenticated
-    reply to its ``mid`` (forged, say) is then never the one that counts.
-    """
-    replies = []
-    for entry in entries:
-        try:
-            reply = wire.decode_reply(entry.fields)
-        except Malformed:
-            log.warning("reply_malformed", session_id=sid)
-            continue
-        if reply.sid == sid:
-            replies.append(reply)
-    return sorted(replies, key=lambda r: r.status == "rejected")
-
-
-def _copy_refused(reply: wire.Reply) -> bool:
-    """A ``replay`` notice for a mid we sent once refers to a copy of our entry.
-
-    Our own entry was (or will be) answered, so the notice is no reason to stop
-    waiting: it would otherwise let anyone who can add entries cancel our requests.
-    """
-    return reply.status == "rejected" and reply.code == "replay"
-
-
-def _resolve(reply: wire.Reply, out: messages.Outgoing, type_: str) -> Result:
-    """Authenticate and decode a reply to ``out``; DecryptError if it is not genuine."""
-    mid = out.request.mid
-    if reply.status == "rejected":
-        return Result(mid=mid, type=type_, status="rejected", code=reply.code)
-    plaintext = messages.open_reply(reply, reply_key=out.reply_key, request=out.request)
-    try:
-        value = wire.loads(plaintext, out.request.field)
-    except wire.DecodeError:
-        raise DecryptError("cannot open") from None
-    if reply.status == "error":
-        if not isinstance(value, dict):
-            raise DecryptError("cannot open")
-        return Result(
-            mid=mid,
-            type=type_,
-            status="error",
-            code=str(value.get("code")),
-            message=str(value.get("message")),
-        )
-    return Result(mid=mid, type=type_, status="ok", value=value)
