@@ -49,21 +49,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise group.exceptions[0] from None
             raise
     except ConfigError as exc:
-        _error(f"sealstream: error: {exc}")
+        _error(f"sealstream: error: {exc}", args)
         return 2
     except SealstreamError as exc:
-        _error(f"sealstream: {type(exc).__name__}: {exc}")
+        _error(f"sealstream: {type(exc).__name__}: {exc}", args)
         return 1
     except RedisError as exc:
         url = getattr(args, "redis_url", None) or os.environ.get("SEALSTREAM_REDIS_URL")
         # redis-py's texts name host and port, but are scrubbed all the same.
-        _error(f"sealstream: error: Redis ({_shown(url)}): {type(exc).__name__}: {exc}")
+        _error(f"sealstream: error: Redis ({_shown(url)}): {type(exc).__name__}: {exc}", args)
         return 1
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         # A bug: keep the traceback, without the secrets its texts may quote.
-        _error("".join(traceback.format_exception(exc)).rstrip())
+        _error("".join(traceback.format_exception(exc)).rstrip(), args)
         return 1
 
 
@@ -71,26 +71,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@]*@")
 
 
-def _secrets() -> set[str]:
-    """Secret values given through the environment or argv: Redis passwords, master key."""
+def _secrets(args: argparse.Namespace | None) -> set[str]:
+    """Secrets given by environment or flag: Redis passwords, the master key."""
     found = {os.environ.get("SEALSTREAM_MASTER_KEY", "")}
-    for text in [os.environ.get("SEALSTREAM_REDIS_URL", ""), *sys.argv[1:]]:
-        for userinfo in re.findall(r"://([^\s/]*)@", text):
+    for url in (os.environ.get("SEALSTREAM_REDIS_URL"), getattr(args, "redis_url", None)):
+        # Greedy up to the last "@" before the path: a password may hold an "@".
+        for userinfo in re.findall(r"://([^\s/]*)@", url or ""):
             password = userinfo.partition(":")[2]
             found |= {password, unquote(password)}
     return {s for s in found if len(s) >= 3}  # a 1-char "password" would garble the text
 
 
-def _scrub(text: str) -> str:
-    """``text`` without URL credentials or any secret given on the command line/env."""
+def _scrub(text: str, args: argparse.Namespace | None = None) -> str:
+    """``text`` without URL credentials or any secret given by environment or flag."""
     text = _USERINFO.sub(r"\1***@", text)
-    for secret in sorted(_secrets(), key=len, reverse=True):
+    for secret in sorted(_secrets(args), key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
 
 
-def _error(text: str) -> None:
-    print(_scrub(text), file=sys.stderr)
+def _error(text: str, args: argparse.Namespace) -> None:
+    print(_scrub(text, args), file=sys.stderr)
 
 
 def _shown(url: str | None) -> str:
