@@ -52,8 +52,8 @@ class Result:
 def batch(entries: list[Entry], sid: str) -> list[wire.Reply]:
     """A batch's well-formed replies for ``sid``, sealed ones before notices.
 
-    Read order otherwise: a notice read in the same batch as the authenticated
-    reply to its ``mid`` (forged, say) is then never the one that counts.
+    Otherwise in read order. A notice read in the same batch as the authenticated
+    reply to its ``mid`` (a forgery, say) thus never counts: the reply settles it first.
     """
     replies = []
     for entry in entries:
