@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import sys
@@ -221,3 +222,151 @@ async def test_sigterm_while_redis_is_unreachable_stops_the_worker(
     assert "worker_stopped_before_start" in text
     assert "redis://***@127.0.0.1" in text
     assert "hunter2" not in text
+
+
+async def test_worker_at_critical_prints_no_info_line(
+    settings: Settings, keys: ThrowawayKeys, tmp_path: Path
+) -> None:
+    """SEALSTREAM_LOG_LEVEL=critical is honoured: a worker's whole run (start, burst
+    drain, stop) prints no debug, info, warning or error line."""
+    env = {
+        **keys.write(tmp_path),
+        "SEALSTREAM_REDIS_URL": settings.redis_url,
+        "SEALSTREAM_PREFIX": settings.prefix,
+        "SEALSTREAM_LOG_FORMAT": "json",
+        "SEALSTREAM_LOG_LEVEL": "critical",
+    }
+    code, out, err = await _run("worker", "--burst", env=env)
+    assert 0 == code, err
+    levels = [json.loads(line)["level"] for line in (out + err).splitlines() if line.strip()]
+    assert [] == [level for level in levels if level != "critical"]
+
+
+PASSWORD = "hunter2"
+
+# Every subcommand's error paths, with the planted password in the Redis URL. `{url}`
+# is a Redis URL with user and password on a closed port; `{keys}` adds key files.
+# Add a row for each new subcommand (stats, dlq, session, keys, gateway, ...).
+# (id, argv, extra env, run until this text appears and then SIGTERM it)
+_SECRET_CASES: list[tuple[str, list[str], dict[str, str], str | None]] = [
+    (
+        "worker-refused-env",
+        ["worker"],
+        {"SEALSTREAM_REDIS_URL": "{url}", "{keys}": ""},
+        "redis_unavailable",
+    ),
+    (
+        "worker-refused-flag",
+        ["worker", "--redis-url", "{url}"],
+        {"{keys}": ""},
+        "redis_unavailable",
+    ),
+    ("worker-bad-scheme", ["worker"], {"SEALSTREAM_REDIS_URL": "http://u:hunter2@h/0"}, None),
+    ("worker-bad-port", ["worker", "--redis-url", "redis://u:hunter2@127.0.0.1:x/0"], {}, None),
+    ("worker-bad-query", ["worker", "--redis-url", "{url}?socket_timeout=z"], {}, None),
+    ("worker-missing-keys", ["worker", "--redis-url", "{url}"], {}, None),
+    (
+        "worker-bad-master-key",
+        ["worker"],
+        {"SEALSTREAM_REDIS_URL": "{url}", "{keys}": "", "SEALSTREAM_MASTER_KEY": PASSWORD},
+        None,
+    ),
+    ("worker-bad-flag", ["worker", "--concurrency", "0", "--redis-url", "{url}"], {}, None),
+    ("worker-unknown-flag", ["worker", "a:b", "--bogus", "{url}"], {}, None),
+    (
+        "send-refused-env",
+        ["send", "echo", "{}"],
+        {"SEALSTREAM_REDIS_URL": "{url}", "SEALSTREAM_KID": "0" * 64},
+        None,
+    ),
+    (
+        "send-refused-flag",
+        ["send", "echo", "{}", "--redis-url", "{url}", "--kid", "0" * 64],
+        {},
+        None,
+    ),
+    (
+        "send-unix-socket",
+        ["send", "echo", "{}", "--kid", "0" * 64],
+        {"SEALSTREAM_REDIS_URL": "unix://u:hunter2@/nonexistent/redis.sock"},
+        None,
+    ),
+    ("send-bad-scheme", ["send", "echo", "{}", "--redis-url", "http://u:hunter2@h/0"], {}, None),
+    ("send-no-pin", ["send", "echo", "{}", "--redis-url", "{url}"], {}, None),
+    (
+        "send-bad-json",
+        ["send", "echo", "{nope", "--redis-url", "{url}"],
+        {"SEALSTREAM_KID": "0" * 64},
+        None,
+    ),
+    (
+        "send-bad-timeout",
+        ["send", "echo", "{}", "--timeout", "soon", "--redis-url", "{url}"],
+        {},
+        None,
+    ),
+    ("send-unknown-flag", ["send", "echo", "{}", "extra", "{url}"], {}, None),
+    (
+        "demo-refused",
+        ["demo", "--workers", "1", "--sessions", "1", "--jobs", "1"],
+        {"SEALSTREAM_REDIS_URL": "{url}"},
+        None,
+    ),
+    ("demo-bad-scheme", ["demo"], {"SEALSTREAM_REDIS_URL": "http://u:hunter2@h/0"}, None),
+    ("demo-bad-port", ["demo"], {"SEALSTREAM_REDIS_URL": "redis://u:hunter2@h:x/0"}, None),
+    ("demo-bad-flag", ["demo", "--workers", "0"], {"SEALSTREAM_REDIS_URL": "{url}"}, None),
+    ("no-subcommand", ["--redis-url", "{url}"], {}, None),
+]
+
+
+async def _run_until(argv: list[str], env: dict[str, str], marker: str, log: Path) -> str:
+    """Run until ``marker`` shows in the output, then SIGTERM; return the output."""
+    with log.open("wb") as out:
+        proc = await anyio.open_process(
+            [sys.executable, "-m", "worker", *argv], env=env, stdout=out, stderr=out
+        )
+    try:
+        with anyio.fail_after(30):
+            while marker not in log.read_text():
+                await anyio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(10):
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.aclose()
+    return log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "extra", "until"),
+    [case[1:] for case in _SECRET_CASES],
+    ids=[case[0] for case in _SECRET_CASES],
+)
+async def test_no_subcommand_prints_the_redis_password(
+    tmp_path: Path,
+    keys: ThrowawayKeys,
+    argv: list[str],
+    extra: dict[str, str],
+    until: str | None,
+) -> None:
+    """On its error paths (Redis refused or unreachable, bad URL, bad flags, missing
+    keys) no subcommand prints a credential to the terminal or to a log it writes."""
+    url = f"redis://user:{PASSWORD}@127.0.0.1:{free_port()}/0"  # nothing listens there
+    argv = [a.replace("{url}", url) for a in argv]
+    env = {k: v.replace("{url}", url) for k, v in extra.items() if k != "{keys}"}
+    if "{keys}" in extra:
+        env.update(keys.write(tmp_path / "keys"))
+    env["SEALSTREAM_LOG_FORMAT"] = "json"
+    if until is None:
+        _, out, err = await _run(*argv, env=env)
+        text = out + err
+    else:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("SEALSTREAM_")}
+        text = await _run_until(argv, {**base, **env}, until, tmp_path / "out.log")
+    assert text.strip()  # it did say something
+    # `demo` leaves its workers' logs behind: they must be clean too.
+    for logs in re.findall(r"logs in (\S+?)\)", text):
+        text += "".join(p.read_text() for p in Path(logs).glob("*.log"))
+    assert PASSWORD not in text, text

@@ -2,6 +2,12 @@
 
 Flags override ``SEALSTREAM_*`` variables. Configuration errors print one line
 naming the setting and exit 2.
+
+Credentials never reach the terminal: a Redis URL is shown only through
+:func:`~worker.settings.redacted_url`, and everything :func:`main` prints about an
+error (usage errors included, for every subcommand) first goes through
+:func:`_scrub`, which also removes the Redis password and the master key wherever
+they were given.
 """
 
 from __future__ import annotations
@@ -10,21 +16,25 @@ import argparse
 import importlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import unquote
 
 import anyio
+from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
 from worker.errors import ConfigError, SealstreamError
 from worker.handlers import App
 from worker.logging import configure, get_logger
-from worker.settings import Settings
+from worker.settings import Settings, redacted_url
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,23 +49,71 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise group.exceptions[0] from None
             raise
     except ConfigError as exc:
-        print(f"sealstream: error: {exc}", file=sys.stderr)
+        _error(f"sealstream: error: {exc}", args)
         return 2
     except SealstreamError as exc:
-        print(f"sealstream: {type(exc).__name__}: {exc}", file=sys.stderr)
+        _error(f"sealstream: {type(exc).__name__}: {exc}", args)
         return 1
     except RedisError as exc:
         url = getattr(args, "redis_url", None) or os.environ.get("SEALSTREAM_REDIS_URL")
-        print(f"sealstream: error: Redis ({url or 'default URL'}): {exc}", file=sys.stderr)
+        # redis-py's texts name host and port, but are scrubbed all the same.
+        _error(f"sealstream: error: Redis ({_shown(url)}): {type(exc).__name__}: {exc}", args)
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # A bug: keep the traceback, without the secrets its texts may quote.
+        _error("".join(traceback.format_exception(exc)).rstrip(), args)
+        return 1
+
+
+# userinfo of any URL: ``scheme://user:password@`` -> ``scheme://***@``
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/@]*@")
+
+
+def _secrets(args: argparse.Namespace | None) -> set[str]:
+    """Secrets given by environment or flag: Redis passwords, the master key."""
+    found = {os.environ.get("SEALSTREAM_MASTER_KEY", "")}
+    for url in (os.environ.get("SEALSTREAM_REDIS_URL"), getattr(args, "redis_url", None)):
+        # Greedy up to the last "@" before the path: a password may hold an "@".
+        for userinfo in re.findall(r"://([^\s/]*)@", url or ""):
+            password = userinfo.partition(":")[2]
+            found |= {password, unquote(password)}
+    return {s for s in found if len(s) >= 3}  # a 1-char "password" would garble the text
+
+
+def _scrub(text: str, args: argparse.Namespace | None = None) -> str:
+    """``text`` without URL credentials or any secret given by environment or flag."""
+    text = _USERINFO.sub(r"\1***@", text)
+    for secret in sorted(_secrets(args), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _error(text: str, args: argparse.Namespace) -> None:
+    print(_scrub(text, args), file=sys.stderr)
+
+
+def _shown(url: str | None) -> str:
+    """A Redis URL as it may be shown: without credentials."""
+    if not url:
+        return "default URL"
+    try:
+        return redacted_url(url)
+    except ValueError:
+        return "unparsable URL"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that scrubs its usage errors (they quote argv, which may hold a URL)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {_scrub(message)}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sealstream", description="Encrypted Redis Streams workers."
-    )
+    parser = _Parser(prog="sealstream", description="Encrypted Redis Streams workers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     keygen = sub.add_parser("keygen", help="write a service key pair and a master key")
@@ -164,7 +222,18 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["burst"] = True
     if overrides.get("concurrency", 1) < 1 or overrides.get("shards", 1) < 1:
         raise ConfigError("--concurrency and --shards must be at least 1")
-    return replace(settings, **overrides).validated()
+    settings = replace(settings, **overrides).validated()
+    _check_redis_url(settings.redis_url)
+    return settings
+
+
+def _check_redis_url(url: str) -> None:
+    """Refuse a URL redis-py cannot parse (bad port, query value) in one line."""
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        # The URL is not echoed; redis-py's reason names the part (scrubbed anyway).
+        raise ConfigError(f"SEALSTREAM_REDIS_URL / --redis-url: {_scrub(str(exc))}") from None
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -271,4 +340,6 @@ def _send(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from worker.rundemo import run_demo
 
+    if os.environ.get("SEALSTREAM_REDIS_URL"):
+        _check_redis_url(Settings.from_env().redis_url)
     return run_demo(workers=args.workers, sessions=args.sessions, jobs=args.jobs)

@@ -8,14 +8,21 @@
 
 One reader task per session reads the reply stream and hands each reply to the
 waiter with its ``mid``; replies to :meth:`ClientSession.submit` go to
-:meth:`ClientSession.replies`.
+:meth:`ClientSession.replies`, and a sweeper task gives each submitted request
+that outlives its timeout a ``timeout`` result there.
+
+Notices (``rejected``) are unauthenticated: anyone who can write to Redis can
+forge one. An authenticated reply therefore always wins over a notice for the
+same ``mid`` read in the same batch, and a notice never replaces a result.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import math
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -39,20 +46,18 @@ from worker.envelope import (
     x25519_keypair,
     x25519_shared,
 )
-from worker.errors import (
-    ConfigError,
-    DecryptError,
-    Malformed,
-    RemoteError,
-    ReplyTimeout,
-    RequestRejected,
-)
+from worker.errors import ConfigError, DecryptError, Malformed, ReplyTimeout
 from worker.keys import load_public_key
 from worker.logging import get_logger
 from worker.names import Names
+from worker.replies import Result, batch, copy_refused, resolve
 from worker.streams import Retrier, Store, connect
 
 log = get_logger("sealstream.client")
+
+__all__ = ["MAX_SHARDS", "Client", "ClientSession", "Result", "SessionGrant", "new_id"]
+
+MAX_SHARDS = 1024  # as SEALSTREAM_SHARDS allows
 
 
 def _now_ms() -> int:
@@ -74,26 +79,6 @@ class SessionGrant:
     expires_at: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Result:
-    """A reply as :meth:`ClientSession.replies` yields it."""
-
-    mid: str
-    type: str
-    status: str
-    value: Any = None
-    code: str | None = None
-    message: str | None = None
-
-    def unwrap(self) -> Any:
-        """The value of an ``ok`` result; raise RemoteError/RequestRejected otherwise."""
-        if self.status == "ok":
-            return self.value
-        if self.status == "error":
-            raise RemoteError(self.code or "", self.message or "", message_id=self.mid)
-        raise RequestRejected(self.code or "rejected", message_id=self.mid)
-
-
 @dataclass(slots=True, kw_only=True)
 class _Waiter:
     outgoing: messages.Outgoing
@@ -101,6 +86,7 @@ class _Waiter:
     done: anyio.Event = field(default_factory=anyio.Event)
     result: Result | None = None
     streamed: bool = False
+    deadline: float = math.inf  # anyio clock; submitted requests only
 
 
 class Client:
@@ -122,6 +108,8 @@ class Client:
     ) -> None:
         if kid is None and service_public_key is None:
             raise ConfigError("Client needs the pinned service kid or service public key")
+        if shards is not None and not 1 <= shards <= MAX_SHARDS:
+            raise ConfigError(f"Client shards: expected 1..{MAX_SHARDS}, got {shards}")
         self.store = Store(redis, Names(prefix))
         self._retry = Retrier()
         self.kid = kid
@@ -164,16 +152,28 @@ class Client:
         if self.kid is not None and kid_of(key) != self.kid:
             raise ConfigError("the service public key does not match the pinned kid")
         if self._shards is None:
-            self._shards = int(config.get("shards", "1"))
+            self._shards = self._shards_of(config)
         self._service_key = key
         return key
 
     async def shards(self) -> int:
-        """The number of request shards (from ``P:config`` unless given)."""
+        """The number of request shards (from ``P:config`` unless given).
+
+        Raises :class:`ConfigError` when ``P:config`` holds anything but an integer
+        1..1024 (Redis may be written by anyone; a bad value must not reach ``%``).
+        """
         if self._shards is None:
-            config = await self.store.read_config()
-            self._shards = int(config.get("shards", "1"))
+            self._shards = self._shards_of(await self.store.read_config())
         return self._shards
+
+    def _shards_of(self, config: dict[str, str]) -> int:
+        raw = config.get("shards", "1")
+        if re.fullmatch(r"[1-9][0-9]{0,3}", raw) is None or int(raw) > MAX_SHARDS:
+            raise ConfigError(
+                f"P:config shards ({self.store.names.config}): expected an integer"
+                f" 1..{MAX_SHARDS}, got {raw[:20]!r}"
+            )
+        return int(raw)
 
     async def handshake(self, *, ttl_s: int = 3600, timeout: float = 30.0) -> SessionGrant:
         """Run the protocol's handshake and return the new session's grant."""
@@ -195,9 +195,7 @@ class Client:
             key=kb,
         )
         await self._send(out.request)
-        reply = await self._await_one(sid, mid, timeout)
-        result = _resolve(reply, out, HANDSHAKE_TYPE)
-        value = result.unwrap()
+        value = (await self._await_handshake(out, timeout)).unwrap()
         try:
             if not isinstance(value, dict) or value.get("sessionId") != sid:
                 raise Malformed("handshake reply is not for this session")
@@ -244,6 +242,7 @@ class Client:
             try:
                 async with anyio.create_task_group() as tg:
                     await tg.start(session._read_replies)
+                    await tg.start(session._expire_submitted)
                     try:
                         yield session
                     finally:
@@ -264,18 +263,24 @@ class Client:
         # was added, the copy gets a ``replay`` notice, which the session ignores.
         return await self._retry(lambda: self.store.add_request(shard, entry))
 
-    async def _await_one(self, sid: str, mid: str, timeout: float) -> wire.Reply:
+    async def _await_handshake(self, out: messages.Outgoing, timeout: float) -> Result:
+        """The handshake's result; a reply that fails to open is ignored, as a forgery."""
+        sid, mid = out.request.sid, out.request.mid
         after = "0-0"
         with anyio.move_on_after(timeout):
             while True:
-                for entry in await self.store.read_replies(sid, after=after, block_ms=1000):
-                    after = entry.id
-                    try:
-                        reply = wire.decode_reply(entry.fields)
-                    except Malformed:
+                read = partial(self.store.read_replies, sid, after=after, block_ms=1000)
+                entries = await self._retry(read)
+                after = entries[-1].id if entries else after
+                for reply in batch(entries, sid):
+                    if reply.mid != mid or copy_refused(reply):
                         continue
-                    if reply.sid == sid and reply.mid == mid and not _copy_refused(reply):
-                        return reply
+                    try:
+                        # Sealed replies come first in a batch: a notice is used only
+                        # when none of them opened.
+                        return resolve(reply, out, HANDSHAKE_TYPE)
+                    except DecryptError:
+                        log.warning("reply_unauthentic", session_id=sid, message_id=mid)
         raise ReplyTimeout("no handshake reply", message_id=mid)
 
 
@@ -294,21 +299,36 @@ class ClientSession:
         # Replies wait in a stream the workers trim to ~1,000 entries; more requests
         # in flight than that could see their replies trimmed before they are read.
         self._slots = anyio.Semaphore(max_in_flight)
+        # A submitted request's result keeps its slot until replies() hands it out, so
+        # results queued + requests outstanding <= max_in_flight: the queue is bounded
+        # and adding to it never blocks (the reader and sweeper use send_nowait).
         send: MemoryObjectSendStream[Result]
         recv: MemoryObjectReceiveStream[Result]
-        send, recv = anyio.create_memory_object_stream[Result](math.inf)
+        send, recv = anyio.create_memory_object_stream[Result](max_in_flight)
         self._results_in, self._results_out = send, recv
+        # (deadline, mid) of submitted requests; entries of answered ones are skipped.
+        self._deadlines: list[tuple[float, str]] = []
+        self._deadlines_changed = anyio.Event()
 
     async def submit(
         self,
         type_: str,
         payload: Any,
         *,
+        timeout: float = 30.0,
         alg: str | None = None,
         encoding: wire.Field | None = None,
     ) -> str:
-        """Send a request whose reply will come from :meth:`replies`; return its mid."""
-        waiter = await self._send(type_, payload, alg=alg, encoding=encoding, streamed=True)
+        """Send a request whose result will come from :meth:`replies`; return its mid.
+
+        Waits for a free slot first (while ``max_in_flight`` requests are outstanding
+        or their results not yet taken from :meth:`replies`). ``timeout`` then covers
+        sending (through a Redis outage) and the reply: when it passes, the result
+        is a :class:`Result` with ``status="timeout"``.
+        """
+        waiter = await self._send(
+            type_, payload, alg=alg, encoding=encoding, streamed=True, timeout=timeout
+        )
         return waiter.outgoing.request.mid
 
     async def request(
@@ -330,7 +350,7 @@ class ClientSession:
             # One deadline for sending (through a Redis outage, say) and the reply.
             with anyio.fail_after(timeout):
                 waiter = await self._send(
-                    type_, payload, alg=alg, encoding=encoding, streamed=False
+                    type_, payload, alg=alg, encoding=encoding, streamed=False, timeout=math.inf
                 )
                 await waiter.done.wait()
         except TimeoutError:
@@ -343,13 +363,17 @@ class ClientSession:
         return waiter.result.unwrap()
 
     async def replies(self) -> AsyncIterator[Result]:
-        """Results of submitted requests, in the order their replies arrive."""
+        """Results of submitted requests, in the order they arrive (or time out).
+
+        Taking a result frees its request's slot.
+        """
         async for result in self._results_out:
+            self._slots.release()
             yield result
 
     @property
     def outstanding(self) -> int:
-        """Requests sent whose reply has not arrived."""
+        """Requests sent whose reply has not arrived (nor their timeout passed)."""
         return len(self._waiters)
 
     async def _send(
@@ -360,6 +384,7 @@ class ClientSession:
         alg: str | None,
         encoding: wire.Field | None,
         streamed: bool,
+        timeout: float,
     ) -> _Waiter:
         alg = alg or self.alg
         field_ = encoding or self.client.encoding
@@ -385,12 +410,21 @@ class ClientSession:
         except BaseException:
             self._slots.release()
             raise
+        mid = out.request.mid
         waiter = _Waiter(outgoing=out, type=type_, streamed=streamed)
-        self._waiters[out.request.mid] = waiter
+        self._waiters[mid] = waiter
+        if streamed:
+            waiter.deadline = anyio.current_time() + timeout
+            if not self._deadlines or waiter.deadline < self._deadlines[0][0]:
+                self._deadlines_changed.set()
+            heapq.heappush(self._deadlines, (waiter.deadline, mid))
         try:
-            await self.client._send(out.request)
+            # A submitted request whose send outlives its timeout gets its ``timeout``
+            # result from the sweeper, like one whose reply never came.
+            with anyio.move_on_after(waiter.deadline - anyio.current_time()):
+                await self.client._send(out.request)
         except BaseException:
-            self._forget(out.request.mid)
+            self._forget(mid)
             raise
         return waiter
 
@@ -399,60 +433,53 @@ class ClientSession:
         if self._waiters.pop(mid, None) is not None:
             self._slots.release()
 
+    def _settle(self, waiter: _Waiter, result: Result) -> None:
+        """Give ``waiter`` its result; a submitted request's goes to :meth:`replies`."""
+        waiter.result = result
+        if waiter.streamed:
+            # The slot now belongs to the queued result (released when it is taken).
+            del self._waiters[result.mid]
+            self._results_in.send_nowait(result)
+        waiter.done.set()
+
     async def _read_replies(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         store, after, retry = self.client.store, "0-0", Retrier()
         task_status.started()
         while True:
             entries = await retry(partial(store.read_replies, self.sid, after=after, block_ms=1000))
-            for entry in entries:
-                after = entry.id
-                try:
-                    reply = wire.decode_reply(entry.fields)
-                except Malformed:
-                    log.warning("reply_malformed", session_id=self.sid)
-                    continue
+            after = entries[-1].id if entries else after
+            for reply in batch(entries, self.sid):
                 waiter = self._waiters.get(reply.mid)
-                if waiter is None or reply.sid != self.sid or _copy_refused(reply):
+                if waiter is None or copy_refused(reply):
+                    continue
+                # Sealed replies come first in a batch. A notice never replaces a
+                # result; a genuine reply replaces a notice request() has not taken.
+                if waiter.result is not None and (
+                    reply.status == "rejected" or waiter.result.status != "rejected"
+                ):
                     continue
                 try:
-                    result = _resolve(reply, waiter.outgoing, waiter.type)
+                    result = resolve(reply, waiter.outgoing, waiter.type)
                 except DecryptError:
                     log.warning("reply_unauthentic", session_id=self.sid, message_id=reply.mid)
                     continue
-                waiter.result = result
-                if waiter.streamed:
-                    self._forget(reply.mid)
-                    self._results_in.send_nowait(result)
-                waiter.done.set()
+                self._settle(waiter, result)
 
-
-def _copy_refused(reply: wire.Reply) -> bool:
-    """A ``replay`` notice for a mid we sent once refers to a copy of our entry.
-
-    Our own entry was (or will be) answered, so the notice is no reason to stop
-    waiting: it would otherwise let anyone who can add entries cancel our requests.
-    """
-    return reply.status == "rejected" and reply.code == "replay"
-
-
-def _resolve(reply: wire.Reply, out: messages.Outgoing, type_: str) -> Result:
-    """Authenticate and decode a reply to ``out``; DecryptError if it is not genuine."""
-    mid = out.request.mid
-    if reply.status == "rejected":
-        return Result(mid=mid, type=type_, status="rejected", code=reply.code)
-    plaintext = messages.open_reply(reply, reply_key=out.reply_key, request=out.request)
-    try:
-        value = wire.loads(plaintext, out.request.field)
-    except wire.DecodeError:
-        raise DecryptError("cannot open") from None
-    if reply.status == "error":
-        if not isinstance(value, dict):
-            raise DecryptError("cannot open")
-        return Result(
-            mid=mid,
-            type=type_,
-            status="error",
-            code=str(value.get("code")),
-            message=str(value.get("message")),
-        )
-    return Result(mid=mid, type=type_, status="ok", value=value)
+    async def _expire_submitted(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Give each submitted request still unanswered at its deadline a timeout result."""
+        task_status.started()
+        while True:
+            now = anyio.current_time()
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, mid = heapq.heappop(self._deadlines)
+                waiter = self._waiters.get(mid)
+                if waiter is not None and waiter.deadline <= now:
+                    self._settle(waiter, Result(mid=mid, type=waiter.type, status="timeout"))
+            if len(self._deadlines) > 2 * len(self._waiters) + 64:
+                # Drop the entries of requests answered long before their deadline.
+                self._deadlines = [(w.deadline, m) for m, w in self._waiters.items() if w.streamed]
+                heapq.heapify(self._deadlines)
+            next_due = self._deadlines[0][0] if self._deadlines else math.inf
+            self._deadlines_changed = anyio.Event()
+            with anyio.move_on_after(next_due - now):
+                await self._deadlines_changed.wait()

@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:

@@ -23,7 +23,7 @@ import anyio
 from worker.client import Client
 from worker.demo import produce
 from worker.keys import write_keys
-from worker.settings import DEFAULT_REDIS_URL
+from worker.settings import DEFAULT_REDIS_URL, redacted_url
 from worker.streams import connect
 from worker.testing import RedisServer
 
@@ -58,7 +58,7 @@ def run_demo(*, workers: int, sessions: int, jobs: int) -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         service = write_keys(tmp / "keys")
-        print(f"redis {url}, prefix {prefix}, service kid {service.kid[:16]}...")
+        print(f"redis {redacted_url(url)}, prefix {prefix}, service kid {service.kid[:16]}...")
         env = {
             **os.environ,
             "SEALSTREAM_REDIS_URL": url,
