@@ -37,11 +37,13 @@ def connect(url: str, *, name: str | None = None) -> aioredis.Redis:
     workers apart in CLIENT LIST. Longer outages are ridden out by the worker's
     own capped backoff, which logs once per outage.
     """
+    # Keepalive is a TCP option: redis-py's Unix-socket connection refuses it.
+    tcp = {} if url.startswith("unix:") else {"socket_keepalive": True}
     return aioredis.Redis.from_url(
         url,
         client_name=name,
         decode_responses=False,
-        socket_keepalive=True,
+        **tcp,
         socket_connect_timeout=5,
         # Longer than any blocking read we issue, so a hung server cannot hang us.
         socket_timeout=15,
