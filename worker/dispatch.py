@@ -82,7 +82,7 @@ class Dispatcher:
         timer = self._timers.get(spec.name)
         if timer is None:
             timer = self._timers[spec.name] = self.metrics.handler_seconds.labels(type=spec.name)
-        outcome = error("handler_error", "the handler failed", field, dead_letter="handler_error")
+        outcome: Outcome | None = None
         for attempt in range(1, spec.retries + 2):
             started = time.perf_counter()
             try:
@@ -137,6 +137,7 @@ class Dispatcher:
                 )
             log.debug("handler_done", ms=round((time.perf_counter() - started) * 1000, 2))
             return Outcome(status="ok", plaintext=body)
+        assert outcome is not None  # every attempt failed, the last one said how
         return outcome
 
 
