@@ -546,7 +546,13 @@ class Processor:
                     break
             statuses = await self._finish(batch)
             for pending, status in zip(batch, statuses, strict=True):
-                self._written(pending, status)
+                try:
+                    self._written(pending, status)
+                except Exception:
+                    # Bookkeeping (a log line, a metric) must never stop the writer.
+                    with contextlib.suppress(Exception):
+                        log.exception("write_bookkeeping_failed")
+                    self.tracker.done(pending.delivery)
 
     async def _finish(self, batch: list[_Pending]) -> list[int | None]:
         """One script call for the batch; a call Redis refuses is split to find the cause."""
