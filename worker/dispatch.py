@@ -93,7 +93,7 @@ class Dispatcher:
                     finally:
                         timer.observe(time.perf_counter() - started)
                 if scope.cancelled_caught:
-                    raise TimeoutError
+                    raise TimeoutError  # noqa: TRY301 - handled with the other outcomes below
             except BadPayload as exc:
                 return error("bad_payload", exc.message, field)
             except TimeoutError:

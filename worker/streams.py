@@ -30,6 +30,7 @@ Fields = dict[bytes, bytes]
 T = TypeVar("T")
 log = get_logger("sealstream.redis")
 
+
 def connect(url: str, *, name: str | None = None) -> aioredis.Redis:
     """A Redis client for sealstream: bytes replies, keepalive, a short retry.
 
@@ -299,12 +300,23 @@ class Store:
     async def read(self, shard: int, consumer: str, *, count: int, block_ms: int) -> list[Entry]:
         """New entries for this consumer (XREADGROUP ``>``)."""
         stream = self.names.request_stream(shard)
-        raw = await self.redis.xreadgroup(
-            GROUP, consumer, {stream: ">"}, count=count, block=block_ms
-        )
+        raw = await self._packed(
+            "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", count, "BLOCK", block_ms,
+            "STREAMS", stream, ">",
+        )  # fmt: skip
         if not raw:
             return []
-        return _entries(raw[0][1])
+        # RESP3 (redis-py's default) answers a map of streams; RESP2 a list of pairs.
+        entries = next(iter(raw.values())) if isinstance(raw, dict) else raw[0][1]
+        out = []
+        for entry_id, flat in entries:
+            if flat:  # None: deleted while pending
+                out.append(
+                    Entry(
+                        id=entry_id.decode(), fields=dict(zip(flat[::2], flat[1::2], strict=True))
+                    )
+                )
+        return out
 
     async def autoclaim(
         self, shard: int, consumer: str, *, min_idle_ms: int, start: str, count: int
@@ -405,8 +417,7 @@ class Store:
         """The sealed session records of ``sids`` (None where there is none), in one MGET."""
         if not sids:
             return []
-        keys = [self.names.session(sid) for sid in sids]
-        raw = await self._one(lambda p: p.mget(keys))
+        raw = await self._packed("MGET", *[self.names.session(sid) for sid in sids])
         return [bytes(r) if r is not None else None for r in raw]
 
     async def claim(self, claims: Sequence[Claim]) -> list[str | None]:
