@@ -437,10 +437,10 @@ def _json_envelope(raw: bytes) -> tuple[dict[str, Any], bool]:
             raise DecodeError("the envelope must be a map")
         _check(value)
         return value, True
-    return _scan_json(text, small=len(raw) <= _SMALL)
+    return _scan_json(text, raw)
 
 
-def _scan_json(text: str, *, small: bool) -> tuple[dict[str, Any], bool]:
+def _scan_json(text: str, raw: bytes) -> tuple[dict[str, Any], bool]:
     # The top-level members one by one with the json module's C helpers, the
     # grammar of json.loads (whitespace, strings, scalars), refusing at the first
     # nested value: only a small entry is then parsed in full.
@@ -466,10 +466,12 @@ def _scan_json(text: str, *, small: bool) -> tuple[dict[str, Any], bool]:
                 raise DecodeError("expected ':'")
             at = _ws(text, at + 1).end()
             if text[at : at + 1] in ("[", "{"):
-                if not small:
+                if len(raw) > _SMALL:
                     raise DecodeError("the envelope must be a flat map")
-                value = loads(text.encode("utf-8"), "j")
-                return value, False  # a map: its first member is well formed
+                full: dict[str, Any] = loads(raw, "j")  # a map: it began as one
+                if len(full) > MAX_FIELDS:
+                    raise DecodeError(f"the envelope has more than {MAX_FIELDS} fields")
+                return full, False
             try:
                 env[key], at = _scan_value(text, at)
             except StopIteration:
@@ -651,10 +653,12 @@ def decode_reply(fields: Mapping[bytes, bytes], *, max_size: int = DEFAULT_MAX_S
     if field is None or entry_size(fields) > max_size:
         raise Malformed("not a reply entry")
     try:
-        env = loads(fields[field.encode()], field)
+        env, flat = _envelope(fields[field.encode()], field)
     except DecodeError as exc:
         raise Malformed(str(exc)) from None
-    if not isinstance(env, dict) or not is_int(env.get("v")) or env["v"] != VERSION:
+    if not flat:
+        raise Malformed("the envelope must be a flat map")
+    if not is_int(env.get("v")) or env["v"] != VERSION:
         raise Malformed("not a version 1 reply")
     status = env.get("status")
     if not is_id(env.get("sid")) or not is_id(env.get("mid")):
