@@ -302,6 +302,22 @@ def test_loads_refuses_what_strict_decoding_forbids(field: Field, raw: bytes) ->
         wire.loads(raw, field)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(case.values[1], id=case.id)
+        for case in strict_cases()
+        if case.values[0] == "j" and case.values[1][:1] == b"{"
+    ],
+)
+def test_json_reader_refuses_the_same_past_a_bracket(raw: bytes) -> None:
+    """The JSON cases above, led by a member holding "[", are refused alike, with no ids.
+
+    A "[" in the bytes sends an entry past json.loads to the member-by-member reader.
+    """
+    refused({b"j": b'{"z":"[",' + raw[1:]}, decoded=False)
+
+
 @pytest.mark.parametrize("field", FIELDS)
 def test_control_extra_field_is_refused_after_decoding(field: Field) -> None:
     """The ``x`` field used above alone is refused later, with ids: the strict layer caught them."""
@@ -897,10 +913,15 @@ def test_nested_member_of_a_small_envelope_is_malformed_with_ids(
     assert "the envelope must be a flat map" == error.detail
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested-first"])
 @pytest.mark.parametrize("field", FIELDS)
-def test_more_than_max_fields_is_malformed_without_ids(field: Field) -> None:
-    """An envelope of MAX_FIELDS + 1 members is refused before they are read: no ids."""
-    items = pairs()
+def test_more_than_max_fields_is_malformed_without_ids(field: Field, nested: bool) -> None:
+    """An envelope of MAX_FIELDS + 1 members is refused as not an envelope: no ids.
+
+    Also when a nested member comes first and the small entry is parsed in full.
+    """
+    items: list[tuple[Any, Any]] = [("n", [1])] if nested else []
+    items += pairs()
     extra = [(f"x{i}", i) for i in range(wire.MAX_FIELDS + 1 - len(items))]
     raw = msgpack.packb(dict(items + extra)) if field == "e" else craft(items + extra, "j")
     refused({field.encode(): raw}, decoded=False)
@@ -1125,6 +1146,12 @@ VALUES: dict[str, list[bytes]] = {
 }
 
 
+ODD_KEYS: dict[str, list[Any]] = {
+    "e": [Verbatim(b"\xa1\xff"), Verbatim(b"\x90"), 1, b"k", None, "sid"],
+    "j": [Verbatim(b'"\\ud800"'), Verbatim(b'"\\u005b"'), Verbatim(b"1"), "sid", "a\nb"],
+}
+
+
 @st.composite
 def hostile_small_entries(draw: st.DrawFn) -> tuple[Field, bytes]:
     """A valid envelope spliced with nested or non-strict values, or with its bytes mutated."""
@@ -1138,7 +1165,8 @@ def hostile_small_entries(draw: st.DrawFn) -> tuple[Field, bytes]:
             if draw(st.booleans()):
                 items[at] = (items[at][0], value)
             else:
-                items.insert(at, (draw(names | st.text(max_size=4)), value))
+                key = draw(names | st.text(max_size=4) | st.sampled_from(ODD_KEYS[field]))
+                items.insert(at, (key, value))
         if field == "e" and len(items) >= 16:
             items = items[:15]
         raw = craft(items, field)
