@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 import struct
@@ -302,6 +303,9 @@ def test_loads_refuses_what_strict_decoding_forbids(field: Field, raw: bytes) ->
         wire.loads(raw, field)
 
 
+PAD = b" " * (2 * 1024)  # JSON whitespace that makes an entry large
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -313,9 +317,10 @@ def test_loads_refuses_what_strict_decoding_forbids(field: Field, raw: bytes) ->
 def test_json_reader_refuses_the_same_past_a_bracket(raw: bytes) -> None:
     """The JSON cases above, led by a member holding "[", are refused alike, with no ids.
 
-    A "[" in the bytes sends an entry past json.loads to the member-by-member reader.
+    Over 2 KiB (here by whitespace), a "[" in the bytes sends an entry past
+    json.loads to the member-by-member reader.
     """
-    refused({b"j": b'{"z":"[",' + raw[1:]}, decoded=False)
+    refused({b"j": b'{"z":"[",' + PAD + raw[1:]}, decoded=False)
 
 
 @pytest.mark.parametrize("field", FIELDS)
@@ -1059,22 +1064,26 @@ def reference_request(field: Field, raw: bytes) -> Request | None:
     )
 
 
-def reference_ids(field: Field, raw: bytes) -> tuple[str | None, str | None]:
-    """The ids a refusal of a small entry carries: those of a strict map of <= MAX_FIELDS."""
+def reference_ids(field: Field, raw: bytes, *, flat: bool = False) -> tuple[str | None, str | None]:
+    """The ids a refusal carries: those of a strict map of <= MAX_FIELDS (``flat``: scalars)."""
     try:
         env = wire.loads(raw, field)
     except wire.DecodeError:
         return None, None
     if not isinstance(env, dict) or len(env) > wire.MAX_FIELDS:
         return None, None
+    if flat and any(isinstance(value, dict | list) for value in env.values()):
+        return None, None
     sid, mid = env.get("sid"), env.get("mid")
     return (sid if wire.is_id(sid) else None, mid if wire.is_id(mid) else None)
 
 
 @st.composite
-def spelled_requests(draw: st.DrawFn) -> tuple[Request, bytes]:
+def spelled_requests(draw: st.DrawFn, field: Field | None = None) -> tuple[Request, bytes]:
     """A valid request, its members in any order, JSON with any whitespace between tokens."""
     request = draw(requests())
+    if field is not None:
+        request = dataclasses.replace(request, field=field)
     field = request.field
     env = wire.loads(wire.encode_request(request)[field], field)
     items = draw(st.permutations(list(env.items())))
@@ -1153,9 +1162,9 @@ ODD_KEYS: dict[str, list[Any]] = {
 
 
 @st.composite
-def hostile_small_entries(draw: st.DrawFn) -> tuple[Field, bytes]:
+def hostile_entries(draw: st.DrawFn, field: Field | None = None) -> tuple[Field, bytes]:
     """A valid envelope spliced with nested or non-strict values, or with its bytes mutated."""
-    request, raw = draw(spelled_requests())
+    request, raw = draw(spelled_requests(field))
     field = request.field
     if draw(st.booleans()):
         items: list[tuple[Any, Any]] = list(wire.loads(raw, field).items())
@@ -1181,7 +1190,7 @@ def hostile_small_entries(draw: st.DrawFn) -> tuple[Field, bytes]:
 
 
 @settings(max_examples=500)
-@given(entry_=hostile_small_entries() | st.tuples(st.sampled_from(FIELDS), st.binary(max_size=200)))
+@given(entry_=hostile_entries() | st.tuples(st.sampled_from(FIELDS), st.binary(max_size=200)))
 def test_shallow_reader_is_the_full_parser_or_a_refusal(entry_: tuple[Field, bytes]) -> None:
     """For any small entry: the Request a full strict parse gives, or a refusal, ids as it reads.
 
@@ -1200,6 +1209,42 @@ def test_shallow_reader_is_the_full_parser_or_a_refusal(entry_: tuple[Field, byt
         )
         return
     assert expected == request
+
+
+@settings(max_examples=500)
+@given(entry_=hostile_entries("j") | st.tuples(st.just("j"), st.binary(max_size=200)))
+def test_json_reader_of_large_entries_is_the_full_parser_or_a_refusal(
+    entry_: tuple[Field, bytes],
+) -> None:
+    """Over 2 KiB, a JSON entry is a full strict parse's Request or a refusal.
+
+    A refusal carries the ids only when that parse reads a flat map: the reader
+    stops at a nested value, not knowing what follows.
+    """
+    _, raw = entry_
+    raw = PAD + raw
+    expected = reference_request("j", raw)
+    try:
+        request = wire.decode_request({b"j": raw})
+    except ProtocolError as error:
+        assert (None, reference_ids("j", raw, flat=True)) == (
+            expected,
+            (error.session_id, error.message_id),
+        )
+        return
+    assert expected == request
+
+
+def test_large_msgpack_nested_value_is_skipped_unread() -> None:
+    """Over 2 KiB, a MessagePack nested value is skipped, not read: Malformed with ids.
+
+    Even when a full parse would refuse what is inside it (here a duplicate key):
+    the entry is refused either way, only the notice differs.
+    """
+    nested = Verbatim(craft([("a", 1), ("a", 2)], "e"))
+    items = [*replaced(pairs(), "encryptedData", bytes(4096)), ("x", nested)]
+    error = refused(entry(items, "e"))
+    assert "the envelope must be a flat map" == error.detail
 
 
 # -- replies (client side) ---------------------------------------------------------

@@ -5,6 +5,11 @@ object). Decoding is strict everywhere: one value and no trailing bytes, string
 keys only, no duplicate keys, no NaN/Infinity, no extension types, integers never
 given as bool or float, binary as raw bytes (MessagePack) or canonical padded
 standard base64 (JSON).
+
+Work per hostile entry is bounded: an envelope is a flat map of at most
+:data:`MAX_FIELDS` scalars, read member by member without building a nested
+value; plaintexts (:func:`loads`) cap container lengths and nesting, and
+:func:`is_large` says when to decode one off the event loop.
 """
 
 from __future__ import annotations
@@ -91,13 +96,11 @@ class Reply:
 
 
 def _pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
-    if len(pairs) > MAX_CONTAINER_LEN:
-        raise DecodeError("a map is over the container length limit")
     out: dict[str, Any] = {}
     for key, value in pairs:
         if not isinstance(key, str):
             raise DecodeError("map keys must be strings")
-        _check(key)
+        # (a key's Unicode is checked with the whole value, by _check)
         if key in out:
             raise DecodeError("duplicate map key")
         out[key] = value
@@ -354,6 +357,7 @@ def entry_field(fields: Mapping[bytes, bytes]) -> Field | None:
 #: violation inside its nested value is told apart (no ids) as loads would
 _SMALL: Final = 2 * 1024
 _NESTED: Final = object()  # stands for a nested value the reader did not build
+_CONTAINERS: Final = (dict, list)  # a tuple: cheaper in isinstance than dict | list
 _MP_STR: Final = frozenset([*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB])
 _MP_CONTAINER: Final = frozenset([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
 _MP_EXT: Final = frozenset([0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8])
@@ -428,22 +432,33 @@ def _mp_type(raw: bytes, at: int) -> int:
 
 
 def _json_envelope(raw: bytes) -> tuple[dict[str, Any], bool]:
-    text = raw.decode("utf-8")
-    if b"[" not in raw and raw.count(b"{") == 1 and raw.count(b",") < MAX_FIELDS:
-        # No nested value fits in these bytes and there are at most MAX_FIELDS
-        # members: the C parser's work is bounded, and it is the fastest path.
-        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constant)
+    if len(raw) <= _SMALL or _json_flat_and_short(raw):
+        # Bounded work for a full parse: few bytes, or no nested value and at most
+        # MAX_FIELDS members. The fastest path, and every valid envelope's.
+        value = loads(raw, "j")
         if not isinstance(value, dict):
             raise DecodeError("the envelope must be a map")
-        _check(value)
+        if len(value) > MAX_FIELDS:
+            raise DecodeError(f"the envelope has more than {MAX_FIELDS} fields")
+        for item in value.values():
+            if isinstance(item, _CONTAINERS):
+                return value, False
         return value, True
-    return _scan_json(text, raw)
+    return _scan_json(raw)
 
 
-def _scan_json(text: str, raw: bytes) -> tuple[dict[str, Any], bool]:
-    # The top-level members one by one with the json module's C helpers, the
-    # grammar of json.loads (whitespace, strings, scalars), refusing at the first
-    # nested value: only a small entry is then parsed in full.
+def _json_flat_and_short(raw: bytes) -> bool:
+    # Whether the bytes cannot hold a nested value (one "{", no "[", even inside
+    # strings) nor more than MAX_FIELDS members (their commas).
+    first = raw.find(b"{")
+    return b"[" not in raw and raw.find(b"{", first + 1) == -1 and raw.count(b",") < MAX_FIELDS
+
+
+def _scan_json(raw: bytes) -> tuple[dict[str, Any], bool]:
+    # The top-level members one by one with the json module's C helpers, in the
+    # grammar of json.loads (whitespace, strings, scalars). A nested value cannot
+    # be skipped without parsing it: the entry is refused where one starts.
+    text = raw.decode("utf-8")
     at = _ws(text, 0).end()
     if text[at : at + 1] != "{":
         raise DecodeError("the envelope must be a map")
@@ -466,12 +481,7 @@ def _scan_json(text: str, raw: bytes) -> tuple[dict[str, Any], bool]:
                 raise DecodeError("expected ':'")
             at = _ws(text, at + 1).end()
             if text[at : at + 1] in ("[", "{"):
-                if len(raw) > _SMALL:
-                    raise DecodeError("the envelope must be a flat map")
-                full: dict[str, Any] = loads(raw, "j")  # a map: it began as one
-                if len(full) > MAX_FIELDS:
-                    raise DecodeError(f"the envelope has more than {MAX_FIELDS} fields")
-                return full, False
+                raise DecodeError("the envelope must be a flat map")
             try:
                 env[key], at = _scan_value(text, at)
             except StopIteration:
@@ -577,16 +587,16 @@ def decode_request(fields: Mapping[bytes, bytes], *, max_size: int = DEFAULT_MAX
     )
 
 
+_NAMES_SHOWN: Final = 3
+_NAME_CHARS: Final = 32
+
+
 def _names(names: set[str]) -> str:
     """Field names for a log line: at most 3, each cut to 32 characters, escaped."""
     shown = sorted(names)[:_NAMES_SHOWN]
     text = ", ".join(repr(n if len(n) <= _NAME_CHARS else n[:_NAME_CHARS] + "…") for n in shown)
     more = f" (+{len(names) - len(shown)} more)" if len(names) > len(shown) else ""
     return f"[{text}]{more}"
-
-
-_NAMES_SHOWN: Final = 3
-_NAME_CHARS: Final = 32
 
 
 def _refuse(
