@@ -353,8 +353,8 @@ def entry_field(fields: Mapping[bytes, bytes]) -> Field | None:
 # empty maps is a million dicts, ~0.7 s) would stall the event loop, so the reader
 # looks at the top-level members only. Strictness is the same as loads's.
 
-#: a non-flat envelope up to this size is parsed in full, so that a strictness
-#: violation inside its nested value is told apart (no ids) as loads would
+#: an entry up to this size may be parsed in full (about 1 ms at worst), so that
+#: a strictness violation inside a nested value is refused (no ids) as loads would
 _SMALL: Final = 2 * 1024
 _NESTED: Final = object()  # stands for a nested value the reader did not build
 _CONTAINERS: Final = (dict, list)  # a tuple: cheaper in isinstance than dict | list
@@ -448,8 +448,8 @@ def _json_envelope(raw: bytes) -> tuple[dict[str, Any], bool]:
 
 
 def _json_flat_and_short(raw: bytes) -> bool:
-    # Whether the bytes cannot hold a nested value (one "{", no "[", even inside
-    # strings) nor more than MAX_FIELDS members (their commas).
+    # Whether the bytes cannot hold a nested value (one "{" and no "[", counting
+    # those inside strings too) nor more than MAX_FIELDS members (their commas).
     first = raw.find(b"{")
     return b"[" not in raw and raw.find(b"{", first + 1) == -1 and raw.count(b",") < MAX_FIELDS
 
