@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import re
 import struct
+import tracemalloc
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from worker import wire
@@ -298,6 +301,26 @@ def test_loads_refuses_what_strict_decoding_forbids(field: Field, raw: bytes) ->
     """wire.loads (also used for plaintexts) raises DecodeError for the same inputs."""
     with pytest.raises(wire.DecodeError):
         wire.loads(raw, field)
+
+
+PAD = b" " * (2 * 1024)  # JSON whitespace that makes an entry large
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(case.values[1], id=case.id)
+        for case in strict_cases()
+        if case.values[0] == "j" and case.values[1][:1] == b"{"
+    ],
+)
+def test_json_reader_refuses_the_same_past_a_bracket(raw: bytes) -> None:
+    """The JSON cases above, led by a member holding "[", are refused alike, with no ids.
+
+    Over 2 KiB (here by whitespace), a "[" in the bytes sends an entry past
+    json.loads to the member-by-member reader.
+    """
+    refused({b"j": b'{"z":"[",' + PAD + raw[1:]}, decoded=False)
 
 
 @pytest.mark.parametrize("field", FIELDS)
@@ -784,6 +807,447 @@ def test_mutated_envelopes_raise_only_protocol_errors(
         assert type(error) in (Malformed, Unsupported)
         return
     assert request == wire.decode_request(as_read(wire.encode_request(request)))
+
+
+# -- bounded work: the envelope is a flat map ---------------------------------------
+
+HEAD = pairs()[:4]  # v, alg, sid, mid: read before whatever follows
+NEAR_MIB = 1024 * 1024 - 1024
+
+
+def big_entry(field: Field, members: list[bytes]) -> dict[bytes, bytes]:
+    """An entry of HEAD and then ``members``, each a raw encoded key and value."""
+    head = [
+        _encode_one(k, field) + (b"" if field == "e" else b":") + _encode_one(v, field)
+        for k, v in HEAD
+    ]
+    if field == "e":
+        count = struct.pack(">I", len(head) + len(members))
+        return {b"e": b"\xdf" + count + b"".join(head + members)}
+    return {b"j": b"{" + b",".join(head + members) + b"}"}
+
+
+def mp_array(item: bytes, n: int) -> bytes:
+    """A MessagePack array32 of ``n`` copies of the one-byte value ``item``."""
+    return b"\xdd" + struct.pack(">I", n) + item * n
+
+
+def hostile_cases() -> list[Any]:
+    """(name, fields, whether the refusal carries the ids): the worst entries found."""
+    n = NEAR_MIB
+    many = 80_000
+    cases: list[tuple[str, dict[bytes, bytes], bool]] = [
+        ("e-array-of-empty-maps", big_entry("e", [b"\xa1x" + mp_array(b"\x80", n)]), True),
+        ("e-array-of-empty-arrays", big_entry("e", [b"\xa1x" + mp_array(b"\x90", n)]), True),
+        (
+            "e-28-arrays-of-empty-maps",
+            big_entry(
+                "e", [msgpack.packb(f"x{i}") + mp_array(b"\x80", n // 30) for i in range(28)]
+            ),
+            True,
+        ),
+        ("e-deep-nesting", big_entry("e", [b"\xa1x" + b"\x91" * n + b"\xc0"]), False),
+        (
+            "e-map-of-many-members",
+            big_entry("e", [msgpack.packb(f"k{i}") + b"\xc0" for i in range(many)]),
+            False,
+        ),
+        ("j-array-of-empty-maps", big_entry("j", [b'"x":[' + b"{}," * (n // 3) + b"{}]"]), False),
+        ("j-array-of-empty-arrays", big_entry("j", [b'"x":[' + b"[]," * (n // 3) + b"[]]"]), False),
+        ("j-deep-nesting", big_entry("j", [b'"x":' + b"[" * (n // 2) + b"]" * (n // 2)]), False),
+        (
+            "j-nested-member-first",
+            {b"j": b'{"x":[' + b"{}," * (n // 3) + b"{}]," + craft(pairs(), "j")[1:]},
+            False,
+        ),
+        ("j-object-of-many-members", big_entry("j", [b'"k%d":0' % i for i in range(many)]), False),
+        (
+            "j-object-of-many-members-after-a-bracket",
+            big_entry("j", [b'"a":"["', *(b'"k%d":0' % i for i in range(many))]),
+            False,
+        ),
+    ]
+    return [pytest.param(fields, ids, id=name) for name, fields, ids in cases]
+
+
+HOSTILE = hostile_cases()
+
+
+@pytest.mark.parametrize(("fields", "decoded"), HOSTILE)
+def test_hostile_entries_are_malformed(fields: dict[bytes, bytes], decoded: bool) -> None:
+    """A MiB of nested containers or of members is Malformed, under the size limit.
+
+    MessagePack skips a nested value and reads on, so its ids are known; a JSON
+    nested value cannot be skipped without parsing it, so a large one is refused
+    where it starts, like undecodable bytes: no ids.
+    """
+    assert wire.entry_size(fields) <= wire.DEFAULT_MAX_SIZE
+    refused(fields, decoded=decoded)
+
+
+@pytest.mark.parametrize(("fields", "decoded"), HOSTILE)
+def test_hostile_entries_are_refused_without_building_their_values(
+    fields: dict[bytes, bytes], decoded: bool
+) -> None:
+    """Refusing a hostile entry allocates about its size, not a value per byte.
+
+    (A million empty dicts take over 60 MB.)
+    """
+    tracemalloc.start()
+    try:
+        with pytest.raises(Malformed):
+            wire.decode_request(fields)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * wire.DEFAULT_MAX_SIZE
+
+
+@pytest.mark.parametrize("at", [0, 4, 9], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("value", [[], [1, [2]], {}, {"a": {"b": 1}}], ids=repr)
+@pytest.mark.parametrize("field", FIELDS)
+def test_nested_member_of_a_small_envelope_is_malformed_with_ids(
+    field: Field, value: Any, at: int
+) -> None:
+    """A strictly valid nested member anywhere in a small envelope: Malformed, with ids."""
+    items = pairs()
+    items.insert(at, ("x", value))
+    error = refused(entry(items, field))
+    assert "the envelope must be a flat map" == error.detail
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested-first"])
+@pytest.mark.parametrize("field", FIELDS)
+def test_more_than_max_fields_is_malformed_without_ids(field: Field, nested: bool) -> None:
+    """An envelope of MAX_FIELDS + 1 members is refused as not an envelope: no ids.
+
+    Also when a nested member comes first and the small entry is parsed in full.
+    """
+    items: list[tuple[Any, Any]] = [("n", [1])] if nested else []
+    items += pairs()
+    extra = [(f"x{i}", i) for i in range(wire.MAX_FIELDS + 1 - len(items))]
+    raw = msgpack.packb(dict(items + extra)) if field == "e" else craft(items + extra, "j")
+    refused({field.encode(): raw}, decoded=False)
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_max_fields_are_read_and_refused_as_unknown(field: Field) -> None:
+    """An envelope of exactly MAX_FIELDS members is read: unknown fields, with ids."""
+    items = pairs()
+    extra = [(f"x{i}", i) for i in range(wire.MAX_FIELDS - len(items))]
+    raw = msgpack.packb(dict(items + extra)) if field == "e" else craft(items + extra, "j")
+    assert refused({field.encode(): raw}).detail.startswith("fields: missing [], unknown [")
+
+
+# -- the log line of a refusal is bounded -------------------------------------------
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_refusal_names_at_most_three_fields_each_cut(field: Field) -> None:
+    """Five unknown 100,000-character names: three shown, cut to 32 characters, + 2 more."""
+    names = [str(i) * 100_000 for i in range(5)]
+    error = refused(entry([*pairs(), *((name, 1) for name in names)], field))
+    shown = ", ".join(repr(name[:32] + "…") for name in names[:3])
+    assert f"fields: missing [], unknown [{shown}] (+2 more)" == error.detail
+
+
+def test_refusal_detail_escapes_field_names() -> None:
+    """A field name with a newline cannot split the log line: names are written escaped."""
+    error = refused(entry([*pairs(), ("a\nb", 1)], "j"))
+    assert "fields: missing [], unknown ['a\\nb']" == error.detail
+
+
+# -- plaintexts: containers and nesting are capped -------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["array", "map"])
+@pytest.mark.parametrize("field", FIELDS)
+def test_loads_refuses_a_container_over_the_length_cap(field: Field, kind: str) -> None:
+    """An array or map of MAX_CONTAINER_LEN items decodes; one more is a DecodeError."""
+
+    def value(n: int) -> Any:
+        return [0] * n if kind == "array" else {str(i): 0 for i in range(n)}
+
+    def raw(n: int) -> bytes:
+        return msgpack.packb(value(n)) if field == "e" else json.dumps(value(n)).encode()
+
+    assert wire.MAX_CONTAINER_LEN == len(wire.loads(raw(wire.MAX_CONTAINER_LEN), field))
+    with pytest.raises(wire.DecodeError):
+        wire.loads(raw(wire.MAX_CONTAINER_LEN + 1), field)
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_loads_nests_at_most_max_depth(field: Field) -> None:
+    """A value MAX_DEPTH levels below the top decodes; one level deeper is a DecodeError."""
+
+    def raw(levels: int) -> bytes:
+        value: Any = []
+        for _ in range(levels):
+            value = [value]
+        return msgpack.packb(value) if field == "e" else json.dumps(value).encode()
+
+    wire.loads(raw(wire.MAX_DEPTH), field)
+    with pytest.raises(wire.DecodeError):
+        wire.loads(raw(wire.MAX_DEPTH + 1), field)
+
+
+@pytest.mark.parametrize(
+    ("field", "raw"),
+    [
+        ("e", b"\x91" * NEAR_MIB + b"\xc0"),
+        ("j", b"[" * NEAR_MIB),
+        ("j", b'{"a":' * (NEAR_MIB // 5)),
+    ],
+    ids=["e-arrays", "j-arrays", "j-objects"],
+)
+def test_loads_refuses_a_mebibyte_of_nesting_at_the_parsers_limit(field: Field, raw: bytes) -> None:
+    """A MiB of nesting is refused where the parser's stack ends, not after building it."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(wire.DecodeError):
+            wire.loads(raw, field)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * len(raw)
+
+
+def test_is_large_is_over_64_kib() -> None:
+    """is_large: up to 64 KiB decodes on the event loop, more goes to a thread."""
+    assert (False, True) == (wire.is_large(bytes(64 * 1024)), wire.is_large(bytes(64 * 1024 + 1)))
+
+
+# -- the shallow reader against a full strict parse ---------------------------------
+
+
+def reference_request(field: Field, raw: bytes) -> Request | None:
+    """The spec applied to a full strict parse (``wire.loads``) of ``raw``; None if refused."""
+    try:
+        env = wire.loads(raw, field)
+    except wire.DecodeError:
+        return None
+    if not isinstance(env, dict):
+        return None
+    alg, type_ = env.get("alg"), env.get("type")
+    handshake = type_ == HANDSHAKE_TYPE
+    binaries = ["iv", "encryptedData", "authTag", *(["encryptedAesKey"] if alg == ALG_RSA else [])]
+    names = {"v", "alg", "sid", "mid", "ts", "type", *binaries, *(["kid"] if handshake else [])}
+    if set(env) != names or alg not in (ALG_RSA, ALG_SK) or (handshake and alg != ALG_RSA):
+        return None
+    if type(env["v"]) is not int or env["v"] != 1 or type(env["ts"]) is not int:
+        return None
+    if not (wire.is_id(env["sid"]) and wire.is_id(env["mid"]) and wire.is_type(type_)):
+        return None
+    kid = env.get("kid")
+    if handshake and not (isinstance(kid, str) and re.fullmatch("[0-9a-f]{64}", kid)):
+        return None
+    try:
+        data = {name: wire.binary(env[name], field) for name in binaries}
+    except wire.DecodeError:
+        return None
+    if len(data["iv"]) != 12 or len(data["authTag"]) != 16:
+        return None
+    return Request(
+        field=field,
+        alg=alg,
+        sid=env["sid"],
+        mid=env["mid"],
+        ts=env["ts"],
+        type=env["type"],
+        iv=data["iv"],
+        encrypted_data=data["encryptedData"],
+        auth_tag=data["authTag"],
+        encrypted_aes_key=data.get("encryptedAesKey"),
+        kid=kid,
+    )
+
+
+def reference_ids(field: Field, raw: bytes, *, flat: bool = False) -> tuple[str | None, str | None]:
+    """The ids a refusal carries: those of a strict map of <= MAX_FIELDS (``flat``: scalars)."""
+    try:
+        env = wire.loads(raw, field)
+    except wire.DecodeError:
+        return None, None
+    if not isinstance(env, dict) or len(env) > wire.MAX_FIELDS:
+        return None, None
+    if flat and any(isinstance(value, dict | list) for value in env.values()):
+        return None, None
+    sid, mid = env.get("sid"), env.get("mid")
+    return (sid if wire.is_id(sid) else None, mid if wire.is_id(mid) else None)
+
+
+@st.composite
+def spelled_requests(draw: st.DrawFn, field: Field | None = None) -> tuple[Request, bytes]:
+    """A valid request, its members in any order, JSON with any whitespace between tokens."""
+    request = draw(requests())
+    if field is not None:
+        request = dataclasses.replace(request, field=field)
+    field = request.field
+    env = wire.loads(wire.encode_request(request)[field], field)
+    items = draw(st.permutations(list(env.items())))
+    if field == "e":
+        return request, craft(items, "e")
+    space = st.text(alphabet=" \t\n\r", max_size=3)
+    parts = [draw(space) + "{"]
+    for i, (key, value) in enumerate(items):
+        parts += [","] if i else []
+        parts += [draw(space), json.dumps(key), draw(space), ":", draw(space), json.dumps(value)]
+        parts += [draw(space)]
+    parts += ["}", draw(space)]
+    return request, "".join(parts).encode()
+
+
+@settings(max_examples=300)
+@given(spelled=spelled_requests(), large=st.booleans())
+def test_shallow_reader_agrees_with_the_full_parser_on_valid_envelopes(
+    spelled: tuple[Request, bytes], large: bool
+) -> None:
+    """Every valid envelope, in either encoding, decodes to what a full strict parse reads.
+
+    ``large`` pads JSON with whitespace over 2 KiB (its bytes are then scanned first).
+    """
+    request, raw = spelled
+    if large and request.field == "j":
+        raw = PAD + raw
+    assert request == reference_request(request.field, raw)
+    assert request == wire.decode_request({request.field.encode(): raw})
+
+
+VALUES: dict[str, list[bytes]] = {
+    "e": [
+        b"\x90",
+        b"\x80",
+        b"\x91\x80",
+        b"\x81\xa1a\x90",
+        b"\x81\x01\x02",
+        b"\x82\xa1a\x01\xa1a\x02",
+        b"\x91\xc1",
+        b"\xdc\x00\x01\xc0",
+        b"\xde\x00\x00",
+        b"\xd4\x05\x00",
+        b"\xd6\xff\x00\x00\x00\x00",
+        b"\xcb" + struct.pack(">d", float("nan")),
+        b"\xa2\xff\xfe",
+        b"\xc4\x00",
+        b"\xc0",
+        b"\xc1",
+        b"\x91" * 70 + b"\xc0",
+    ],
+    "j": [
+        b"[]",
+        b"{}",
+        b"[{}]",
+        b'{"a":[1]}',
+        b'{"a":1,"a":2}',
+        b"[NaN]",
+        b"NaN",
+        b"-Infinity",
+        b"1e999",
+        b"1.0",
+        b"-0",
+        b'"["',
+        b'"{"',
+        b'"\\ud800"',
+        b'"\\u005b"',
+        b"true",
+        b"null",
+        b"[" * 70 + b"]" * 70,
+        b"01",
+        b'"a\x01"',
+    ],
+}
+
+
+ODD_KEYS: dict[str, list[Any]] = {
+    "e": [Verbatim(b"\xa1\xff"), Verbatim(b"\x90"), 1, b"k", None, "sid"],
+    "j": [Verbatim(b'"\\ud800"'), Verbatim(b'"\\u005b"'), Verbatim(b"1"), "sid", "a\nb"],
+}
+
+
+@st.composite
+def hostile_entries(draw: st.DrawFn, field: Field | None = None) -> tuple[Field, bytes]:
+    """A valid envelope spliced with nested or non-strict values, or with its bytes mutated."""
+    request, raw = draw(spelled_requests(field))
+    field = request.field
+    if draw(st.booleans()):
+        items: list[tuple[Any, Any]] = list(wire.loads(raw, field).items())
+        for _ in range(draw(st.integers(1, 2))):
+            value = Verbatim(draw(st.sampled_from(VALUES[field])))
+            at = draw(st.integers(0, len(items) - 1))
+            if draw(st.booleans()):
+                items[at] = (items[at][0], value)
+            else:
+                key = draw(names | st.text(max_size=4) | st.sampled_from(ODD_KEYS[field]))
+                items.insert(at, (key, value))
+        if field == "e" and len(items) >= 16:
+            items = items[:15]
+        raw = craft(items, field)
+    else:
+        tokens = st.sampled_from([*VALUES[field], b"[", b"]", b"{", b"}", b",", b":", b'"', b"\\"])
+        for _ in range(draw(st.integers(1, 3))):
+            at = draw(st.integers(0, len(raw)))
+            chunk = draw(tokens | st.binary(min_size=1, max_size=3))
+            cut = draw(st.sampled_from([0, 1, len(chunk), 4]))
+            raw = raw[:at] + chunk + raw[at + cut :]
+    return field, raw
+
+
+@settings(max_examples=500)
+@given(entry_=hostile_entries() | st.tuples(st.sampled_from(FIELDS), st.binary(max_size=200)))
+def test_shallow_reader_is_the_full_parser_or_a_refusal(entry_: tuple[Field, bytes]) -> None:
+    """For any small entry: the Request a full strict parse gives, or a refusal, ids as it reads.
+
+    (Up to 2 KiB an entry with a nested value is also parsed in full, so even the
+    ids of a refusal are the full parser's.)
+    """
+    field, raw = entry_
+    assume(len(raw) <= 2 * 1024)
+    expected = reference_request(field, raw)
+    try:
+        request = wire.decode_request({field.encode(): raw})
+    except ProtocolError as error:
+        assert (None, reference_ids(field, raw)) == (
+            expected,
+            (error.session_id, error.message_id),
+        )
+        return
+    assert expected == request
+
+
+@settings(max_examples=500)
+@given(entry_=hostile_entries("j") | st.tuples(st.just("j"), st.binary(max_size=200)))
+def test_json_reader_of_large_entries_is_the_full_parser_or_a_refusal(
+    entry_: tuple[Field, bytes],
+) -> None:
+    """Over 2 KiB, a JSON entry is a full strict parse's Request or a refusal.
+
+    A refusal carries the ids only when that parse reads a flat map: the reader
+    stops at a nested value, not knowing what follows.
+    """
+    _, raw = entry_
+    raw = PAD + raw
+    expected = reference_request("j", raw)
+    try:
+        request = wire.decode_request({b"j": raw})
+    except ProtocolError as error:
+        assert (None, reference_ids("j", raw, flat=True)) == (
+            expected,
+            (error.session_id, error.message_id),
+        )
+        return
+    assert expected == request
+
+
+def test_large_msgpack_nested_value_is_skipped_unread() -> None:
+    """Over 2 KiB, a MessagePack nested value is skipped, not read: Malformed with ids.
+
+    Even when a full parse would refuse what is inside it (here a duplicate key):
+    the entry is refused either way, only the notice differs.
+    """
+    nested = Verbatim(craft([("a", 1), ("a", 2)], "e"))
+    items = [*replaced(pairs(), "encryptedData", bytes(4096)), ("x", nested)]
+    error = refused(entry(items, "e"))
+    assert "the envelope must be a flat map" == error.detail
 
 
 # -- replies (client side) ---------------------------------------------------------

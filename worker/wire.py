@@ -5,6 +5,11 @@ object). Decoding is strict everywhere: one value and no trailing bytes, string
 keys only, no duplicate keys, no NaN/Infinity, no extension types, integers never
 given as bool or float, binary as raw bytes (MessagePack) or canonical padded
 standard base64 (JSON).
+
+Work per hostile entry is bounded: an envelope is a flat map of at most
+:data:`MAX_FIELDS` scalars, read member by member without building a nested
+value; plaintexts (:func:`loads`) cap container lengths and nesting, and
+:func:`is_large` says when to decode one off the event loop.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -33,7 +38,13 @@ from worker.errors import Malformed, ProtocolError, Unsupported
 Field = Literal["e", "j"]
 FIELDS: Final = ("e", "j")
 DEFAULT_MAX_SIZE: Final = 1024 * 1024
+#: nesting and container caps of a decoded value (plaintexts; an envelope is flat)
 MAX_DEPTH: Final = 64
+MAX_CONTAINER_LEN: Final = 100_000
+#: the most fields an envelope may have (a request has at most 11)
+MAX_FIELDS: Final = 32
+#: :func:`loads` of more bytes than this is worth running off the event loop
+LARGE: Final = 64 * 1024
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TYPE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -89,7 +100,7 @@ def _pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
     for key, value in pairs:
         if not isinstance(key, str):
             raise DecodeError("map keys must be strings")
-        _check(key)
+        # (a key's Unicode is checked with the whole value, by _check)
         if key in out:
             raise DecodeError("duplicate map key")
         out[key] = value
@@ -119,10 +130,14 @@ def _check(value: Any, depth: int = 0) -> None:
             raise DecodeError("strings must be valid Unicode") from None
         return
     if isinstance(value, list | tuple):
+        if len(value) > MAX_CONTAINER_LEN:
+            raise DecodeError("an array is over the container length limit")
         for item in value:
             _check(item, depth + 1)
         return
     if isinstance(value, dict):
+        if len(value) > MAX_CONTAINER_LEN:
+            raise DecodeError("a map is over the container length limit")
         for key, item in value.items():
             if not isinstance(key, str):
                 raise DecodeError("map keys must be strings")
@@ -133,9 +148,16 @@ def _check(value: Any, depth: int = 0) -> None:
 
 
 def loads(raw: bytes, field: Field) -> Any:
-    """Decode one strict MessagePack (``e``) or JSON (``j``) value; raise DecodeError."""
+    """Decode one strict MessagePack (``e``) or JSON (``j``) value; raise DecodeError.
+
+    Arrays and maps hold at most :data:`MAX_CONTAINER_LEN` items and nest at most
+    :data:`MAX_DEPTH` deep. The work is linear in ``len(raw)`` but builds every
+    value: see :func:`is_large`.
+    """
     try:
         if field == "e":
+            # A header over the caps is refused before its items are read; nesting
+            # past the C unpacker's stack is a StackError (a ValueError).
             value = msgpack.unpackb(
                 raw,
                 raw=False,
@@ -143,6 +165,8 @@ def loads(raw: bytes, field: Field) -> Any:
                 object_pairs_hook=_pairs,
                 ext_hook=_refuse_ext,
                 timestamp=0,
+                max_array_len=MAX_CONTAINER_LEN,
+                max_map_len=MAX_CONTAINER_LEN,
             )
         else:
             value = json.loads(
@@ -159,6 +183,16 @@ def loads(raw: bytes, field: Field) -> Any:
 
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise DecodeError("extension types are not allowed")
+
+
+def is_large(raw: bytes) -> bool:
+    """Whether :func:`loads` of ``raw`` may take long enough to block an event loop.
+
+    A value of up to :data:`LARGE` bytes decodes in well under a millisecond
+    whatever its shape; a larger one (up to a MiB of tiny nested values) can take
+    hundreds of milliseconds, so callers run it in a worker thread.
+    """
+    return len(raw) > LARGE
 
 
 def dumps(value: Any, field: Field) -> bytes:
@@ -313,6 +347,159 @@ def entry_field(fields: Mapping[bytes, bytes]) -> Field | None:
     return None
 
 
+# -- the envelope: a flat map, read in bounded work ---------------------------------
+#
+# An envelope is a map of scalars. Parsing a whole hostile value first (a MiB of
+# empty maps is a million dicts, ~0.7 s) would stall the event loop, so the reader
+# looks at the top-level members only. Strictness is the same as loads's.
+
+#: an entry up to this size may be parsed in full (about 1 ms at worst), so that
+#: a strictness violation inside a nested value is refused (no ids) as loads would
+_SMALL: Final = 2 * 1024
+_NESTED: Final = object()  # stands for a nested value the reader did not build
+_CONTAINERS: Final = (dict, list)  # a tuple: cheaper in isinstance than dict | list
+_MP_STR: Final = frozenset([*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB])
+_MP_CONTAINER: Final = frozenset([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
+_MP_EXT: Final = frozenset([0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8])
+# The json module's own C helpers (typeshed does not list them): its whitespace,
+# strict string scanner and scalar scanner, so the grammar is exactly json.loads's.
+_ws: Callable[[str, int], re.Match[str]] = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
+_scanstring: Callable[[str, int, bool], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+_scan_value: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(  # type: ignore[attr-defined]
+    parse_constant=_no_constant
+).scan_once
+
+
+def _envelope(raw: bytes, field: Field) -> tuple[dict[str, Any], bool]:
+    """The envelope's members and whether all of them are scalars; raise DecodeError.
+
+    DecodeError means the entry is not a strict map of at most MAX_FIELDS members
+    (it carries no ids). A nested member makes the map non-flat: its value is
+    ``_NESTED`` (MessagePack, skipped without building it) or, in a small entry,
+    the value a full strict parse built; a large JSON entry with a nested member
+    is a DecodeError, since a JSON value cannot be skipped without parsing it.
+    """
+    try:
+        if field == "e":
+            env, flat = _msgpack_envelope(raw)
+        else:
+            env, flat = _json_envelope(raw)
+    except DecodeError:
+        raise
+    except (ValueError, msgpack.UnpackException) as exc:
+        kind = "MessagePack" if field == "e" else "JSON"
+        raise DecodeError(f"not a single strict {kind} value") from exc
+    return env, flat
+
+
+def _msgpack_envelope(raw: bytes) -> tuple[dict[str, Any], bool]:
+    unpacker = msgpack.Unpacker(raw=False, ext_hook=_refuse_ext, timestamp=0)
+    unpacker.feed(raw)
+    size = unpacker.read_map_header()  # ValueError unless a map
+    if size > MAX_FIELDS:
+        raise DecodeError(f"the envelope has more than {MAX_FIELDS} fields")
+    env: dict[str, Any] = {}
+    flat = True
+    for _ in range(size):
+        if _mp_type(raw, unpacker.tell()) not in _MP_STR:
+            raise DecodeError("map keys must be strings")
+        key = unpacker.unpack()  # strict UTF-8: no surrogates
+        if key in env:
+            raise DecodeError("duplicate map key")
+        kind = _mp_type(raw, unpacker.tell())
+        if kind in _MP_CONTAINER:
+            unpacker.skip()  # C speed, builds nothing; too deep is a StackError
+            env[key] = _NESTED
+            flat = False
+        elif kind in _MP_EXT:
+            raise DecodeError("extension types are not allowed")
+        else:
+            value = unpacker.unpack()
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DecodeError("NaN and Infinity are not allowed")
+            env[key] = value
+    if unpacker.tell() != len(raw):
+        raise DecodeError("trailing bytes after the envelope")
+    if not flat and len(raw) <= _SMALL:
+        loads(raw, "e")  # strictness inside the nested values, as before
+    return env, flat
+
+
+def _mp_type(raw: bytes, at: int) -> int:
+    if at >= len(raw):
+        raise DecodeError("truncated MessagePack")
+    return raw[at]
+
+
+def _json_envelope(raw: bytes) -> tuple[dict[str, Any], bool]:
+    if len(raw) <= _SMALL or _json_flat_and_short(raw):
+        # Bounded work for a full parse: few bytes, or no nested value and at most
+        # MAX_FIELDS members. The fastest path, and every valid envelope's.
+        value = loads(raw, "j")
+        if not isinstance(value, dict):
+            raise DecodeError("the envelope must be a map")
+        if len(value) > MAX_FIELDS:
+            raise DecodeError(f"the envelope has more than {MAX_FIELDS} fields")
+        for item in value.values():
+            if isinstance(item, _CONTAINERS):
+                return value, False
+        return value, True
+    return _scan_json(raw)
+
+
+def _json_flat_and_short(raw: bytes) -> bool:
+    # Whether the bytes cannot hold a nested value (one "{" and no "[", counting
+    # those inside strings too) nor more than MAX_FIELDS members (their commas).
+    first = raw.find(b"{")
+    return b"[" not in raw and raw.find(b"{", first + 1) == -1 and raw.count(b",") < MAX_FIELDS
+
+
+def _scan_json(raw: bytes) -> tuple[dict[str, Any], bool]:
+    # The top-level members one by one with the json module's C helpers, in the
+    # grammar of json.loads (whitespace, strings, scalars). A nested value cannot
+    # be skipped without parsing it: the entry is refused where one starts.
+    text = raw.decode("utf-8")
+    at = _ws(text, 0).end()
+    if text[at : at + 1] != "{":
+        raise DecodeError("the envelope must be a map")
+    env: dict[str, Any] = {}
+    at = _ws(text, at + 1).end()
+    if text[at : at + 1] == "}":
+        at += 1
+    else:
+        while True:
+            if text[at : at + 1] != '"':
+                raise DecodeError("expected a string key")
+            key, at = _scanstring(text, at + 1, True)
+            _check(key)
+            if key in env:
+                raise DecodeError("duplicate map key")
+            if len(env) == MAX_FIELDS:
+                raise DecodeError(f"the envelope has more than {MAX_FIELDS} fields")
+            at = _ws(text, at).end()
+            if text[at : at + 1] != ":":
+                raise DecodeError("expected ':'")
+            at = _ws(text, at + 1).end()
+            if text[at : at + 1] in ("[", "{"):
+                raise DecodeError("the envelope must be a flat map")
+            try:
+                env[key], at = _scan_value(text, at)
+            except StopIteration:
+                raise DecodeError("expected a value") from None
+            _check(env[key])
+            at = _ws(text, at).end()
+            if text[at : at + 1] == ",":
+                at = _ws(text, at + 1).end()
+            elif text[at : at + 1] == "}":
+                at += 1
+                break
+            else:
+                raise DecodeError("expected ',' or '}'")
+    if _ws(text, at).end() != len(text):
+        raise DecodeError("trailing data after the envelope")
+    return env, True
+
+
 _COMMON = frozenset({"v", "alg", "sid", "mid", "ts", "type", "iv", "encryptedData", "authTag"})
 
 
@@ -329,11 +516,9 @@ def decode_request(fields: Mapping[bytes, bytes], *, max_size: int = DEFAULT_MAX
     if entry_size(fields) > max_size:
         raise _refuse(Malformed("the entry is over the size limit"), keep=False)
     try:
-        env = loads(fields[field.encode()], field)
+        env, flat = _envelope(fields[field.encode()], field)
     except DecodeError as exc:
         raise _refuse(Malformed(str(exc)), field=field) from None
-    if not isinstance(env, dict):
-        raise _refuse(Malformed("the envelope must be a map"), field=field)
     sid, mid = env.get("sid"), env.get("mid")
     ctx: dict[str, Any] = {
         "field": field,
@@ -344,6 +529,8 @@ def decode_request(fields: Mapping[bytes, bytes], *, max_size: int = DEFAULT_MAX
     alg = env.get("alg")
     if isinstance(alg, str) and alg in ALGORITHMS:
         ctx["alg"] = alg
+    if not flat:
+        raise _refuse(Malformed("the envelope must be a flat map"), **ctx)
     # A missing field or a wrong type is malformed; a well-typed value we do not
     # speak is unsupported.
     if not is_int(env.get("v")):
@@ -361,7 +548,7 @@ def decode_request(fields: Mapping[bytes, bytes], *, max_size: int = DEFAULT_MAX
     if handshake:
         expected.add("kid")
     if set(env) != expected:
-        missing, unknown = sorted(expected - set(env)), sorted(set(env) - expected)
+        missing, unknown = _names(expected - set(env)), _names(set(env) - expected)
         raise _refuse(Malformed(f"fields: missing {missing}, unknown {unknown}"), **ctx)
     if handshake and alg != ALG_RSA:
         raise _refuse(Malformed(f"a handshake must use {ALG_RSA}"), **ctx)
@@ -398,6 +585,18 @@ def decode_request(fields: Mapping[bytes, bytes], *, max_size: int = DEFAULT_MAX
         encrypted_aes_key=wrapped,
         kid=kid if handshake else None,
     )
+
+
+_NAMES_SHOWN: Final = 3
+_NAME_CHARS: Final = 32
+
+
+def _names(names: set[str]) -> str:
+    """Field names for a log line: at most 3, each cut to 32 characters, escaped."""
+    shown = sorted(names)[:_NAMES_SHOWN]
+    text = ", ".join(repr(n if len(n) <= _NAME_CHARS else n[:_NAME_CHARS] + "…") for n in shown)
+    more = f" (+{len(names) - len(shown)} more)" if len(names) > len(shown) else ""
+    return f"[{text}]{more}"
 
 
 def _refuse(
@@ -464,10 +663,12 @@ def decode_reply(fields: Mapping[bytes, bytes], *, max_size: int = DEFAULT_MAX_S
     if field is None or entry_size(fields) > max_size:
         raise Malformed("not a reply entry")
     try:
-        env = loads(fields[field.encode()], field)
+        env, flat = _envelope(fields[field.encode()], field)
     except DecodeError as exc:
         raise Malformed(str(exc)) from None
-    if not isinstance(env, dict) or not is_int(env.get("v")) or env["v"] != VERSION:
+    if not flat:
+        raise Malformed("the envelope must be a flat map")
+    if not is_int(env.get("v")) or env["v"] != VERSION:
         raise Malformed("not a version 1 reply")
     status = env.get("status")
     if not is_id(env.get("sid")) or not is_id(env.get("mid")):
