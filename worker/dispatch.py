@@ -22,8 +22,6 @@ from worker.metrics import Metrics
 from worker.payloads import to_value
 
 log = get_logger("sealstream.worker")
-#: Plaintexts larger than this are decoded in a thread, off the event loop.
-LARGE_PLAINTEXT = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,7 +67,7 @@ class Dispatcher:
         if spec is None:
             return error("unknown_type", f"no handler for type {ctx.type!r}", field)
         try:
-            if len(plaintext) > LARGE_PLAINTEXT:
+            if wire.is_large(plaintext):
                 # Bounded, but a large decode still takes milliseconds: off the loop.
                 payload = await anyio.to_thread.run_sync(
                     wire.loads, plaintext, field, limiter=self._decode_lane
