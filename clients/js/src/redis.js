@@ -77,9 +77,9 @@ export class RedisTransport {
     try {
       await conn.connect();
       while (!signal?.aborted) {
-        let res;
+        let batch;
         try {
-          res = await conn.sendCommand(['XREAD', 'COUNT', '100', 'BLOCK', '1000', 'STREAMS', key, after], { returnBuffers: true });
+          batch = await this._read(conn, key, after);
           delay = 50;
         } catch (err) {
           if (signal?.aborted) return;
@@ -87,22 +87,27 @@ export class RedisTransport {
           delay = Math.min(delay * 2, 2000);
           continue;
         }
-        if (!res) continue;
-        const batch = [];
-        for (const [, entries] of res) {
-          for (const [idBuf, flat] of entries) {
-            after = idBuf.toString();
-            const fields = [];
-            for (let f = 0; f + 1 < flat.length; f += 2) fields.push([flat[f].toString('latin1'), asU8(flat[f + 1])]);
-            batch.push({ id: after, fields });
-          }
-        }
+        if (batch.length) after = batch[batch.length - 1].id;
         if (batch.length) yield batch;
       }
     } finally {
       signal?.removeEventListener('abort', stop);
       if (conn.isOpen) await conn.disconnect().catch(() => {});
     }
+  }
+
+  /** One XREAD (up to 100 entries, blocking up to 1 s) as [{ id, fields }]. */
+  async _read(conn, key, after) {
+    const res = await conn.sendCommand(['XREAD', 'COUNT', '100', 'BLOCK', '1000', 'STREAMS', key, after], { returnBuffers: true });
+    const batch = [];
+    for (const [, entries] of res ?? []) {
+      for (const [idBuf, flat] of entries) {
+        const fields = [];
+        for (let f = 0; f + 1 < flat.length; f += 2) fields.push([flat[f].toString('latin1'), asU8(flat[f + 1])]);
+        batch.push({ id: idBuf.toString(), fields });
+      }
+    }
+    return batch;
   }
 
   async close() {
