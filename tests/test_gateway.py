@@ -1,0 +1,310 @@
+"""The HTTP gateway: real uvicorn on a free port, real Redis, a real worker where replies matter."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from tests.gatewayrig import Event, read_events, running_gateway
+from worker import wire
+from worker.backend import create_session
+from worker.client import SessionGrant, new_id
+from worker.demo import app
+from worker.envelope import ALG_RSA, ALG_SK
+from worker.errors import ConfigError, Malformed
+from worker.gatewayconf import GatewaySettings
+from worker.keys import load_public_key
+from worker.messages import Outgoing, open_reply, seal_request
+from worker.settings import Settings
+from worker.testing import ThrowawayKeys, running_worker
+
+
+def _seal(grant: SessionGrant, payload: Any, *, alg: str = ALG_SK, type_: str = "echo") -> Outgoing:
+    return seal_request(
+        field="j",
+        alg=alg,
+        sid=grant.sid,
+        mid=new_id(),
+        ts=time.time_ns() // 1_000_000,
+        type_=type_,
+        plaintext=wire.dumps(payload, "j"),
+        public_key=load_public_key(grant.public_key_pem) if alg == ALG_RSA else None,
+        ks=grant.session_key if alg == ALG_SK else None,
+    )
+
+
+def _body(out: Outgoing) -> bytes:
+    return wire.encode_request(out.request)["j"]
+
+
+def _mid_of(event: Event) -> str | None:
+    try:
+        return wire.decode_reply({k.encode(): v for k, v in event.fields.items()}).mid
+    except Malformed:
+        return None
+
+
+@pytest.fixture
+async def grant(redis: aioredis.Redis, settings: Settings, keys: ThrowawayKeys) -> SessionGrant:
+    """A session made through the trusted back-end path (the gateway never makes one)."""
+    return await create_session(redis, keys.master, prefix=settings.prefix, ttl_s=600)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        yield client
+
+
+async def _publish_config(redis: aioredis.Redis, prefix: str, shards: int = 1) -> None:
+    await redis.hset(
+        f"{prefix}:config", mapping={"shards": shards, "servicePublicKey": "PEM", "kid": "0" * 64}
+    )
+
+
+async def test_config_is_the_workers(
+    settings: Settings, keys: ThrowawayKeys, http: httpx.AsyncClient
+) -> None:
+    """GET /v1/config gives the kid, service public key and shards a worker published."""
+    async with running_worker(app, settings, keys), running_gateway(settings) as (url, _):
+        response = await http.get(f"{url}/v1/config")
+    assert 200 == response.status_code
+    expected = {"kid": keys.service.kid, "servicePublicKey": keys.service.public_pem, "shards": 1}
+    assert expected == response.json()
+
+
+@pytest.mark.parametrize("alg", [ALG_SK, ALG_RSA])
+async def test_round_trip_through_the_gateway(
+    alg: str, settings: Settings, keys: ThrowawayKeys, grant: SessionGrant, http: httpx.AsyncClient
+) -> None:
+    """A sealed request POSTed is answered by the worker; its reply comes as an event."""
+    out = _seal(grant, {"hello": "gateway", "n": [1, 2.5]}, alg=alg)
+    async with running_worker(app, settings, keys), running_gateway(settings) as (url, _):
+        response = await http.post(
+            f"{url}/v1/requests", content=_body(out), headers={"Content-Type": "application/json"}
+        )
+        assert (202, out.request.mid) == (response.status_code, response.json()["mid"])
+        events = await read_events(
+            http,
+            f"{url}/v1/replies/{grant.sid}",
+            until=lambda evs: any(_mid_of(e) == out.request.mid for e in evs),
+        )
+    (event,) = [e for e in events if _mid_of(e) == out.request.mid]
+    reply = wire.decode_reply({b"j": event.fields["j"]})
+    plaintext = open_reply(reply, reply_key=out.reply_key, request=out.request)
+    assert ("ok", {"hello": "gateway", "n": [1, 2.5]}) == (reply.status, wire.loads(plaintext, "j"))
+
+
+async def test_request_goes_to_its_default_shard(
+    settings: Settings, redis: aioredis.Redis, grant: SessionGrant, http: httpx.AsyncClient
+) -> None:
+    """The entry is added byte for byte to shard int(mid[:8], 16) % shards."""
+    await _publish_config(redis, settings.prefix, shards=4)
+    out = _seal(grant, {"a": 1})
+    async with running_gateway(settings) as (url, _):
+        response = await http.post(
+            f"{url}/v1/requests", content=_body(out), headers={"Content-Type": "application/json"}
+        )
+    shard = int(out.request.mid[:8], 16) % 4
+    entries = await redis.xrange(f"{settings.prefix}:req:{{{shard}}}")
+    assert [(response.json()["id"].encode(), {b"j": _body(out)})] == entries
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code"),
+    [
+        (lambda b: b[:-1], "malformed"),  # not JSON
+        (lambda b: b.replace(b'"v":1,', b'"v":1,"v":1,'), "malformed"),  # duplicate key
+        (lambda b: b.replace(b'"v":1,', b'"v":1,"x":0,'), "malformed"),  # unknown field
+        (lambda b: b.replace(b'"v":1,', b'"v":1.0,'), "malformed"),  # integer as float
+        (lambda b: b.replace(b'"iv":"', b'"iv":" '), "malformed"),  # non-canonical base64
+        (lambda b: b.replace(b'"v":1,', b'"v":2,'), "unsupported"),
+    ],
+)
+async def test_malformed_envelopes_are_refused(
+    mutate: Any,
+    code: str,
+    settings: Settings,
+    redis: aioredis.Redis,
+    grant: SessionGrant,
+    http: httpx.AsyncClient,
+) -> None:
+    """An envelope a worker would refuse is a 400 naming why, and nothing reaches Redis."""
+    await _publish_config(redis, settings.prefix)
+    async with running_gateway(settings) as (url, _):
+        response = await http.post(
+            f"{url}/v1/requests",
+            content=mutate(_body(_seal(grant, {}))),
+            headers={"Content-Type": "application/json"},
+        )
+    assert (400, code) == (response.status_code, response.json()["error"])
+    assert response.json()["detail"]
+    assert 0 == await redis.xlen(f"{settings.prefix}:req:{{0}}")
+
+
+async def test_oversize_body_is_refused(
+    settings: Settings, redis: aioredis.Redis, http: httpx.AsyncClient
+) -> None:
+    """A body over the limit is a 413, by its Content-Length or as it streams in."""
+    await _publish_config(redis, settings.prefix)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield b"x" * 256
+
+    headers = {"Content-Type": "application/json"}
+    async with running_gateway(settings, GatewaySettings(max_body=1024)) as (url, _):
+        declared = await http.post(f"{url}/v1/requests", content=b"{" * 2000, headers=headers)
+        streamed = await http.post(f"{url}/v1/requests", content=chunks(), headers=headers)
+    assert [(413, "too_large")] * 2 == [
+        (r.status_code, r.json()["error"]) for r in (declared, streamed)
+    ]
+    assert "content-length" not in streamed.request.headers
+
+
+async def test_body_must_be_json(settings: Settings, http: httpx.AsyncClient) -> None:
+    """Only application/json is taken (the j encoding); anything else is a 415."""
+    async with running_gateway(settings) as (url, _):
+        response = await http.post(
+            f"{url}/v1/requests", content=b"\x81\xa1v\x01", headers={"Content-Type": "x/msgpack"}
+        )
+    assert (415, "media_type") == (response.status_code, response.json()["error"])
+
+
+async def test_requests_are_rate_limited_per_client(
+    settings: Settings, http: httpx.AsyncClient
+) -> None:
+    """Past its burst a client gets 429 with Retry-After (malformed bodies count too)."""
+    headers = {"Content-Type": "application/json"}
+    async with running_gateway(settings, GatewaySettings(rate=0.5, burst=2)) as (url, _):
+        codes = [
+            (await http.post(f"{url}/v1/requests", content=b"{}", headers=headers))
+            for _ in range(3)
+        ]
+    assert [400, 400, 429] == [r.status_code for r in codes]
+    assert "2" == codes[2].headers["retry-after"]
+
+
+async def test_event_streams_are_limited_per_client(
+    settings: Settings, http: httpx.AsyncClient
+) -> None:
+    """A client's second open event stream over its limit is a 429; the first is untouched."""
+    sid = new_id()
+    gateway_settings = GatewaySettings(max_streams_per_client=1, keepalive_s=0.2)
+    async with (
+        running_gateway(settings, gateway_settings) as (url, _),
+        http.stream("GET", f"{url}/v1/replies/{sid}") as first,
+    ):
+        second = await http.get(f"{url}/v1/replies/{sid}")
+        assert (200, 429) == (first.status_code, second.status_code)
+        assert "streams_exhausted" == second.json()["error"]
+
+
+async def test_dropped_stream_gives_its_slot_back(
+    settings: Settings, http: httpx.AsyncClient
+) -> None:
+    """When a client drops an event stream, the gateway closes it and frees its slot."""
+    async with running_gateway(settings, GatewaySettings(keepalive_s=0.2)) as (url, gateway):
+        async with http.stream("GET", f"{url}/v1/replies/{new_id()}") as response:
+            async for _ in response.aiter_lines():
+                break
+            assert 1 == gateway.slots.count
+        with anyio.fail_after(10):
+            while gateway.slots.count:
+                await anyio.sleep(0.05)
+    assert 0 == gateway.slots.count
+
+
+async def test_stream_resumes_after_a_drop_without_loss_or_repeat(
+    settings: Settings,
+    keys: ThrowawayKeys,
+    redis: aioredis.Redis,
+    grant: SessionGrant,
+    http: httpx.AsyncClient,
+) -> None:
+    """Dropped after 2 events and resumed from Last-Event-ID: every reply exactly once."""
+    headers = {"Content-Type": "application/json"}
+    stream = f"{settings.prefix}:{{{grant.sid}}}:reply"
+    async with running_worker(app, settings, keys), running_gateway(settings) as (url, _):
+
+        async def send(n: int) -> None:
+            for i in range(n):
+                out = _seal(grant, {"i": i})
+                response = await http.post(
+                    f"{url}/v1/requests", content=_body(out), headers=headers
+                )
+                assert 202 == response.status_code
+
+        await send(3)
+        first = await read_events(
+            http, f"{url}/v1/replies/{grant.sid}", until=lambda e: len(e) == 2
+        )
+        await send(3)
+        with anyio.fail_after(15):
+            while await redis.xlen(stream) < 6:
+                await anyio.sleep(0.05)
+        rest = await read_events(
+            http,
+            f"{url}/v1/replies/{grant.sid}",
+            last_event_id=first[-1].id,
+            until=lambda e: len(e) == 4,
+        )
+    expected = [entry_id.decode() for entry_id, _ in await redis.xrange(stream)]
+    assert expected == [e.id for e in first + rest]
+
+
+async def test_bad_ids_are_refused(settings: Settings, http: httpx.AsyncClient) -> None:
+    """A malformed session id is a 404; a malformed Last-Event-ID a 400."""
+    async with running_gateway(settings) as (url, _):
+        bad_sid = await http.get(f"{url}/v1/replies/{'A' * 32}")
+        bad_last = await http.get(
+            f"{url}/v1/replies/{new_id()}", headers={"Last-Event-ID": "0-0 x"}
+        )
+    assert [404, 400] == [bad_sid.status_code, bad_last.status_code]
+
+
+async def test_cors_allows_only_configured_origins(
+    settings: Settings, http: httpx.AsyncClient
+) -> None:
+    """A preflight from an allowed origin is answered with CORS headers; others are not."""
+    gateway_settings = GatewaySettings(cors_origins=("https://app.example",))
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
+    async with running_gateway(settings, gateway_settings) as (url, _):
+        ok = await http.options(
+            f"{url}/v1/requests", headers={"Origin": "https://app.example", **preflight}
+        )
+        other = await http.options(
+            f"{url}/v1/requests", headers={"Origin": "https://evil.example", **preflight}
+        )
+    assert "https://app.example" == ok.headers.get("access-control-allow-origin")
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_gateway_settings_from_env() -> None:
+    """SEALSTREAM_GATEWAY_* variables are read; a bad one is a ConfigError naming it."""
+    settings = GatewaySettings.from_env(
+        {
+            "SEALSTREAM_GATEWAY_PORT": "9000",
+            "SEALSTREAM_GATEWAY_RATE": "2.5",
+            "SEALSTREAM_GATEWAY_CORS_ORIGINS": "https://a.example, http://b.example/",
+            "SEALSTREAM_GATEWAY_DEMO": "1",
+        }
+    )
+    assert (9000, 2.5, ("https://a.example", "http://b.example"), True) == (
+        settings.port,
+        settings.rate,
+        settings.cors_origins,
+        settings.demo,
+    )
+    with pytest.raises(ConfigError, match="SEALSTREAM_GATEWAY_MAX_STREAMS"):
+        GatewaySettings.from_env({"SEALSTREAM_GATEWAY_MAX_STREAMS": "many"})
