@@ -6,7 +6,8 @@
 //   └── ClientError        a request that did not end in an `ok` reply
 //       ├── RequestRejected  a `rejected` notice (unauthenticated: a hint)
 //       ├── RemoteError      an authenticated `error` reply (code, message)
-//       └── ReplyTimeout     no reply within the timeout
+//       ├── ReplyTimeout     no reply within the timeout
+//       └── GatewayRefused   the gateway refused a request (HTTP 4xx: status, code, detail)
 //
 // Messages never carry keys or plaintext.
 
@@ -44,3 +45,12 @@ export class RemoteError extends ClientError {
 }
 
 export class ReplyTimeout extends ClientError {}
+
+export class GatewayRefused extends ClientError {
+  constructor(status, code, detail, { messageId = null } = {}) {
+    super(`the gateway refused the request (${status} ${code}): ${detail}`, { messageId });
+    this.status = status;
+    this.code = code;
+    this.detail = detail;
+  }
+}

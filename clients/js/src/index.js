@@ -6,6 +6,7 @@ export { Client, Session, Result, consoleLogger } from './client.js';
 export { GatewayTransport } from './gateway.js';
 export {
   SealstreamError, ConfigError, ProtocolError, ClientError, RequestRejected, RemoteError, ReplyTimeout,
+  GatewayRefused,
 } from './errors.js';
 export { ALG_RSA, ALG_SK, HANDSHAKE_TYPE } from './crypto.js';
 export {
