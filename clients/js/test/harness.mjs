@@ -40,7 +40,7 @@ function stopProcess(proc) {
 }
 
 /** Everything one test file needs; `await rig.stop()` at the end. */
-export async function startRig({ gateway = false } = {}) {
+export async function startRig({ gateway = false, demo = false } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'sealstream-js-'));
   const port = await freePort();
   const procs = [];
@@ -68,7 +68,7 @@ export async function startRig({ gateway = false } = {}) {
   if (gateway) {
     const gport = await freePort();
     const glog = fs.openSync(path.join(dir, 'gateway.log'), 'a');
-    procs.push(spawn(PYTHON, ['-m', 'worker', 'gateway', '--port', String(gport)], { cwd: ROOT, env, stdio: ['ignore', glog, glog] }));
+    procs.push(spawn(PYTHON, ['-m', 'worker', 'gateway', '--port', String(gport), ...(demo ? ['--demo'] : [])], { cwd: ROOT, env, stdio: ['ignore', glog, glog] }));
     rig.gatewayUrl = `http://127.0.0.1:${gport}`;
     await waitFor(async () => (await fetch(`${rig.gatewayUrl}/v1/config`)).ok, { what: 'the gateway' });
   }
