@@ -123,3 +123,8 @@ export async function openReply(sealed, reply) {
 }
 
 export { WireFloat, unwrapFloats };
+export {
+  ALG_RSA, ALG_SK, HANDSHAKE_TYPE, OpenError, deriveSessionKey, hkdf32, importRsaPublicKey, kidOf,
+  replyAad, requestAad, skReplyKey, skRequestKey, x25519KeyPair,
+} from './crypto.js';
+export { CODECS, DecodeError, b64decode, b64encode, decodeJson, decodeMsgpack, encodeJson, encodeMsgpack } from './codec.js';
