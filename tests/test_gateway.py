@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -14,6 +15,7 @@ import redis.asyncio as aioredis
 from tests.gatewayrig import Event, read_events, running_gateway
 from worker import wire
 from worker.backend import create_session
+from worker.cli import main
 from worker.client import SessionGrant, new_id
 from worker.demo import app
 from worker.envelope import ALG_RSA, ALG_SK
@@ -22,7 +24,7 @@ from worker.gatewayconf import GatewaySettings
 from worker.keys import load_public_key
 from worker.messages import Outgoing, open_reply, seal_request
 from worker.settings import Settings
-from worker.testing import ThrowawayKeys, running_worker
+from worker.testing import ThrowawayKeys, free_port, running_worker
 
 
 def _seal(grant: SessionGrant, payload: Any, *, alg: str = ALG_SK, type_: str = "echo") -> Outgoing:
@@ -308,3 +310,49 @@ def test_gateway_settings_from_env() -> None:
     )
     with pytest.raises(ConfigError, match="SEALSTREAM_GATEWAY_MAX_STREAMS"):
         GatewaySettings.from_env({"SEALSTREAM_GATEWAY_MAX_STREAMS": "many"})
+
+
+async def test_metrics_count_forwarded_and_refused(
+    settings: Settings, redis: aioredis.Redis, grant: SessionGrant, http: httpx.AsyncClient
+) -> None:
+    """Prometheus counters: forwarded bytes, refusals by reason, requests by route and status."""
+    await _publish_config(redis, settings.prefix)
+    body = _body(_seal(grant, {"a": 1}))
+    headers = {"Content-Type": "application/json"}
+    async with running_gateway(settings) as (url, gateway):
+        await http.post(f"{url}/v1/requests", content=body, headers=headers)
+        await http.post(f"{url}/v1/requests", content=b"[]", headers=headers)
+    sample = gateway.metrics.registry.get_sample_value
+    assert (len(body), 1.0, 1.0, 1.0) == (
+        sample("sealstream_gateway_forwarded_bytes_total"),
+        sample("sealstream_gateway_refused_total", {"reason": "malformed"}),
+        sample("sealstream_gateway_requests_total", {"route": "requests", "status": "202"}),
+        sample("sealstream_gateway_requests_total", {"route": "requests", "status": "400"}),
+    )
+
+
+async def test_redis_down_is_a_503(settings: Settings, http: httpx.AsyncClient) -> None:
+    """With Redis unreachable, a POST is a 503 the client may retry, not a 500."""
+    down = replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    async with running_gateway(down) as (url, _):
+        config = await http.get(f"{url}/v1/config")
+        response = await http.post(
+            f"{url}/v1/requests",
+            content=_body(_seal(_FAKE_GRANT, {})),
+            headers={"Content-Type": "application/json"},
+        )
+    assert [(503, "redis_unavailable")] * 2 == [
+        (r.status_code, r.json()["error"]) for r in (config, response)
+    ]
+
+
+_FAKE_GRANT = SessionGrant(sid=new_id(), public_key_pem="", session_key=b"k" * 32, expires_at=0)
+
+
+def test_cli_refuses_a_bad_gateway_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sealstream gateway`` with a malformed setting is a one-line error, exit 2."""
+    monkeypatch.setenv("SEALSTREAM_GATEWAY_RATE", "fast")
+    assert 2 == main(["gateway"])
+    assert "SEALSTREAM_GATEWAY_RATE" in capsys.readouterr().err

@@ -91,7 +91,7 @@ class GatewayMetrics:
         self.refused = Counter(
             "sealstream_gateway_refused",
             "Requests refused, by reason (malformed, unsupported, too_large, media_type,"
-            " rate_limited, streams_exhausted, bad_id, no_config).",
+            " rate_limited, streams_exhausted, bad_id, no_config, redis_unavailable).",
             ["reason"],
             registry=r,
         )

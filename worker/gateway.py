@@ -170,9 +170,18 @@ class Gateway:
         self._config = config
         return config
 
+    def _unavailable(self, exc: Exception) -> JSONResponse:
+        log.warning("gateway_redis_error", error_type=type(exc).__name__)
+        return self._refuse(
+            "redis_unavailable", 503, "Redis is unavailable", **{"Retry-After": "1"}
+        )
+
     async def config(self, request: Request) -> Response:
         """GET /v1/config: ``{kid, servicePublicKey, shards}``, as workers published it."""
-        config = await self._read_config()
+        try:
+            config = await self._read_config()
+        except (RedisError, OSError) as exc:
+            return self._unavailable(exc)
         if config is None:
             return self._refuse("no_config", 503, "no worker has published its config yet")
         return JSONResponse(
@@ -202,12 +211,16 @@ class Gateway:
             reason = "unsupported" if isinstance(exc, Unsupported) else "malformed"
             log.info("request_refused", reason=reason, detail=exc.detail, size=len(body))
             return self._refuse(reason, 400, exc.detail)
-        config = await self._read_config()
-        if config is None:
-            return self._refuse("no_config", 503, "no worker has published its config yet")
-        shard = self.store.names.default_shard(envelope.mid, config.shards)
-        # Forwarded byte for byte: the gateway changes nothing it cannot read.
-        entry_id = await self.store.add_request(shard, {"j": body})
+        try:
+            config = await self._read_config()
+            if config is None:
+                return self._refuse("no_config", 503, "no worker has published its config yet")
+            shard = self.store.names.default_shard(envelope.mid, config.shards)
+            # Forwarded byte for byte: the gateway changes nothing it cannot read.
+            entry_id = await self.store.add_request(shard, {"j": body})
+        except (RedisError, OSError) as exc:
+            # The client retries; a copy that did land gets a ``replay`` notice.
+            return self._unavailable(exc)
         self.metrics.forwarded_bytes.inc(len(body))
         log.info(
             "request_forwarded",
