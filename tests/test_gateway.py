@@ -194,6 +194,22 @@ async def test_requests_are_rate_limited_per_client(
     assert "2" == codes[2].headers["retry-after"]
 
 
+async def test_event_stream_opens_are_rate_limited(
+    settings: Settings, http: httpx.AsyncClient
+) -> None:
+    """Opening event streams spends the same tokens: a reconnect storm gets 429."""
+    async with running_gateway(settings, GatewaySettings(rate=0.5, burst=1)) as (url, _):
+        first = await http.post(
+            f"{url}/v1/requests", content=b"{}", headers={"Content-Type": "application/json"}
+        )
+        stream = await http.get(f"{url}/v1/replies/{new_id()}")
+    assert (400, 429, "rate_limited") == (
+        first.status_code,
+        stream.status_code,
+        stream.json()["error"],
+    )
+
+
 async def test_event_streams_are_limited_per_client(
     settings: Settings, http: httpx.AsyncClient
 ) -> None:

@@ -192,13 +192,19 @@ class Gateway:
     def _client(self, request: Request) -> str:
         return request.client.host if request.client is not None else "unknown"
 
+    def _rate_limited(self, request: Request) -> JSONResponse | None:
+        """A 429 when the client has spent its tokens (POSTs and stream opens)."""
+        wait = self.rates.take(self._client(request), time.monotonic())
+        if not wait:
+            return None
+        return self._refuse(
+            "rate_limited", 429, "too many requests", **{"Retry-After": str(int(wait) + 1)}
+        )
+
     async def post_request(self, request: Request) -> Response:
         """POST /v1/requests: validate one JSON envelope as a worker would, then XADD it."""
-        wait = self.rates.take(self._client(request), time.monotonic())
-        if wait:
-            return self._refuse(
-                "rate_limited", 429, "too many requests", **{"Retry-After": str(int(wait) + 1)}
-            )
+        if (limited := self._rate_limited(request)) is not None:
+            return limited
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/json":
             return self._refuse("media_type", 415, "the body must be application/json")
@@ -256,6 +262,10 @@ class Gateway:
         after = request.headers.get("last-event-id") or request.query_params.get("after") or "0-0"
         if _ENTRY_ID.fullmatch(after) is None:
             return self._refuse("bad_id", 400, "Last-Event-ID is not a stream entry id")
+        if (limited := self._rate_limited(request)) is not None:
+            # Reconnect storms cost tokens too.
+            self.metrics.requests.labels("replies", "429").inc()
+            return limited
         client = self._client(request)
         if (why := self.slots.acquire(client)) is not None:
             self.metrics.requests.labels("replies", "429").inc()

@@ -271,6 +271,11 @@ export function decodeMsgpack(input, { floats = 'number' } = {}) {
 
 // -- encoders --------------------------------------------------------------------------
 
+function isPlainObject(v) {
+  const proto = Object.getPrototypeOf(v);
+  return proto === Object.prototype || proto === null;
+}
+
 function checkKey(k) {
   if (!isWellFormed(k)) throw new TypeError('map keys must be valid Unicode');
 }
@@ -330,11 +335,11 @@ export function encodeMsgpack(value) {
     } else if (v instanceof WireFloat) enc(v.value, depth);
     else if (v instanceof Uint8Array) { head(v.length, null, 0, 0xc4, 0xc5, 0xc6); push(v); }
     else if (Array.isArray(v)) { head(v.length, 0x90, 15, null, 0xdc, 0xdd); for (const x of v) enc(x, depth + 1); }
-    else if (typeof v === 'object') {
+    else if (typeof v === 'object' && isPlainObject(v)) {
       const entries = Object.entries(v).filter(([, x]) => x !== undefined);
       head(entries.length, 0x80, 15, null, 0xde, 0xdf);
       for (const [k, x] of entries) { checkKey(k); str(k); enc(x, depth + 1); }
-    } else throw new TypeError(`${typeof v} values cannot be sent`);
+    } else throw new TypeError(`${v?.constructor?.name ?? typeof v} values cannot be sent`);
   }
   enc(value, 0);
   const out = new Uint8Array(size);
@@ -352,10 +357,13 @@ function toJsonValue(v, depth) {
   if (typeof v === 'string' && !isWellFormed(v)) throw new TypeError('strings must be valid Unicode');
   if (Array.isArray(v)) return v.map((x) => toJsonValue(x, depth + 1));
   if (v !== null && typeof v === 'object') {
+    // Dates, Maps, class instances...: JSON.stringify would send them silently changed.
+    if (!isPlainObject(v)) throw new TypeError(`${v.constructor?.name ?? 'object'} values cannot be sent`);
     const o = {};
     for (const [k, x] of Object.entries(v)) { checkKey(k); if (x !== undefined) defineOwn(o, k, toJsonValue(x, depth + 1)); }
     return o;
   }
+  if (typeof v === 'function' || typeof v === 'symbol') throw new TypeError(`${typeof v} values cannot be sent`);
   return v;
 }
 
