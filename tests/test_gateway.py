@@ -11,6 +11,7 @@ import anyio
 import httpx
 import pytest
 import redis.asyncio as aioredis
+import structlog.testing
 
 from tests.gatewayrig import Event, read_events, running_gateway
 from worker import wire
@@ -372,3 +373,27 @@ def test_cli_refuses_a_bad_gateway_setting(
     monkeypatch.setenv("SEALSTREAM_GATEWAY_RATE", "fast")
     assert 2 == main(["gateway"])
     assert "SEALSTREAM_GATEWAY_RATE" in capsys.readouterr().err
+
+
+async def test_logs_hold_ids_and_sizes_not_envelopes(
+    settings: Settings, redis: aioredis.Redis, grant: SessionGrant, http: httpx.AsyncClient
+) -> None:
+    """One summary line per POST, with ids, shard and size; no ciphertext, forwarded or refused."""
+    await _publish_config(redis, settings.prefix)
+    out = _seal(grant, {"a": 1})
+    body = _body(out)
+    headers = {"Content-Type": "application/json"}
+    with structlog.testing.capture_logs() as logs:
+        async with running_gateway(settings) as (url, _):
+            await http.post(f"{url}/v1/requests", content=body, headers=headers)
+            await http.post(f"{url}/v1/requests", content=body[:-1], headers=headers)
+    summaries = [e for e in logs if e["event"].startswith("request_")]
+    assert ["request_forwarded", "request_refused"] == [e["event"] for e in summaries]
+    assert (out.request.sid, out.request.mid, len(body)) == (
+        summaries[0]["session_id"],
+        summaries[0]["message_id"],
+        summaries[0]["size"],
+    )
+    text = repr(logs)
+    for secret in (out.request.encrypted_data, out.request.auth_tag, out.request.iv):
+        assert wire.b64encode(secret) not in text
