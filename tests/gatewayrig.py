@@ -34,6 +34,7 @@ async def running_gateway(
         timeout_graceful_shutdown=1,
     )
     server = uvicorn.Server(config)
+    gateway.should_exit = lambda: server.should_exit
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
         with anyio.fail_after(10):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -12,6 +17,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 import structlog.testing
+from anyio.abc import Process
 
 from tests.gatewayrig import Event, read_events, running_gateway
 from worker import wire
@@ -397,3 +403,66 @@ async def test_logs_hold_ids_and_sizes_not_envelopes(
     text = repr(logs)
     for secret in (out.request.encrypted_data, out.request.auth_tag, out.request.iv):
         assert wire.b64encode(secret) not in text
+
+
+@asynccontextmanager
+async def _gateway_process(
+    settings: Settings, tmp_path: Path, **extra_env: str
+) -> AsyncIterator[tuple[Process, str]]:
+    """``python -m worker gateway`` on a free port, answering HTTP; killed if still running."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "SEALSTREAM_REDIS_URL": settings.redis_url,
+        "SEALSTREAM_PREFIX": settings.prefix,
+        "SEALSTREAM_LOG_FORMAT": "json",
+        **extra_env,
+    }
+    command = [sys.executable, "-m", "worker", "gateway", "--port", str(port)]
+    with (tmp_path / "gateway.log").open("wb") as out:
+        proc = await anyio.open_process(command, env=env, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            with anyio.fail_after(20):
+                while True:
+                    try:
+                        await http.get(f"{url}/v1/config")
+                        break
+                    except httpx.TransportError:
+                        await anyio.sleep(0.05)
+        yield proc, url
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_gateway_process_serves_its_metrics(settings: Settings, tmp_path: Path) -> None:
+    """With SEALSTREAM_METRICS_PORT, the gateway process serves Prometheus text there."""
+    metrics_port = free_port()
+    async with (
+        _gateway_process(settings, tmp_path, SEALSTREAM_METRICS_PORT=str(metrics_port)),
+        httpx.AsyncClient(timeout=10) as http,
+    ):
+        text = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+    assert 'sealstream_gateway_requests_total{route="config",status="503"} ' in text
+
+
+async def test_sigterm_ends_open_streams_and_exits_0(settings: Settings, tmp_path: Path) -> None:
+    """``sealstream gateway`` on SIGTERM closes its event streams cleanly and exits 0 at once."""
+    async with (
+        _gateway_process(settings, tmp_path) as (proc, url),
+        httpx.AsyncClient(timeout=10) as http,
+        http.stream("GET", f"{url}/v1/replies/{new_id()}") as response,
+    ):
+        lines = response.aiter_lines()
+        assert "retry: 1000" == await anext(lines)
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(10):
+            rest = [line async for line in lines]
+            assert 0 == await proc.wait()
+    assert all(line in ("", ": keepalive") for line in rest)
+    log = (tmp_path / "gateway.log").read_text()
+    assert "Traceback" not in log
+    assert "replies_closed" in log

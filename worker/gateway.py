@@ -23,12 +23,12 @@ from __future__ import annotations
 import base64
 import json
 import re
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
@@ -50,7 +50,7 @@ from worker.logging import get_logger
 from worker.metrics import MetricsServer
 from worker.names import Names
 from worker.settings import Settings, redacted_url
-from worker.streams import Store, connect
+from worker.streams import Entry, Store, connect
 
 log = get_logger("sealstream.gateway")
 
@@ -98,6 +98,20 @@ class Gateway:
             total=settings.max_streams, per_client=settings.max_streams_per_client
         )
         self._config: _Config | None = None
+        self._stopping = anyio.Event()
+        #: polled while serving; true once the server is shutting down (uvicorn's
+        #: should_exit), so open event streams end before the graceful timeout
+        self.should_exit: Callable[[], bool] = lambda: False
+
+    def stop(self) -> None:
+        """End every open event stream (clients resume elsewhere from their last id)."""
+        self._stopping.set()
+
+    async def _watch_exit(self) -> None:
+        # uvicorn signals shutdown by a flag it polls every 0.1 s; so do we.
+        while not self.should_exit():  # noqa: ASYNC110 - a flag, not an event, is what there is
+            await anyio.sleep(0.1)
+        self.stop()
 
     async def aclose(self) -> None:
         """Close the Redis pool if the gateway made it."""
@@ -131,7 +145,10 @@ class Gateway:
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             try:
-                yield
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._watch_exit)
+                    yield
+                    tg.cancel_scope.cancel()
             finally:
                 await self.aclose()
 
@@ -289,12 +306,14 @@ class Gateway:
             yield b"retry: 1000\n\n"
             while True:
                 try:
-                    entries = await self.store.read_replies(sid, after=after, block_ms=block_ms)
+                    entries = await self._read_unless_stopping(sid, after, block_ms)
                 except (RedisError, OSError) as exc:
                     # The client reconnects (retry: 1000) and resumes from its last id.
                     log.warning(
                         "replies_redis_error", session_id=sid, error_type=type(exc).__name__
                     )
+                    return
+                if entries is None:
                     return
                 if not entries:
                     yield b": keepalive\n\n"
@@ -320,6 +339,27 @@ class Gateway:
                 events=sent,
                 duration_s=round(time.monotonic() - started, 3),
             )
+
+    async def _read_unless_stopping(
+        self, sid: str, after: str, block_ms: int
+    ) -> list[Entry] | None:
+        """One blocking read of reply entries, or None as soon as the gateway stops."""
+        result: list[Entry] | None = None
+        # The task group lives within this one await, never across the generator's yield.
+        async with anyio.create_task_group() as tg:
+
+            async def read() -> None:
+                nonlocal result
+                result = await self.store.read_replies(sid, after=after, block_ms=block_ms)
+                tg.cancel_scope.cancel()
+
+            async def stopped() -> None:
+                await self._stopping.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(read)
+            tg.start_soon(stopped)
+        return result
 
     async def demo_page(self, request: Request) -> Response:
         """GET /demo: the demo page (the kid to pin comes in ?kid=)."""
@@ -357,11 +397,6 @@ class _SlotReleasing(StreamingResponse):
             self._on_close()
 
 
-def build_app(settings: GatewaySettings, worker_settings: Settings, **kwargs: Any) -> Starlette:
-    """The gateway's ASGI app (``kwargs`` go to :class:`Gateway`)."""
-    return Gateway(settings, worker_settings, **kwargs).app()
-
-
 def serve(settings: GatewaySettings, worker_settings: Settings) -> None:
     """Run the gateway with uvicorn until SIGTERM/SIGINT."""
     from prometheus_client import start_http_server
@@ -369,18 +404,19 @@ def serve(settings: GatewaySettings, worker_settings: Settings) -> None:
     from worker.errors import ConfigError
 
     metrics = GatewayMetrics()
-    app = build_app(settings, worker_settings, metrics=metrics)
+    gateway = Gateway(settings, worker_settings, metrics=metrics)
+    app = gateway.app()
     metrics_server: MetricsServer | None = None
     if worker_settings.metrics_port is not None:
         try:
-            server, thread = start_http_server(
+            wsgi, thread = start_http_server(
                 worker_settings.metrics_port,
                 addr=worker_settings.metrics_addr,
                 registry=metrics.registry,
             )
         except OSError as exc:
             raise ConfigError(f"SEALSTREAM_METRICS_PORT: cannot listen: {exc.strerror}") from None
-        metrics_server = MetricsServer(server=server, thread=thread)
+        metrics_server = MetricsServer(server=wsgi, thread=thread)
     log.info(
         "gateway_starting",
         host=settings.host,
@@ -399,8 +435,15 @@ def serve(settings: GatewaySettings, worker_settings: Settings) -> None:
         timeout_graceful_shutdown=1,
         lifespan="on",
     )
+    server = uvicorn.Server(config)
+    gateway.should_exit = lambda: server.should_exit
+    # uvicorn handles SIGTERM/SIGINT (a graceful stop), then raises the signal again
+    # with the handler it found: with these no-op handlers that ends the process with
+    # 0, as the worker does, rather than by the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
-        anyio.run(uvicorn.Server(config).serve)
+        anyio.run(server.serve)
     finally:
         if metrics_server is not None:
             metrics_server.close()
