@@ -23,6 +23,12 @@ for (const alg of [ALG_SK, ALG_RSA]) {
   });
 }
 
+test('a service key from the gateway that does not match the pin is refused', async () => {
+  /** The gateway cannot substitute a key of its own: GET /v1/config is checked against the kid. */
+  const client = new Client(new GatewayTransport(rig.gatewayUrl), { kid: '0'.repeat(64), encoding: 'j' });
+  await assert.rejects(client.session(), ConfigError);
+});
+
 test('the gateway carries only the JSON encoding', () => {
   /** MessagePack envelopes cannot be POSTed: refused when the client is made. */
   assert.throws(() => new Client(new GatewayTransport(rig.gatewayUrl), { kid: rig.kid, encoding: 'e' }), ConfigError);

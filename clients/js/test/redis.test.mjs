@@ -76,3 +76,22 @@ test('submitted requests are answered through replies()', async () => {
     await session.close();
   }
 });
+
+test('at most maxInFlight requests wait for replies at once', async () => {
+  /** With maxInFlight 1, a second submit waits until the first request's reply has arrived. */
+  const client = new Client(transport, { kid: rig.kid });
+  const session = await client.session({ maxInFlight: 1 });
+  try {
+    await session.submit('sleep', { ms: 200 });
+    let second = false;
+    const pending = session.submit('echo', { n: 2 }).then((mid) => { second = true; return mid; });
+    const iterator = session.replies()[Symbol.asyncIterator]();
+    const first = (await iterator.next()).value;
+    assert.deepEqual([false, { slept: 200 }], [second, first.value]);
+    const mid = await pending;
+    const last = (await iterator.next()).value;
+    assert.deepEqual([mid, { n: 2 }], [last.mid, last.value]);
+  } finally {
+    await session.close();
+  }
+});
