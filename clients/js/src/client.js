@@ -94,6 +94,7 @@ class ReplyReader {
       for await (const batch of this.transport.subscribe(this.sid, { after: '0-0', signal: this.abort.signal })) {
         await this._batch(batch);
       }
+      if (!this.abort.signal.aborted) throw new ClientError('the reply stream ended');
     } catch (err) {
       if (!this.abort.signal.aborted) {
         this.failure = err instanceof ClientError ? err : new ClientError(`the reply reader stopped: ${err.message}`);
