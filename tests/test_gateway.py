@@ -27,6 +27,7 @@ from worker.client import SessionGrant, new_id
 from worker.demo import app
 from worker.envelope import ALG_RSA, ALG_SK
 from worker.errors import ConfigError, Malformed
+from worker.gateway import Gateway
 from worker.gatewayconf import GatewaySettings
 from worker.keys import load_public_key
 from worker.messages import Outgoing, open_reply, seal_request
@@ -403,6 +404,39 @@ async def test_logs_hold_ids_and_sizes_not_envelopes(
     text = repr(logs)
     for secret in (out.request.encrypted_data, out.request.auth_tag, out.request.iv):
         assert wire.b64encode(secret) not in text
+
+
+async def test_demo_page_and_its_modules_are_served(
+    settings: Settings, http: httpx.AsyncClient
+) -> None:
+    """With --demo: /demo and the client's modules; no other path under /demo/js."""
+    async with running_gateway(settings, GatewaySettings(demo=True)) as (url, _):
+        page = await http.get(f"{url}/demo")
+        module = await http.get(f"{url}/demo/js/index.js")
+        outside = await http.get(f"{url}/demo/js/..%2Fpackage.json")
+    assert (200, 200, 404) == (page.status_code, module.status_code, outside.status_code)
+    assert "import { ALG_RSA, ALG_SK, Client, GatewayTransport }" in page.text
+    assert module.headers["content-type"].startswith("text/javascript")
+
+
+async def test_demo_page_needs_the_client_sources(
+    settings: Settings, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """Without clients/js/src (an installed wheel), /demo says so instead of a dead page."""
+    gateway = Gateway(GatewaySettings(demo=True), settings, demo_js_dir=tmp_path)
+    transport = httpx.ASGITransport(app=gateway.app())
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            response = await client.get("/demo")
+    finally:
+        await gateway.aclose()
+    assert (503, "no_demo") == (response.status_code, response.json()["error"])
+
+
+async def test_demo_is_off_by_default(settings: Settings, http: httpx.AsyncClient) -> None:
+    """A gateway started without --demo has no /demo."""
+    async with running_gateway(settings) as (url, _):
+        assert 404 == (await http.get(f"{url}/demo")).status_code
 
 
 @asynccontextmanager

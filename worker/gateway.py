@@ -84,8 +84,10 @@ class Gateway:
         *,
         redis: aioredis.Redis | None = None,
         metrics: GatewayMetrics | None = None,
+        demo_js_dir: Path = _JS_SRC,
     ) -> None:
         self.settings = settings
+        self.demo_js_dir = demo_js_dir
         client = redis or connect(worker_settings.redis_url)
         self.store = Store(client, Names(worker_settings.prefix))
         self._owned = redis is None
@@ -363,12 +365,14 @@ class Gateway:
 
     async def demo_page(self, request: Request) -> Response:
         """GET /demo: the demo page (the kid to pin comes in ?kid=)."""
+        if not (self.demo_js_dir / "index.js").is_file():
+            return _error(503, "no_demo", "the demo page needs a source checkout (clients/js/src)")
         return FileResponse(_DEMO_PAGE, media_type="text/html; charset=utf-8")
 
     async def demo_script(self, request: Request) -> Response:
         """GET /demo/js/{name}: the JavaScript client's modules, for the demo page."""
         name = request.path_params["name"]
-        path = _JS_SRC / name
+        path = self.demo_js_dir / name
         if re.fullmatch(r"[a-z]+\.js", name) is None or not path.is_file():
             return _error(404, "not_found", "no such module")
         return FileResponse(path, media_type="text/javascript; charset=utf-8")
