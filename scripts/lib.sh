@@ -38,7 +38,7 @@ ensure_redis_server() {
   command -v redis-server >/dev/null 2>&1 && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     say "installing redis-server with apt"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    apt_update_once
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
     return 0
   fi
@@ -51,23 +51,51 @@ MSG
   return 1
 }
 
-# Node.js + npm and the interop client's packages (tests/interop).
+# Node.js + npm, and the npm packages of the JavaScript client (clients/js) and of the
+# interop client (tests/interop, which uses clients/js).
 ensure_node_deps() {
   if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       say "installing nodejs and npm with apt"
-      DEBIAN_FRONTEND=noninteractive apt-get update -qq
+      apt_update_once
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
     elif [ -n "${CI:-}" ]; then
-      echo "node/npm not found and cannot be installed here: CI needs them for the interop test" >&2
+      echo "node/npm not found and cannot be installed here: CI needs them for the JS client" >&2
       return 1
     else
-      say "node/npm not found: the interop test will be skipped (in CI it fails)"
+      say "node/npm not found: the JS client and interop tests will be skipped (in CI they fail)"
       return 0
     fi
   fi
-  if [ ! -d tests/interop/node_modules ] || [ tests/interop/package-lock.json -nt tests/interop/node_modules ]; then
-    say "installing the interop client's npm packages"
-    (cd tests/interop && npm ci --silent --no-audit --no-fund)
+  local dir
+  for dir in clients/js tests/interop; do
+    if [ ! -d "$dir/node_modules" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules" ]; then
+      say "installing the npm packages of $dir"
+      (cd "$dir" && npm ci --silent --no-audit --no-fund)
+      touch "$dir/node_modules"
+    fi
+  done
+}
+
+# Debian's chromium, for the browser test of the gateway's demo page.
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing chromium with apt (the demo page's browser test)"
+    apt_update_once
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    return 0
   fi
+  if [ -n "${CI:-}" ]; then
+    echo "chromium not found and cannot be installed here: CI needs it for the browser test" >&2
+    return 1
+  fi
+  say "chromium not found: the browser test will be skipped (in CI it fails)"
+}
+
+APT_UPDATED=
+apt_update_once() {
+  [ -n "$APT_UPDATED" ] && return 0
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  APT_UPDATED=1
 }

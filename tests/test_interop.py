@@ -1,4 +1,5 @@
-"""Interoperability: a Node.js client written from PROTOCOL.md alone talks to our worker."""
+"""Interoperability: the JavaScript client (clients/js, grown from a Node.js client written
+from PROTOCOL.md alone) runs the protocol conformance steps against our worker."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ if NODE is None or not (INTEROP / "node_modules").is_dir():
 
 
 async def test_node_selftest_passes() -> None:
-    """The Node client's offline checks (AAD, HKDF, X25519, strict decoders) pass."""
+    """The JS client's offline checks (AAD, HKDF, X25519, strict decoders) pass."""
     assert NODE is not None
     result = await anyio.run_process([NODE, "selftest.mjs"], cwd=INTEROP, check=False)
     assert 0 == result.returncode, result.stdout.decode() + result.stderr.decode()
@@ -41,7 +42,7 @@ async def test_node_selftest_passes() -> None:
 async def test_node_client_round_trips(
     settings: Settings, keys: ThrowawayKeys, tmp_path: Path
 ) -> None:
-    """The Node client handshakes, echoes in both algs and encodings, and sees refusals."""
+    """The JS client handshakes, echoes in both algs and encodings, and sees refusals."""
     assert NODE is not None
     pub = tmp_path / "service.pub.pem"
     pub.write_text(keys.service.public_pem)

@@ -1,4 +1,4 @@
-"""The ``sealstream`` command line: ``keygen``, ``worker``, ``send``, ``demo``.
+"""The ``sealstream`` command line: ``keygen``, ``worker``, ``send``, ``gateway``, ``demo``.
 
 Flags override ``SEALSTREAM_*`` variables. Configuration errors print one line
 naming the setting and exit 2.
@@ -151,6 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--redis-url", help="SEALSTREAM_REDIS_URL")
     send.add_argument("--prefix", help="SEALSTREAM_PREFIX")
     send.set_defaults(run=_send)
+
+    from worker.gatewayconf import add_parser as add_gateway_parser
+
+    add_gateway_parser(sub)
 
     demo = sub.add_parser("demo", help="run workers and a producer on a private Redis")
     demo.add_argument("--workers", type=_positive, default=2)
