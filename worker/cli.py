@@ -1,4 +1,5 @@
-"""The ``sealstream`` command line: ``keygen``, ``worker``, ``send``, ``demo``.
+"""The ``sealstream`` command line: ``keygen``, ``worker``, ``send``, ``demo``, and the
+operations commands ``stats``, ``dlq``, ``session``, ``keys`` (:mod:`worker.cli_ops`).
 
 Flags override ``SEALSTREAM_*`` variables. Configuration errors print one line
 naming the setting and exit 2.
@@ -21,10 +22,11 @@ from typing import Any
 import anyio
 from redis.exceptions import RedisError
 
-from worker.errors import ConfigError, SealstreamError
+from worker import cli_ops
+from worker.errors import ConfigError, InvalidArgument, SealstreamError
 from worker.handlers import App
 from worker.logging import configure, get_logger
-from worker.settings import Settings
+from worker.settings import Settings, redacted_url
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
-    except ConfigError as exc:
+    except (ConfigError, InvalidArgument) as exc:
         print(f"sealstream: error: {exc}", file=sys.stderr)
         return 2
     except SealstreamError as exc:
@@ -46,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except RedisError as exc:
         url = getattr(args, "redis_url", None) or os.environ.get("SEALSTREAM_REDIS_URL")
-        print(f"sealstream: error: Redis ({url or 'default URL'}): {exc}", file=sys.stderr)
+        where = redacted_url(url) if url else "default URL"
+        print(f"sealstream: error: Redis ({where}): {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -99,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--sessions", type=_positive, default=8)
     demo.add_argument("--jobs", type=_positive, default=400)
     demo.set_defaults(run=_demo)
+
+    cli_ops.add_commands(sub)
     return parser
 
 
