@@ -108,9 +108,7 @@ async def test_purge_before_keeps_newer_letters(
     raw = await _letters(settings, keys, redis)
     ids = [i.decode() for i, _ in await redis.xrange(raw.names.dlq)]
     cut = ids[2].split("-")[0]
-    doc = await sealstream_json(
-        "dlq", "purge", "--before", cut, "--yes", env=redis_env(settings)
-    )
+    doc = await sealstream_json("dlq", "purge", "--before", cut, "--yes", env=redis_env(settings))
     assert 2 == doc["total"]
     assert [ids[2]] == [i.decode() for i, _ in await redis.xrange(raw.names.dlq)]
     doc = await sealstream_json("dlq", "purge", "--before", "0s", "--yes", env=redis_env(settings))

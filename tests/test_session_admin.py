@@ -28,9 +28,8 @@ async def test_list_counts_sessions_by_time_left(
     assert short.sid not in out
     doc = await sealstream_json("session", "list", env=redis_env(settings))
     assert 3 == doc["live"]
-    assert {"<5m": 1, "<1h": 1, "<6h": 0, "<24h": 1, ">=24h": 0, "no_expiry": 0} == doc[
-        "by_expiry"
-    ]
+    expected = {"<5m": 1, "<1h": 1, "<6h": 0, "<24h": 1, ">=24h": 0, "no_expiry": 0}
+    assert expected == doc["by_expiry"]
 
 
 def test_buckets_edges() -> None:
