@@ -13,12 +13,15 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import redis.asyncio as aioredis
 
-from worker import dlq, session_admin, stats
+from worker import dlq, rotation, session_admin, stats
+from worker.errors import ConfigError
+from worker.keys import MasterKeys
 from worker.settings import Settings
 from worker.streams import connect
 
@@ -64,6 +67,21 @@ def add_commands(sub: SubParsers) -> None:
     _common(rv)
     rv.add_argument("sid", help="the session id (32 hex chars)")
     rv.set_defaults(run=_session_revoke)
+
+    k = sub.add_parser("keys", help="master keys: records per key, rotation")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    ks = ksub.add_parser("status", help="live session records per master key id (no key needed)")
+    _common(ks)
+    ks.set_defaults(run=_keys_status)
+    rot = ksub.add_parser(
+        "rotate-master",
+        help="re-seal every session record under the first key of SEALSTREAM_MASTER_KEY_FILE",
+    )
+    _common(rot)
+    rot.set_defaults(run=_keys_rotate)
+    new = ksub.add_parser("new-master", help="write a new master key file (one line, 0600)")
+    new.add_argument("--out", required=True, type=Path, help="the file to create")
+    new.set_defaults(run=_keys_new)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -293,3 +311,92 @@ def _session_revoke(args: argparse.Namespace) -> int:
         return 0 if found else 1
 
     return with_redis(args, body)
+
+
+# -- keys --------------------------------------------------------------------------
+
+
+def _ring_or_none() -> MasterKeys | None:
+    """The configured key ring when one is set and valid; ``keys status`` needs none."""
+    try:
+        return Settings.from_env().load_master_keys()
+    except ConfigError:
+        return None
+
+
+def _keys_status(args: argparse.Namespace) -> int:
+    ring = _ring_or_none()
+
+    def role(kek: str) -> str:
+        if ring is None:
+            return "unknown"
+        if kek == ring.active.id:
+            return "active"
+        return "older" if ring.get(kek) is not None else "not in ring"
+
+    async def body(redis: aioredis.Redis, prefix: str) -> int:
+        counts = await rotation.kek_status(redis, prefix=prefix)
+        if args.json:
+            _print_json(
+                {
+                    "live": counts.total,
+                    "by_kek": counts.by_kek,
+                    "ring": list(ring.ids) if ring is not None else None,
+                }
+            )
+            return 0
+        print(f"live session records: {counts.total}")
+        for kek, n in counts.by_kek.items():
+            print(f"  {kek:<18} {n:>8}  {role(kek)}")
+        if ring is not None:
+            for kek in ring.ids:
+                if kek not in counts.by_kek:
+                    print(f"  {kek:<18} {0:>8}  {role(kek)}")
+        return 0
+
+    return with_redis(args, body)
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    ring = Settings.from_env().load_master_keys()
+    bar = sys.stderr.isatty() and not args.json
+
+    def progress(done: int, total: int) -> None:
+        if bar:
+            width = 30
+            filled = width * done // total if total else width
+            print(
+                f"\rre-sealing [{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    async def body(redis: aioredis.Redis, prefix: str) -> int:
+        report = await rotation.rotate_master(redis, ring, prefix=prefix, progress=progress)
+        if bar:
+            print(file=sys.stderr)
+        if args.json:
+            doc = report._asdict()
+            doc["remaining"] = {"live": report.remaining.total, "by_kek": report.remaining.by_kek}
+            _print_json(doc)
+        else:
+            print(
+                f"active key {report.active}: {report.resealed} re-sealed,"
+                f" {report.already_active} already under it, {report.gone} gone meanwhile,"
+                f" {report.failed} failed to open (left as they are)"
+            )
+            others = {k: n for k, n in report.remaining.by_kek.items() if k != report.active}
+            if others:
+                print("still in use: " + ", ".join(f"{k} ({n})" for k, n in others.items()))
+            print("removable from the ring: " + (", ".join(report.removable) or "none"))
+        return 0 if report.failed == 0 else 1
+
+    return with_redis(args, body)
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    key = rotation.write_new_master_key(args.out)
+    print(f"wrote {args.out}; key id:", file=sys.stderr)
+    print(key.id)
+    return 0
