@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--metrics-port", type=int, help="serve Prometheus /metrics (SEALSTREAM_METRICS_PORT)"
     )
+    worker.add_argument(
+        "--processes",
+        type=_positive,
+        help="run N worker processes under a supervisor (restarts, one /metrics)",
+    )
     worker.set_defaults(run=_worker)
 
     send = sub.add_parser("send", help="send one request and print its reply")
@@ -177,6 +182,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure(settings.log_level, settings.log_format)
+    if args.processes is not None:
+        return _supervise(args, settings)
     app = load_app(args.app)
     worker = Worker(
         app,
@@ -194,6 +201,31 @@ def _worker(args: argparse.Namespace) -> int:
     anyio.run(run)
     _exit_past_stuck_threads()
     return 0
+
+
+def _supervise(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.supervisor import Supervisor
+
+    # Checked here so a bad key file is one line now, not N children failing in turn.
+    settings.load_service_key()
+    settings.load_master_keys()
+    child_settings = {
+        "SEALSTREAM_REDIS_URL": settings.redis_url,
+        "SEALSTREAM_PREFIX": settings.prefix,
+        "SEALSTREAM_CONCURRENCY": str(settings.concurrency),
+        "SEALSTREAM_SHARDS": str(settings.shards),
+        "SEALSTREAM_GRACE_S": repr(settings.grace_s),
+    }
+    supervisor = Supervisor(
+        processes=args.processes,
+        args=[*([args.app] if args.app else []), *(["--burst"] if settings.burst else [])],
+        env={**os.environ, **child_settings},
+        metrics_port=settings.metrics_port,
+        metrics_addr=settings.metrics_addr,
+        burst=settings.burst,
+        stop_timeout_s=settings.grace_s + 15,
+    )
+    return anyio.run(supervisor.run)
 
 
 def _exit_past_stuck_threads() -> None:

@@ -1,0 +1,187 @@
+"""`sealstream worker --processes N`: a supervisor of real worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from tests.cli import sealstream
+from tests.helpers import Raw
+from tests.procs import WorkerProcs, wait_answered, wait_started
+from worker.settings import Settings
+from worker.testing import ThrowawayKeys, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _events(log: Path, event: str) -> list[dict[str, Any]]:
+    out = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{") and f'"{event}"' in line:
+            row = json.loads(line)
+            if row.get("event") == event:
+                out.append(row)
+    return out
+
+
+async def _wait_events(log: Path, event: str, n: int, timeout: float = 30.0) -> list[Any]:
+    with anyio.fail_after(timeout):
+        while len(rows := _events(log, event)) < n:
+            await anyio.sleep(0.05)
+    return rows
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return int(response.status), str(response.read().decode())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), ""
+
+
+def _start(procs: WorkerProcs, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker", "worker", *args],
+            env=procs.env(),
+            stdout=out,
+            stderr=out,
+        )
+
+
+async def test_a_killed_child_comes_back_and_nothing_is_lost(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Two supervised workers serve 600 requests; one child is SIGKILLed mid-way: it is
+    restarted (logged), every request is answered exactly once, one /metrics serves
+    both children's counts, and SIGTERM to the supervisor drains all and exits 0."""
+    raw = Raw(redis, settings.prefix, keys)
+    procs = WorkerProcs(settings, keys, tmp_path)
+    grants = [await raw.grant() for _ in range(10)]
+    outs = [raw.seal(grants[i % 10], {"ms": 10}, type_="sleep") for i in range(600)]
+    port = free_port()
+    log = tmp_path / "supervisor.log"
+    sup = _start(procs, log, "--processes", "2", "--concurrency", "16", "--metrics-port", str(port))
+    try:
+        started = await _wait_events(log, "child_started", 2)
+        await wait_started(redis, settings.prefix, 2)
+        for out in outs:
+            await raw.send(out.request)
+        with anyio.fail_after(60):
+            while len(await raw.replies(grants[0].sid)) < 10:
+                await anyio.sleep(0.02)
+        victim = started[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        died = await _wait_events(log, "child_died", 1)
+        assert (victim, -signal.SIGKILL) == (died[0]["pid"], died[0]["code"])
+        again = await _wait_events(log, "child_started", 3)
+        assert again[2]["pid"] != victim
+        got = await wait_answered(raw, grants, {o.request.mid for o in outs}, timeout=90)
+        assert {} == {m: dict(c) for m, c in got.items() if c != Counter(ok=1)}
+        status, text = await anyio.to_thread.run_sync(_get, port, "/metrics")
+        assert 200 == status
+        served = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith('sealstream_requests_total{status="ok",type="sleep"}')
+        )
+        assert served >= 1, text
+        sup.send_signal(signal.SIGTERM)
+        with anyio.fail_after(60):
+            code = await anyio.to_thread.run_sync(sup.wait)
+        assert 0 == code, log.read_text()[-3000:]
+        exited = _events(log, "child_exited")
+        assert [0, 0] == [e["code"] for e in exited]
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+        for row in _events(log, "child_started"):
+            try:
+                os.kill(row["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+async def test_readyz_of_the_supervisor(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """/readyz of a supervisor is 200 once every child is consuming; /healthz 200."""
+    procs = WorkerProcs(settings, keys, tmp_path)
+    port = free_port()
+    log = tmp_path / "supervisor.log"
+    sup = _start(procs, log, "--processes", "2", "--metrics-port", str(port))
+    try:
+        await wait_started(redis, settings.prefix, 2)
+        with anyio.fail_after(30):
+            while (await anyio.to_thread.run_sync(_get, port, "/readyz"))[0] != 200:
+                await anyio.sleep(0.1)
+        assert 200 == (await anyio.to_thread.run_sync(_get, port, "/healthz"))[0]
+        sup.send_signal(signal.SIGINT)
+        with anyio.fail_after(60):
+            assert 0 == await anyio.to_thread.run_sync(sup.wait)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+
+
+async def test_burst_children_finish_and_the_supervisor_exits(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """With --burst, children that drained the shards exit 0 and are not restarted."""
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    outs = [raw.seal(grant, {"i": i}) for i in range(20)]
+    for out in outs:
+        await raw.send(out.request)
+    procs = WorkerProcs(settings, keys, tmp_path)
+    log = tmp_path / "supervisor.log"
+    sup = _start(procs, log, "--processes", "2", "--burst")
+    try:
+        with anyio.fail_after(60):
+            assert 0 == await anyio.to_thread.run_sync(sup.wait)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+    assert 20 == len(await raw.replies(grant.sid))
+    assert [] == _events(log, "child_died")
+
+
+async def test_bad_settings_are_one_line_before_any_child_starts() -> None:
+    """Bad settings are one line before any child starts (exit 2); --processes 0 is a
+    usage error."""
+    code, _, err = await sealstream("worker", "--processes", "2", env={"SEALSTREAM_SHARDS": "many"})
+    assert 2 == code and 1 == len(err.strip().splitlines())
+    code, _, err = await sealstream("worker", "--processes", "0")
+    assert 2 == code and "positive integer" in err
+
+
+async def test_a_child_config_error_stops_the_supervisor(
+    settings: Settings, keys: ThrowawayKeys, tmp_path: Path
+) -> None:
+    """Children exiting 2 (here: an APP that is not an App) are not restarted: the
+    supervisor stops and exits 2."""
+    procs = WorkerProcs(settings, keys, tmp_path)
+    log = tmp_path / "supervisor.log"
+    sup = _start(procs, log, "--processes", "2", "os:path")
+    try:
+        with anyio.fail_after(60):
+            assert 2 == await anyio.to_thread.run_sync(sup.wait)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+    assert 1 <= len(_events(log, "child_config_error"))
+    assert [] == _events(log, "child_died")
