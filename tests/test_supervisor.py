@@ -10,6 +10,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from tests.cli import sealstream
 from tests.helpers import Raw
 from tests.procs import WorkerProcs, wait_answered, wait_started
 from worker.settings import Settings
+from worker.supervisor import child_environment
 from worker.testing import ThrowawayKeys, free_port
 
 pytestmark = pytest.mark.slow
@@ -185,3 +187,23 @@ async def test_a_child_config_error_stops_the_supervisor(
             sup.kill()
     assert 1 <= len(_events(log, "child_config_error"))
     assert [] == _events(log, "child_died")
+
+
+def test_children_read_the_password_file_themselves(tmp_path: Path) -> None:
+    """Without --redis-url, children get the password file's name, not the password;
+    with it, the flag's URL is passed on and the password file dropped."""
+    secret = tmp_path / "pw"
+    secret.write_text("hunter2")
+    base = {
+        "SEALSTREAM_REDIS_URL": "redis://redis:6379/0",
+        "SEALSTREAM_REDIS_PASSWORD_FILE": str(secret),
+    }
+    settings = Settings.from_env(base)
+    env = child_environment(base, settings, redis_url_flag=False)
+    assert "hunter2" not in "".join(env.values())
+    assert str(secret) == env["SEALSTREAM_REDIS_PASSWORD_FILE"]
+    assert Settings.from_env(env).redis_url == settings.redis_url
+    flagged = replace(settings, redis_url="redis://other:6379/0")
+    env = child_environment(base, flagged, redis_url_flag=True)
+    assert "SEALSTREAM_REDIS_PASSWORD_FILE" not in env
+    assert "redis://other:6379/0" == Settings.from_env(env).redis_url

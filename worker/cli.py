@@ -204,22 +204,15 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _supervise(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.supervisor import Supervisor
+    from worker.supervisor import Supervisor, child_environment
 
     # Checked here so a bad key file is one line now, not N children failing in turn.
     settings.load_service_key()
     settings.load_master_keys()
-    child_settings = {
-        "SEALSTREAM_REDIS_URL": settings.redis_url,
-        "SEALSTREAM_PREFIX": settings.prefix,
-        "SEALSTREAM_CONCURRENCY": str(settings.concurrency),
-        "SEALSTREAM_SHARDS": str(settings.shards),
-        "SEALSTREAM_GRACE_S": repr(settings.grace_s),
-    }
     supervisor = Supervisor(
         processes=args.processes,
         args=[*([args.app] if args.app else []), *(["--burst"] if settings.burst else [])],
-        env={**os.environ, **child_settings},
+        env=child_environment(os.environ, settings, redis_url_flag=args.redis_url is not None),
         metrics_port=settings.metrics_port,
         metrics_addr=settings.metrics_addr,
         burst=settings.burst,

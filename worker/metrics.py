@@ -18,9 +18,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from worker.health import HttpServer
 from worker.health import serve as serve_http
 
-#: Kept for callers of the earlier name.
-MetricsServer = HttpServer
-
 
 class Metrics:
     """The worker's counters, histograms and gauges, in their own registry."""

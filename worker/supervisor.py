@@ -39,6 +39,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from worker.health import READY_WINDOW_S, HttpServer
 from worker.health import serve as serve_http
 from worker.logging import get_logger
+from worker.settings import Settings
 
 log = get_logger("sealstream.supervisor")
 #: A child's exit code for a configuration error (see ``worker.cli``).
@@ -166,6 +167,8 @@ class Supervisor:
             )
             self.children[slot] = proc
             log.info("child_started", slot=slot, pid=proc.pid)
+            if self._stopping.is_set():  # stopped while it was being started
+                proc.send_signal(signal.SIGTERM)
             started = anyio.current_time()
             try:
                 with anyio.CancelScope(shield=True):
@@ -216,3 +219,26 @@ class Supervisor:
                     proc.send_signal(signum)
                 except ProcessLookupError:
                     pass
+
+
+def child_environment(
+    base: Mapping[str, str], settings: Settings, *, redis_url_flag: bool
+) -> dict[str, str]:
+    """The children's environment: ``base`` with the supervisor's resolved settings.
+
+    The Redis URL is passed on only when it came from ``--redis-url`` (then any
+    password file is dropped, as a flag's URL is used as it is); otherwise children
+    read ``SEALSTREAM_REDIS_URL`` and ``SEALSTREAM_REDIS_PASSWORD_FILE`` themselves,
+    so a password from a file stays out of their environment.
+    """
+    env = dict(base)
+    env.update(
+        SEALSTREAM_PREFIX=settings.prefix,
+        SEALSTREAM_CONCURRENCY=str(settings.concurrency),
+        SEALSTREAM_SHARDS=str(settings.shards),
+        SEALSTREAM_GRACE_S=repr(settings.grace_s),
+    )
+    if redis_url_flag:
+        env["SEALSTREAM_REDIS_URL"] = settings.redis_url
+        env.pop("SEALSTREAM_REDIS_PASSWORD_FILE", None)
+    return env
