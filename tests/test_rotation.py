@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from tests.cli import redis_env, sealstream, sealstream_json
 from tests.helpers import Raw, open_ok
 from tests.procs import WorkerProcs, wait_started
+from tests.terminal import run_on_terminal
 from worker.client import SessionGrant
 from worker.keys import MasterKey, MasterKeys, load_master_key_file
 from worker.messages import Outgoing
@@ -174,3 +175,19 @@ async def test_rotate_without_a_key_ring_is_a_config_error(settings: Settings) -
     code, _, err = await sealstream("keys", "rotate-master", env=redis_env(settings))
     assert 2 == code
     assert "SEALSTREAM_MASTER_KEY" in err and 1 == len(err.strip().splitlines())
+
+
+async def test_progress_bar_on_a_terminal(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """With stderr on a terminal, rotate-master draws a progress bar up to N/N."""
+    raw = Raw(redis, settings.prefix, keys)
+    for _ in range(3):
+        await raw.grant()
+    ring = _ring_file(tmp_path / "ring.key", MasterKey.generate(), keys.master.active)
+    env = redis_env(settings, SEALSTREAM_MASTER_KEY_FILE=str(ring))
+    code, err = await anyio.to_thread.run_sync(
+        lambda: run_on_terminal(["keys", "rotate-master"], env, stream="stderr")
+    )
+    assert 0 == code
+    assert b"\rre-sealing [" in err and b"3/3" in err

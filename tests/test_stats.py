@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from tests.cli import base_env, redis_env, sealstream, sealstream_json
 from tests.helpers import Raw
+from tests.terminal import run_python_on_terminal
 from worker.demo import app
 from worker.names import GROUP
 from worker.settings import Settings
@@ -114,3 +115,19 @@ async def test_stats_hides_the_redis_password(settings: Settings) -> None:
     assert 1 == code
     assert 1 == len(err.strip().splitlines()), err
     assert "hunter2" not in err and "***@127.0.0.1" in err
+
+
+async def test_watch_on_a_terminal_redraws_in_place(settings: Settings) -> None:
+    """On a terminal, --watch clears the screen before each table (redraw in place);
+    piped, it only appends (see the JSON watch test)."""
+    env = redis_env(settings)
+    script = (
+        "import signal, threading, os, sys; "
+        "threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start(); "
+        "sys.argv = ['sealstream', 'stats', '--watch', '--interval', '0.2']; "
+        "from worker.cli import main; sys.exit(main())"
+    )
+    code, out = await anyio.to_thread.run_sync(lambda: run_python_on_terminal(script, env))
+    assert 0 == code
+    assert out.count(b"\x1b[H\x1b[2J") >= 2
+    assert b"sealstream stats" in out

@@ -207,3 +207,60 @@ def test_children_read_the_password_file_themselves(tmp_path: Path) -> None:
     env = child_environment(base, flagged, redis_url_flag=True)
     assert "SEALSTREAM_REDIS_PASSWORD_FILE" not in env
     assert "redis://other:6379/0" == Settings.from_env(env).redis_url
+
+
+async def test_a_crashing_child_is_restarted_with_growing_backoff(
+    settings: Settings, keys: ThrowawayKeys, tmp_path: Path
+) -> None:
+    """A child that exits 1 at once is restarted after 0.5 s, 1 s, 2 s...; a SIGTERM
+    during the backoff ends the supervisor without starting another."""
+    procs = WorkerProcs(settings, keys, tmp_path)
+    log = tmp_path / "supervisor.log"
+    sup = _start(procs, log, "--processes", "1", "tests.crash_app:app")
+    try:
+        died = await _wait_events(log, "child_died", 3)
+        assert [0.5, 1.0, 2.0] == [d["restart_in_s"] for d in died[:3]]
+        assert {1} == {d["code"] for d in died}
+        sup.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            await anyio.to_thread.run_sync(sup.wait)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+    assert len(_events(log, "child_started")) == len(_events(log, "child_died"))
+
+
+async def test_sigterm_mid_work_drains_every_child(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """SIGTERM while both children run handlers: they finish and answer what they took,
+    the supervisor exits 0, and nothing is left pending (delivered but unanswered)."""
+    raw = Raw(redis, settings.prefix, keys)
+    grants = [await raw.grant() for _ in range(4)]
+    outs = [raw.seal(grants[i % 4], {"ms": 300}, type_="sleep") for i in range(200)]
+    procs = WorkerProcs(settings, keys, tmp_path)
+    log = tmp_path / "supervisor.log"
+    sup = _start(procs, log, "--processes", "2", "--concurrency", "8")
+    try:
+        await wait_started(redis, settings.prefix, 2)
+        for out in outs:
+            await raw.send(out.request)
+        with anyio.fail_after(60):
+            while await raw.pending() < 10:
+                await anyio.sleep(0.01)
+        sup.send_signal(signal.SIGTERM)
+        with anyio.fail_after(60):
+            code = await anyio.to_thread.run_sync(sup.wait)
+        assert 0 == code, log.read_text()[-3000:]
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+    assert 0 == await raw.pending()
+    got: dict[str, int] = {}
+    for grant in grants:
+        for reply in await raw.replies(grant.sid):
+            got[reply.mid] = got.get(reply.mid, 0) + (reply.status == "ok")
+    assert got and {1} == set(got.values())
+    assert len(got) < len(outs)  # stopped mid-way: the rest waits for the next workers
