@@ -85,7 +85,7 @@ async def test_purge_is_a_dry_run_without_yes(
     """`dlq purge` without --yes only counts; nothing is deleted."""
     raw = await _letters(settings, keys, redis)
     code, out, _ = await sealstream("dlq", "purge", env=redis_env(settings))
-    assert 0 == code and "dry run: 3" in out
+    assert 0 == code and "dry run (add --yes to delete), would purge: 3" in out
     assert 3 == len(await raw.dead_letters())
 
 

@@ -42,7 +42,7 @@ def add_commands(sub: SubParsers) -> None:
     lst = dsub.add_parser("list", help="the newest dead letters, newest first")
     _common(lst)
     _filters(lst)
-    lst.add_argument("--limit", type=_positive, default=20)
+    lst.add_argument("--limit", type=positive_int, default=20)
     lst.set_defaults(run=_dlq_list)
     show = dsub.add_parser("show", help="one dead letter by its id in P:dlq")
     _common(show)
@@ -97,7 +97,8 @@ def _filters(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -143,7 +144,19 @@ def with_redis(args: argparse.Namespace, body: Callable[[aioredis.Redis, str], A
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, sort_keys=False))
+    print(json.dumps(value))
+
+
+def _emit(args: argparse.Namespace, doc: Any, lines: list[str]) -> None:
+    """``doc`` as JSON with ``--json``, else the human ``lines``."""
+    if args.json:
+        _print_json(doc)
+    else:
+        print("\n".join(lines))
+
+
+def _count_lines(title: str, total: int, rows: dict[str, int]) -> list[str]:
+    return [f"{title}: {total}", *(f"  {name:<16} {n}" for name, n in rows.items())]
 
 
 def _where(args: argparse.Namespace, now_ms: int) -> dlq.Filter:
@@ -251,12 +264,8 @@ def _dlq_stats(args: argparse.Namespace) -> int:
     async def body(redis: aioredis.Redis, prefix: str) -> int:
         where = _where(args, await dlq.server_time_ms(redis))
         counts = await dlq.count_letters(redis, prefix=prefix, where=where)
-        if args.json:
-            _print_json({"total": counts.total, "by_reason": counts.by_reason})
-        else:
-            print(f"dead letters: {counts.total}")
-            for reason, n in counts.by_reason.items():
-                print(f"  {reason:<16} {n}")
+        doc = {"total": counts.total, "by_reason": counts.by_reason}
+        _emit(args, doc, _count_lines("dead letters", counts.total, counts.by_reason))
         return 0
 
     return with_redis(args, body)
@@ -269,12 +278,9 @@ def _dlq_purge(args: argparse.Namespace) -> int:
             counts = await dlq.purge_letters(redis, prefix=prefix, where=where)
         else:
             counts = await dlq.count_letters(redis, prefix=prefix, where=where)
-        if args.json:
-            _print_json({"purged": args.yes, "total": counts.total, "by_reason": counts.by_reason})
-        elif args.yes:
-            print(f"purged {counts.total} dead letters")
-        else:
-            print(f"dry run: {counts.total} dead letters match; add --yes to delete them")
+        doc = {"purged": args.yes, "total": counts.total, "by_reason": counts.by_reason}
+        title = "purged" if args.yes else "dry run (add --yes to delete), would purge"
+        _emit(args, doc, _count_lines(title, counts.total, counts.by_reason))
         return 0
 
     return with_redis(args, body)
@@ -286,12 +292,10 @@ def _dlq_purge(args: argparse.Namespace) -> int:
 def _session_list(args: argparse.Namespace) -> int:
     async def body(redis: aioredis.Redis, prefix: str) -> int:
         counts = await session_admin.count_sessions(redis, prefix=prefix)
-        if args.json:
-            _print_json({"live": counts.total, "by_expiry": counts.by_expiry})
-        else:
-            print(f"live sessions: {counts.total}")
-            for label, n in counts.by_expiry.items():
-                print(f"  expiring {label:<10} {n}")
+        doc = {"live": counts.total, "by_expiry": counts.by_expiry}
+        _emit(
+            args, doc, _count_lines("live sessions, by time left", counts.total, counts.by_expiry)
+        )
         return 0
 
     return with_redis(args, body)
