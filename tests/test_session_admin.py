@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 import redis.asyncio as aioredis
 
@@ -99,3 +100,21 @@ async def test_revoke_session_refuses_a_malformed_sid(redis: aioredis.Redis) -> 
     """The library call raises InvalidArgument (a ValueError) before touching Redis."""
     with pytest.raises(InvalidArgument):
         await revoke_session(redis, "sealstream:*")
+
+
+async def test_a_running_handler_still_answers_after_revoke(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """Revocation takes effect at the next read of the record: a request whose handler
+    is already running when the session is revoked still gets its `ok` reply."""
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    async with running_worker(app, settings, keys):
+        out = raw.seal(grant, {"ms": 800}, type_="sleep")
+        await raw.send(out.request)
+        with anyio.fail_after(10):
+            while not await redis.exists(raw.names.seen(grant.sid, out.request.mid)):
+                await anyio.sleep(0.01)
+        assert await revoke_session(redis, grant.sid, prefix=settings.prefix)
+        reply = await raw.reply(grant.sid, out.request.mid)
+    assert {"slept": 800} == open_ok(reply, out)
