@@ -14,7 +14,7 @@ from tests.terminal import run_python_on_terminal
 from worker.demo import app
 from worker.names import GROUP
 from worker.settings import Settings
-from worker.testing import ThrowawayKeys, running_worker
+from worker.testing import RedisServer, ThrowawayKeys, running_worker
 
 
 async def _scene(settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis) -> Raw:
@@ -131,3 +131,35 @@ async def test_watch_on_a_terminal_redraws_in_place(settings: Settings) -> None:
     assert 0 == code
     assert out.count(b"\x1b[H\x1b[2J") >= 2
     assert b"sealstream stats" in out
+
+
+async def test_watch_rides_out_a_redis_outage(settings: Settings) -> None:
+    """--watch against a Redis that stops says so on stderr and keeps refreshing once
+    it is back (here: a private server stopped and started again on its port)."""
+    server = RedisServer.launch()
+    env = {**base_env(), "SEALSTREAM_REDIS_URL": server.url, "SEALSTREAM_PREFIX": settings.prefix}
+    try:
+        async with await anyio.open_process(
+            [sys.executable, "-m", "worker", "stats", "--watch", "--json", "--interval", "0.2"],
+            env=env,
+        ) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            out = b""
+            with anyio.fail_after(20):
+                while out.count(b"\n") < 1:
+                    out += await proc.stdout.receive()
+            server.stop()
+            err = b""
+            with anyio.fail_after(20):
+                while b"redis unavailable" not in err:
+                    err += await proc.stderr.receive()
+            server = RedisServer.launch(port=server.port)
+            seen = out.count(b"\n")
+            with anyio.fail_after(20):
+                while out.count(b"\n") < seen + 2:
+                    out += await proc.stdout.receive()
+            proc.send_signal(signal.SIGINT)
+            with anyio.fail_after(10):
+                assert 0 == await proc.wait()
+    finally:
+        server.stop()

@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import anyio
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import dlq, rotation, session_admin, stats
 from worker.errors import ConfigError
@@ -173,14 +175,21 @@ def _stats(args: argparse.Namespace) -> int:
 
     async def body(redis: aioredis.Redis, prefix: str) -> int:
         while True:
-            snapshot = await stats.collect(redis, prefix=prefix)
-            if args.json:
-                _print_json(stats.to_json(snapshot))
+            try:
+                snapshot = await stats.collect(redis, prefix=prefix)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if not args.watch:
+                    raise
+                # A watch rides out an outage: say so, and try again next interval.
+                print(f"redis unavailable ({type(exc).__name__}); retrying", file=sys.stderr)
             else:
-                # Refreshed in place on a terminal; appended when piped.
-                clear = "\x1b[H\x1b[2J" if args.watch and tty else ""
-                print(clear + stats.render(snapshot), flush=True)
-            sys.stdout.flush()
+                if args.json:
+                    _print_json(stats.to_json(snapshot))
+                else:
+                    # Refreshed in place on a terminal; appended when piped.
+                    clear = "\x1b[H\x1b[2J" if args.watch and tty else ""
+                    print(clear + stats.render(snapshot))
+                sys.stdout.flush()
             if not args.watch:
                 return 0
             await anyio.sleep(args.interval)
