@@ -170,15 +170,14 @@ async def _rotate_batch(
         return [_reseal(key, raw, names, keys) for key, raw in todo]
 
     sealed = await anyio.to_thread.run_sync(reseal_all)
-    lost: list[str] = []
-    for (key, raw), new in zip(todo, sealed, strict=True):
-        if new is None:
-            tally["failed"] += 1
-        elif await compare_and_set(redis, key, raw, new):
-            tally["resealed"] += 1
-        else:
-            lost.append(key)
-    return lost
+    writes = [(key, raw, new) for (key, raw), new in zip(todo, sealed, strict=True) if new]
+    tally["failed"] += len(todo) - len(writes)
+    async with redis.pipeline(transaction=False) as pipe:
+        for key, raw, new in writes:
+            pipe.eval(_CAS, 1, key, raw, new)
+        written: list[Any] = await pipe.execute() if writes else []
+    tally["resealed"] += sum(1 for ok in written if ok)
+    return [key for (key, _, _), ok in zip(writes, written, strict=True) if not ok]
 
 
 def write_new_master_key(path: Path) -> MasterKey:
