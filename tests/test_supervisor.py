@@ -253,3 +253,44 @@ def test_children_read_the_password_file_themselves(tmp_path: Path) -> None:
     env = child_environment(base, flagged, redis_url_flag=True)
     assert "SEALSTREAM_REDIS_PASSWORD_FILE" not in env
     assert "redis://other:6379/0" == Settings.from_env(env).redis_url
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie awaiting its reaper is not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+async def test_children_stop_when_the_supervisor_is_killed(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """A supervisor killed with SIGKILL cannot forward a signal: its children notice
+    their parent is gone and stop gracefully on their own."""
+    procs = WorkerProcs(settings, keys, tmp_path)
+    log = tmp_path / "supervisor.log"
+    with _supervisor(procs, log, "--processes", "2") as sup:
+        children = [row["pid"] for row in await _wait_events(log, "child_started", 2)]
+        await wait_started(redis, settings.prefix, 2)
+        sup.kill()
+        sup.wait()
+        with anyio.fail_after(30):
+            while any(_running(pid) for pid in children):
+                await anyio.sleep(0.1)
+    assert 2 == len(_events(log, "supervisor_gone"))
+    assert 2 == len(_events(log, "worker_stopped"))
+
+
+async def test_sigterm_while_children_start_is_a_clean_stop(
+    settings: Settings, keys: ThrowawayKeys, tmp_path: Path
+) -> None:
+    """A SIGTERM that reaches children still importing (before they handle signals, and
+    so before they read anything) is a clean stop: exit 0."""
+    procs = WorkerProcs(settings, keys, tmp_path)
+    log = tmp_path / "supervisor.log"
+    with _supervisor(procs, log, "--processes", "2") as sup:
+        await _wait_events(log, "child_started", 2)
+        sup.send_signal(signal.SIGTERM)
+        assert 0 == await _exit_code(sup), log.read_text()[-3000:]

@@ -28,6 +28,9 @@ from worker.handlers import App
 from worker.logging import configure, get_logger
 from worker.settings import Settings, redacted_url
 
+#: Set by ``worker --processes`` in its children's environment (internal).
+SUPERVISOR_PID = "SEALSTREAM_SUPERVISOR_PID"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sealstream`` console script."""
@@ -188,6 +191,9 @@ def _worker(args: argparse.Namespace) -> int:
     async def run() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, worker, tg.cancel_scope)
+            supervisor = os.environ.get(SUPERVISOR_PID, "")
+            if supervisor.isdigit():
+                tg.start_soon(_watch_supervisor, worker, int(supervisor))
             await worker.run()
             tg.cancel_scope.cancel()
 
@@ -231,6 +237,15 @@ def _exit_past_stuck_threads() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+async def _watch_supervisor(worker: Any, pid: int) -> None:
+    """A supervised child whose supervisor is gone (killed with SIGKILL, which it cannot
+    forward) stops gracefully instead of running on unsupervised."""
+    while os.getppid() == pid:  # noqa: ASYNC110 - no event tells us; polled, as the OS
+        await anyio.sleep(1.0)
+    get_logger("sealstream.worker").warning("supervisor_gone", supervisor_pid=pid)
+    worker.stop()
 
 
 async def _watch_signals(worker: Any, scope: anyio.CancelScope) -> None:

@@ -14,8 +14,9 @@ variables (so a Redis password never shows in a process list). The supervisor:
   and removes) plus ``/healthz`` and ``/readyz`` (every child alive and consuming).
 
 Children run in their own session, so a terminal's Ctrl-C reaches only the
-supervisor, which forwards it once. (A supervisor killed with SIGKILL cannot
-forward anything: its children then run on until signalled themselves.)
+supervisor, which forwards it once. A supervisor killed with SIGKILL cannot forward
+anything: its children notice (their parent changes, checked every second) and stop
+gracefully on their own.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class Supervisor:
             )
             log.info("metrics_serving", addr=self.metrics_addr, port=server.port)
         env["SEALSTREAM_METRICS_PORT"] = ""  # children never serve: the supervisor does
+        env["SEALSTREAM_SUPERVISOR_PID"] = str(os.getpid())  # they stop if it vanishes
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch_signals, tg)
@@ -179,6 +181,10 @@ class Supervisor:
                     mark_process_dead(proc.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
                 await proc.aclose()
             if self._stopping.is_set() or (self.burst and code == 0):
+                if self._stopping.is_set() and code == -signal.SIGTERM:
+                    # Our SIGTERM reached it before it could handle signals, which
+                    # it does before reading anything: a clean stop, nothing taken.
+                    code = 0
                 log.info("child_exited", slot=slot, pid=proc.pid, code=code)
                 self.exit_codes.append(code)
                 return
