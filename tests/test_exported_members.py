@@ -23,6 +23,7 @@ def test_exported_members() -> None:
         "Settings",
         "Worker",
         "create_session",
+        "revoke_session",
     ]
     assert expected == worker.__all__
     assert sorted(worker.__all__) == worker.__all__

@@ -110,3 +110,33 @@ def test_bad_redis_url_error_does_not_echo_it() -> None:
 def test_redacted_url_drops_credentials(url: str, shown: str) -> None:
     """Logs show where Redis is, never its credentials."""
     assert shown == redacted_url(url)
+
+
+def test_redis_password_file_goes_into_the_url(tmp_path: Path) -> None:
+    """SEALSTREAM_REDIS_PASSWORD_FILE (a container secret) supplies the URL's password,
+    URL-quoted, without its trailing newline."""
+    secret = tmp_path / "redis_password"
+    secret.write_text("p@ss/word\n")
+    s = Settings.from_env(
+        {
+            "SEALSTREAM_REDIS_URL": "redis://redis:6379/0",
+            "SEALSTREAM_REDIS_PASSWORD_FILE": str(secret),
+        }
+    )
+    assert "redis://:p%40ss%2Fword@redis:6379/0" == s.redis_url
+    assert "redis://***@redis:6379/0" == redacted_url(s.redis_url)
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "twice"])
+def test_redis_password_file_errors(tmp_path: Path, problem: str) -> None:
+    """A missing or empty password file, or a URL that already has a password, is a
+    ConfigError naming the setting and never showing the password."""
+    secret = tmp_path / "redis_password"
+    if problem != "missing":
+        secret.write_text("" if problem == "empty" else "hunter2")
+    url = "redis://:other@redis:6379/0" if problem == "twice" else "redis://redis:6379/0"
+    with pytest.raises(ConfigError, match="SEALSTREAM_REDIS_PASSWORD_FILE") as info:
+        Settings.from_env(
+            {"SEALSTREAM_REDIS_URL": url, "SEALSTREAM_REDIS_PASSWORD_FILE": str(secret)}
+        )
+    assert "hunter2" not in str(info.value) and "other" not in str(info.value)

@@ -12,6 +12,7 @@ from worker.errors import (
 )
 from worker.handlers import App, Context
 from worker.pool import Worker
+from worker.session_admin import revoke_session
 from worker.settings import Settings
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "Settings",
     "Worker",
     "create_session",
+    "revoke_session",
 ]

@@ -1,4 +1,5 @@
-"""The ``sealstream`` command line: ``keygen``, ``worker``, ``send``, ``gateway``, ``demo``.
+"""The ``sealstream`` command line: ``keygen``, ``worker``, ``send``, ``gateway``, ``demo``,
+and the operations commands ``stats``, ``dlq``, ``session``, ``keys`` (:mod:`worker.cli_ops`).
 
 Flags override ``SEALSTREAM_*`` variables. Configuration errors print one line
 naming the setting and exit 2.
@@ -31,10 +32,14 @@ import anyio
 from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
-from worker.errors import ConfigError, SealstreamError
+from worker import cli_ops
+from worker.errors import ConfigError, InvalidArgument, SealstreamError
 from worker.handlers import App
 from worker.logging import configure, get_logger
 from worker.settings import Settings, redacted_url
+
+#: Set by ``worker --processes`` in its children's environment (internal).
+SUPERVISOR_PID = "SEALSTREAM_SUPERVISOR_PID"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
-    except ConfigError as exc:
+    except (ConfigError, InvalidArgument) as exc:
         _error(f"sealstream: error: {exc}", args)
         return 2
     except SealstreamError as exc:
@@ -136,6 +141,11 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--metrics-port", type=int, help="serve Prometheus /metrics (SEALSTREAM_METRICS_PORT)"
     )
+    worker.add_argument(
+        "--processes",
+        type=_positive,
+        help="run N worker processes under a supervisor (restarts, one /metrics)",
+    )
     worker.set_defaults(run=_worker)
 
     send = sub.add_parser("send", help="send one request and print its reply")
@@ -161,17 +171,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--sessions", type=_positive, default=8)
     demo.add_argument("--jobs", type=_positive, default=400)
     demo.set_defaults(run=_demo)
+
+    cli_ops.add_commands(sub)
     return parser
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_positive = cli_ops.positive_int
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -245,6 +250,8 @@ def _worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure(settings.log_level, settings.log_format)
+    if args.processes is not None:
+        return _supervise(args, settings)
     app = load_app(args.app)
     worker = Worker(
         app,
@@ -256,12 +263,33 @@ def _worker(args: argparse.Namespace) -> int:
     async def run() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, worker, tg.cancel_scope)
+            supervisor = os.environ.get(SUPERVISOR_PID, "")
+            if supervisor.isdigit():
+                tg.start_soon(_watch_supervisor, worker, int(supervisor))
             await worker.run()
             tg.cancel_scope.cancel()
 
     anyio.run(run)
     _exit_past_stuck_threads()
     return 0
+
+
+def _supervise(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.supervisor import Supervisor, child_environment
+
+    # Checked here so a bad key file is one line now, not N children failing in turn.
+    settings.load_service_key()
+    settings.load_master_keys()
+    supervisor = Supervisor(
+        processes=args.processes,
+        args=[*([args.app] if args.app else []), *(["--burst"] if settings.burst else [])],
+        env=child_environment(os.environ, settings, redis_url_flag=args.redis_url is not None),
+        metrics_port=settings.metrics_port,
+        metrics_addr=settings.metrics_addr,
+        burst=settings.burst,
+        stop_timeout_s=settings.grace_s + 15,
+    )
+    return anyio.run(supervisor.run)
 
 
 def _exit_past_stuck_threads() -> None:
@@ -281,6 +309,15 @@ def _exit_past_stuck_threads() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+async def _watch_supervisor(worker: Any, pid: int) -> None:
+    """A supervised child whose supervisor is gone (killed with SIGKILL, which it cannot
+    forward) stops gracefully instead of running on unsupervised."""
+    while os.getppid() == pid:  # noqa: ASYNC110 - no event tells us; polled, as the OS
+        await anyio.sleep(1.0)
+    get_logger("sealstream.worker").warning("supervisor_gone", supervisor_pid=pid)
+    worker.stop()
 
 
 async def _watch_signals(worker: Any, scope: anyio.CancelScope) -> None:

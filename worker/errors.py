@@ -4,6 +4,7 @@
 
     SealstreamError
     ├── ConfigError                 bad settings or key files: refuse to start
+    ├── InvalidArgument             a bad argument to an operations call: nothing changed
     ├── ProtocolError               an entry the worker refuses; dead-lettered, never retried
     │   ├── Malformed                 reason ``malformed`` (format, size, fields, encoding)
     │   ├── Unsupported               reason ``unsupported`` (``v`` or ``alg``)
@@ -35,6 +36,13 @@ class SealstreamError(Exception):
 
 class ConfigError(SealstreamError):
     """A setting or key file is missing or malformed; the message names the setting."""
+
+
+class InvalidArgument(SealstreamError, ValueError):
+    """A malformed argument to an operations call or command (a sid, a time, a reason).
+
+    Raised before anything is changed; the CLI prints it in one line and exits 2.
+    """
 
 
 class ProtocolError(SealstreamError):

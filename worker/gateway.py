@@ -46,8 +46,9 @@ from worker import wire
 from worker.errors import ProtocolError, Unsupported
 from worker.gatelimits import GatewayMetrics, RateLimiter, StreamSlots
 from worker.gatewayconf import GatewaySettings
+from worker.health import HttpServer
+from worker.health import serve as serve_http
 from worker.logging import get_logger
-from worker.metrics import MetricsServer
 from worker.names import Names
 from worker.settings import Settings, redacted_url
 from worker.streams import Entry, Store, connect
@@ -403,24 +404,17 @@ class _SlotReleasing(StreamingResponse):
 
 def serve(settings: GatewaySettings, worker_settings: Settings) -> None:
     """Run the gateway with uvicorn until SIGTERM/SIGINT."""
-    from prometheus_client import start_http_server
-
-    from worker.errors import ConfigError
-
     metrics = GatewayMetrics()
     gateway = Gateway(settings, worker_settings, metrics=metrics)
     app = gateway.app()
-    metrics_server: MetricsServer | None = None
+    metrics_server: HttpServer | None = None
     if worker_settings.metrics_port is not None:
-        try:
-            wsgi, thread = start_http_server(
-                worker_settings.metrics_port,
-                addr=worker_settings.metrics_addr,
-                registry=metrics.registry,
-            )
-        except OSError as exc:
-            raise ConfigError(f"SEALSTREAM_METRICS_PORT: cannot listen: {exc.strerror}") from None
-        metrics_server = MetricsServer(server=wsgi, thread=thread)
+        metrics_server = serve_http(
+            metrics.registry,
+            port=worker_settings.metrics_port,
+            addr=worker_settings.metrics_addr,
+            ready=lambda: True,
+        )
     log.info(
         "gateway_starting",
         host=settings.host,

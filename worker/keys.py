@@ -68,6 +68,11 @@ class MasterKeys:
         """The KEK with this id, or None."""
         return self._by_id.get(kek_id)
 
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """Every KEK id in the ring, the active one first."""
+        return (self.active.id, *(i for i in self._by_id if i != self.active.id))
+
     def __repr__(self) -> str:
         return f"MasterKeys(active={self.active.id!r}, ids={sorted(self._by_id)!r})"
 

@@ -1,5 +1,9 @@
 """Prometheus metrics of one worker process, served when ``SEALSTREAM_METRICS_PORT`` is set.
 
+Under ``sealstream worker --processes N`` the supervisor serves one endpoint for all
+its children (prometheus-client's multiprocess mode): gauges say how to combine
+processes (``livesum``, ``liveall``), and a dead child's live gauges are dropped.
+
 Labels never take values from unauthenticated input: ``type`` is a registered
 handler's name (or ``sealstream.handshake``), anything else counts as ``unknown``;
 ``reason`` is one of the protocol's dead-letter reasons.
@@ -7,13 +11,12 @@ handler's name (or ``sealstream.handshake``), anything else counts as ``unknown`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from threading import Thread
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from worker.errors import ConfigError
+from worker.health import HttpServer
+from worker.health import serve as serve_http
 
 
 class Metrics:
@@ -41,7 +44,17 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "sealstream_in_flight", "Entries this worker is processing now.", registry=r
+            "sealstream_in_flight",
+            "Entries this worker is processing now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.last_read = Gauge(
+            "sealstream_last_read_timestamp_seconds",
+            "When a read from a request shard last completed (Unix time; updated at most"
+            " once a second). /readyz is built on it.",
+            registry=r,
+            multiprocess_mode="liveall",
         )
         self.reclaimed = Counter(
             "sealstream_reclaimed",
@@ -64,31 +77,13 @@ class Metrics:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class MetricsServer:
-    """The HTTP server exposing ``/metrics``; stop it with :meth:`close`."""
-
-    server: WSGIServer
-    thread: Thread
-
-    @property
-    def port(self) -> int:
-        """The port it listens on."""
-        return int(self.server.server_address[1])
-
-    def close(self) -> None:
-        """Stop serving and free the port."""
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
-def serve(metrics: Metrics, *, port: int, addr: str) -> MetricsServer:
-    """Serve ``metrics`` over HTTP; ConfigError naming the setting if it cannot listen."""
-    try:
-        server, thread = start_http_server(port, addr=addr, registry=metrics.registry)
-    except OSError as exc:
-        raise ConfigError(
-            f"SEALSTREAM_METRICS_PORT: cannot listen on {addr}:{port}: {exc.strerror}"
-        ) from None
-    return MetricsServer(server=server, thread=thread)
+def serve(
+    metrics: Metrics,
+    *,
+    port: int,
+    addr: str,
+    ready: Callable[[], bool] | None = None,
+) -> HttpServer:
+    """Serve ``metrics`` at ``/metrics`` with ``/healthz`` and ``/readyz`` (``ready``,
+    default: always); ConfigError naming the setting if it cannot listen."""
+    return serve_http(metrics.registry, port=port, addr=addr, ready=ready or (lambda: True))

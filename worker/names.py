@@ -9,6 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GROUP = "workers"
+_GLOB_SPECIAL = "*?[]\\"
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis SCAN MATCH pattern."""
+    return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,28 @@ class Names:
     def seen(self, sid: str, mid: str) -> str:
         """``P:{sid}:seen:<mid>``: the replay/idempotency record of one request."""
         return f"{self.prefix}:{{{sid}}}:seen:{mid}"
+
+    @property
+    def request_stream_pattern(self) -> str:
+        """SCAN MATCH pattern of every request shard ``P:req:{*}``."""
+        return f"{_glob_escape(self.prefix)}:req:{{*}}"
+
+    @property
+    def session_pattern(self) -> str:
+        """SCAN MATCH pattern of every session record ``P:{*}:session``."""
+        return f"{_glob_escape(self.prefix)}:{{*}}:session"
+
+    @property
+    def reply_stream_pattern(self) -> str:
+        """SCAN MATCH pattern of every reply stream ``P:{*}:reply``."""
+        return f"{_glob_escape(self.prefix)}:{{*}}:reply"
+
+    def sid_of_session_key(self, key: str) -> str | None:
+        """The ``sid`` in a session record's key name, or None if it is not one."""
+        head, tail = f"{self.prefix}:{{", "}:session"
+        if key.startswith(head) and key.endswith(tail):
+            return key[len(head) : -len(tail)]
+        return None
 
     def default_shard(self, mid: str, shards: int) -> int:
         """The protocol's default shard for a message id: ``int(mid[:8], 16) % shards``."""

@@ -29,6 +29,7 @@ from redis.exceptions import ResponseError
 
 from worker.errors import ConfigError
 from worker.handlers import App
+from worker.health import Readiness
 from worker.keys import MasterKeys, ServiceKey
 from worker.logging import get_logger
 from worker.metrics import Metrics
@@ -77,6 +78,8 @@ class Worker:
         self._redis = Retrier(on_outage=self.metrics.redis_outages.inc)
         self.processor: Processor | None = None
         self._startup: anyio.CancelScope | None = None
+        # Health hook (worker/health.py): the read loop reports each completed read.
+        self.health = Readiness(on_read=self.metrics.last_read.set_to_current_time)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -85,6 +88,10 @@ class Worker:
         self._stopping.set()
         if self._startup is not None:
             self._startup.cancel()
+
+    def ready(self) -> bool:
+        """For ``/readyz``: not stopping, and a shard read completed recently."""
+        return not self._stopping.is_set() and self.health.ready()
 
     @property
     def stats(self) -> dict[str, int]:
@@ -96,7 +103,9 @@ class Worker:
         s = self.settings
         exporter = None
         if s.metrics_port is not None:
-            exporter = serve_metrics(self.metrics, port=s.metrics_port, addr=s.metrics_addr)
+            exporter = serve_metrics(
+                self.metrics, port=s.metrics_port, addr=s.metrics_addr, ready=self.ready
+            )
             log.info("metrics_serving", addr=s.metrics_addr, port=exporter.port)
         client = connect(s.redis_url, name=f"sealstream-worker:{self.consumer}")
         try:
@@ -237,6 +246,7 @@ class Worker:
             except BaseException:
                 self._give_back(slots)
                 raise
+            self.health.read_completed()
             self._give_back(slots - len(entries))
             if entries:
                 await self._process(shard, entries, {})

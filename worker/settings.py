@@ -1,4 +1,5 @@
-"""Worker settings: a frozen value read from ``SEALSTREAM_*`` variables (pure).
+"""Worker settings: a frozen value read from ``SEALSTREAM_*`` variables (pure, except
+that ``SEALSTREAM_REDIS_PASSWORD_FILE``, a container secret, is read at once).
 
 CLI flags override the environment by building a new value with
 :func:`dataclasses.replace`.
@@ -10,7 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from worker.errors import ConfigError
 from worker.keys import (
@@ -70,7 +71,7 @@ class Settings:
             return Path(value) if value else None
 
         return cls(
-            redis_url=text("REDIS_URL", DEFAULT_REDIS_URL),
+            redis_url=_redis_url(env),
             prefix=text("PREFIX", "sealstream"),
             service_key_file=path("SERVICE_KEY_FILE"),
             master_key_file=path("MASTER_KEY_FILE"),
@@ -136,6 +137,31 @@ class Settings:
                 " (see `sealstream keygen`)"
             )
         return load_master_key_file(self.master_key_file)
+
+
+def _redis_url(env: Mapping[str, str]) -> str:
+    """``SEALSTREAM_REDIS_URL`` with the password of ``SEALSTREAM_REDIS_PASSWORD_FILE``
+    (a Docker/Kubernetes secret) put in, when that is set."""
+    url = env.get("SEALSTREAM_REDIS_URL") or DEFAULT_REDIS_URL
+    path = env.get("SEALSTREAM_REDIS_PASSWORD_FILE")
+    if not path:
+        return url
+    setting = "SEALSTREAM_REDIS_PASSWORD_FILE"
+    try:
+        password = Path(path).read_text("utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{setting}: cannot read {path}: {reason}") from None
+    if not password:
+        raise ConfigError(f"{setting}: {path} is empty")
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ConfigError("SEALSTREAM_REDIS_URL: expected a redis://, rediss:// or unix:// URL")
+    if parts.password is not None:
+        raise ConfigError(f"{setting}: SEALSTREAM_REDIS_URL already has a password")
+    user = quote(parts.username or "", safe="")
+    netloc = f"{user}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"
+    return parts._replace(netloc=netloc).geturl()
 
 
 def _int(
