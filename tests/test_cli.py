@@ -316,6 +316,25 @@ _SECRET_CASES: list[tuple[str, list[str], dict[str, str], str | None]] = [
     ("demo-bad-port", ["demo"], {"SEALSTREAM_REDIS_URL": "redis://u:hunter2@h:x/0"}, None),
     ("demo-bad-flag", ["demo", "--workers", "0"], {"SEALSTREAM_REDIS_URL": "{url}"}, None),
     ("no-subcommand", ["--redis-url", "{url}"], {}, None),
+    ("stats-refused", ["stats", "--redis-url", "{url}"], {}, None),
+    ("stats-refused-env", ["stats", "--json"], {"SEALSTREAM_REDIS_URL": "{url}"}, None),
+    ("dlq-list-refused", ["dlq", "list", "--redis-url", "{url}"], {}, None),
+    ("dlq-purge-refused", ["dlq", "purge", "--yes"], {"SEALSTREAM_REDIS_URL": "{url}"}, None),
+    ("session-list-refused", ["session", "list"], {"SEALSTREAM_REDIS_URL": "{url}"}, None),
+    (
+        "session-revoke-refused",
+        ["session", "revoke", "0" * 32],
+        {"SEALSTREAM_REDIS_URL": "{url}"},
+        None,
+    ),
+    ("keys-status-refused", ["keys", "status"], {"SEALSTREAM_REDIS_URL": "{url}"}, None),
+    (
+        "keys-rotate-refused",
+        ["keys", "rotate-master"],
+        {"SEALSTREAM_REDIS_URL": "{url}", "{keys}": ""},
+        None,
+    ),
+    ("gateway-bad-scheme", ["gateway"], {"SEALSTREAM_REDIS_URL": "http://u:hunter2@h/0"}, None),
 ]
 
 
