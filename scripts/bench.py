@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -628,6 +629,7 @@ async def measure_latency(
                     await push(redis, b.stream, hs_entries)
                 k = 0
                 i = 0
+                late = 0.0
                 while i < n:
                     k += 1
                     due = t0 + k * tick
@@ -640,8 +642,11 @@ async def measure_latency(
                     async with redis.pipeline(transaction=False) as pipe:
                         for j in range(i, upto):
                             pipe.xadd(b.stream, entries[j])
-                            sent[mids[j]] = t0 + j / rate
+                        t_send = time.perf_counter()
                         await pipe.execute()
+                    for j in range(i, upto):
+                        sent[mids[j]] = t_send
+                    late = max(late, t_send - (t0 + upto / rate))
                     i = upto
                 send_s = time.perf_counter() - t0
                 with anyio.move_on_after(max(30.0, seconds)):
@@ -661,6 +666,7 @@ async def measure_latency(
                 "target_per_s": round(rate),
                 "requests": n,
                 "send_s": round(send_s, 2),
+                "producer_max_late_ms": round(late * 1000, 1),
                 "replies": len(lat),
                 "p50_ms": round(percentile(lat, 0.50), 2),
                 "p95_ms": round(percentile(lat, 0.95), 2),
@@ -680,12 +686,95 @@ async def measure_latency(
 
 # -- 7: peers (optional) ---------------------------------------------------------------
 
-PEERS = ("taskiq-redis", "arq", "saq")
+PEERS = {"taskiq-redis": "taskiq_redis", "arq": "arq", "saq": "saq"}
+PEER_SIZE = KIB
 
 
-def run_peers(args: argparse.Namespace) -> dict[str, Any]:
-    """Install the peers into this venv when asked, then run each in a subprocess."""
-    return {"results": {p: {"note": "not implemented yet"} for p in PEERS}}
+def install_peer(package: str, module: str) -> str | None:
+    """pip install a peer into this venv unless importable; None, or why it failed."""
+    if importlib.util.find_spec(module) is not None:
+        return None
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", package],
+        capture_output=True,
+        text=True,
+    )
+    importlib.invalidate_caches()
+    if done.returncode != 0 or importlib.util.find_spec(module) is None:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        return f"pip install {package} failed: {lines[-1] if lines else done.returncode}"
+    return None
+
+
+def run_peer(peer: str, jobs: int, concurrency: int, tmp: Path) -> dict[str, Any]:
+    """Pre-fill ``jobs`` jobs, start one worker process, time first job to last."""
+    import bench_peers
+
+    with RedisServer.start() as server:
+        out = tmp / f"peer-{peer}.json"
+        env = {
+            **os.environ,
+            "BENCH_PEER": peer,
+            "BENCH_REDIS_URL": server.url,
+            "BENCH_KEY": os.urandom(32).hex(),
+            "BENCH_JOBS": str(jobs),
+            "BENCH_CONCURRENCY": str(concurrency),
+            "BENCH_OUT": str(out),
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")]
+            ),
+        }
+        fill = [sys.executable, str(ROOT / "scripts" / "bench_peers.py"), "fill", peer]
+        filled = subprocess.run(
+            [*fill, str(jobs), str(PEER_SIZE)], env=env, capture_output=True, text=True, timeout=600
+        )
+        if filled.returncode != 0:
+            return {"note": f"fill failed: {filled.stderr.strip().splitlines()[-1:]}"}
+        log_path = tmp / f"peer-{peer}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                bench_peers.COMMAND[peer](concurrency),
+                env=env,
+                cwd=ROOT / "scripts",
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            deadline = time.monotonic() + max(120.0, jobs / 20)
+            while not out.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                    return {"jobs": jobs, "note": f"no result: {' | '.join(tail)}"[:300]}
+                time.sleep(0.02)
+            time.sleep(0.05)
+            times = json.loads(out.read_text())
+        finally:
+            # Measured: the peer's own shutdown is not (its process group goes).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(3)
+            except subprocess.TimeoutExpired:
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        seconds = times["last"] - times["first"]
+        return {"jobs": jobs, "seconds": round(seconds, 3), "per_s": round(jobs / seconds)}
+
+
+def run_peers(jobs: int, concurrency: int, tmp: Path) -> dict[str, Any]:
+    """Each peer (installed into this venv when missing) over the same pre-filled job."""
+    results: dict[str, Any] = {}
+    for package, module in PEERS.items():
+        failed = install_peer(package, module)
+        if failed is not None:
+            print(f"bench: skipping {package}: {failed}", file=sys.stderr)
+            results[package] = {"note": failed}
+            continue
+        results[package] = run_peer(package, jobs, concurrency, tmp)
+    return results
 
 
 # -- the run -------------------------------------------------------------------------
@@ -806,7 +895,23 @@ async def _run(
 
     if args.peers:
         progress.step("peers: taskiq-redis, arq, saq (1 KiB echo with AES-GCM)")
-        out["peers"] = await anyio.to_thread.run_sync(run_peers, args)
+        ours = await measure_size(
+            keys,
+            tmp,
+            args,
+            ALG_SK,
+            PEER_SIZE,
+            requests_for(args, ALG_SK, PEER_SIZE),
+            with_e2e=False,
+            with_bare=False,
+        )
+        peers = await anyio.to_thread.run_sync(run_peers, args.peer_jobs, args.concurrency, tmp)
+        best = max((p.get("per_s") or 0 for p in peers.values()), default=0)
+        out["peers"] = {
+            "results": peers,
+            "sealstream_per_s": ours["drain_per_s"],
+            "sealstream_vs_best": ratio(ours["drain_per_s"], best),
+        }
         progress.advance()
 
 
@@ -1036,7 +1141,12 @@ def main() -> int:
     )
     parser.add_argument("--handshakes", type=int, default=200, help="handshake burst size")
     parser.add_argument("--rsa-seconds", type=float, default=None, help="RSA ceiling duration")
-    parser.add_argument("--peers", action="store_true", help="also run taskiq-redis, arq, saq")
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run taskiq-redis, arq and SAQ (pip-installed into .venv when missing)",
+    )
+    parser.add_argument("--peer-jobs", type=int, default=None, help="jobs per peer (default 5000)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     args = parser.parse_args()
@@ -1044,6 +1154,8 @@ def main() -> int:
         args.requests = 2000 if args.quick else 20000
     if args.latency_seconds is None:
         args.latency_seconds = 3.0 if args.quick else 10.0
+    if args.peer_jobs is None:
+        args.peer_jobs = 1000 if args.quick else 5000
     if args.rsa_seconds is None:
         args.rsa_seconds = 0.5 if args.quick else 2.0
     if args.quick and args.handshakes == 200:
