@@ -43,21 +43,24 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgpack
 import redis as sync_redis
 import redis.asyncio as aioredis
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
 
 from worker import messages, wire
 from worker.backend import create_session
-from worker.client import SessionGrant, new_id
-from worker.envelope import ALG_RSA, ALG_SK, HANDSHAKE_TYPE, x25519_keypair
-from worker.keys import load_public_key
+from worker.client import SessionGrant
 from worker.names import GROUP, Names
 from worker.streams import connect
 from worker.testing import RedisServer, ThrowawayKeys
 
 ROOT = Path(__file__).resolve().parent.parent
+# The protocol's names (PROTOCOL.md), spelled here so the bench leans on no internals.
+ALG_SK = "SK+A256GCM"
+ALG_RSA = "RSA-OAEP-256+A256GCM"
+HANDSHAKE_TYPE = "sealstream.handshake"
 KIB = 1024
 SIZES = {"256": 256, "4k": 4 * KIB, "64k": 64 * KIB}
 ALGS = {"sk": ALG_SK, "rsa": ALG_RSA}
@@ -68,6 +71,23 @@ Entries = list[dict[str, bytes]]
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def new_id() -> str:
+    """A fresh ``sid``/``mid``: 16 random bytes as 32 lowercase hex characters."""
+    return os.urandom(16).hex()
+
+
+def pack(value: Any) -> bytes:
+    """MessagePack (the ``e`` encoding)."""
+    return bytes(msgpack.packb(value, use_bin_type=True))
+
+
+def load_public_key(pem: str) -> rsa.RSAPublicKey:
+    key = serialization.load_pem_public_key(pem.encode())
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise TypeError("not an RSA public key")
+    return key
 
 
 def now_ms() -> int:
@@ -83,7 +103,7 @@ def payload(size: int) -> Any:
     blob = os.urandom(max(0, size - 6))
     for cut in range(0, 8):
         value = {"p": blob[: max(0, len(blob) - cut)]}
-        if len(wire.dumps(value, "e")) <= size:
+        if len(pack(value)) <= size:
             return value
     return {"p": b""}
 
@@ -285,7 +305,7 @@ async def make_sessions(redis: aioredis.Redis, b: Bed, count: int) -> None:
 
 def seal_many(b: Bed, alg: str, size: int, n: int) -> tuple[Entries, list[str]]:
     """``n`` pre-sealed echo requests spread over the bed's sessions, and their mids."""
-    body = wire.dumps(payload(size), "e")
+    body = pack(payload(size))
     publics = [load_public_key(g.public_key_pem) for g in b.grants]
     out: Entries = []
     mids: list[str] = []
@@ -366,9 +386,10 @@ async def armed_start(redis: aioredis.Redis, b: Bed, processes: int, n: int) -> 
     The group is moved to the stream's end while the workers start (a consumer
     ``bench-hold`` keeps the first entry pending meanwhile, so the workers'
     trimmer, which never trims past a pending entry, leaves the pre-filled entries
-    alone). Once every worker has issued its first XREADGROUP, the group goes back
-    to id 0 and one more XADD (the last of the ``n`` requests, held back) wakes the
-    blocked readers. The timing then starts at the first entry read as usual.
+    alone). Once every worker is blocked in XREADGROUP (CLIENT LIST: worker
+    connections are named ``sealstream-worker:<consumer>``), the group goes back
+    to id 0 and one more XADD (the last of the ``n`` requests, held back) wakes
+    the blocked readers. The timing then starts at the first entry read as usual.
     """
     info = await redis.xinfo_stream(b.stream)
     await redis.xreadgroup(GROUP, "bench-hold", {b.stream: ">"}, count=1)
@@ -556,8 +577,8 @@ def seal_handshakes(keys: ThrowawayKeys, count: int) -> tuple[Entries, list[str]
     sids: list[str] = []
     for _ in range(count):
         sid, mid = new_id(), new_id()
-        _, ec = x25519_keypair()
-        body = {"clientEphemeral": wire.to_wire_binary(ec, "e"), "ttl": 3600}
+        ec = x25519.X25519PrivateKey.generate().public_key().public_bytes_raw()
+        body = {"clientEphemeral": ec, "ttl": 3600}
         out = messages.seal_request(
             field="e",
             alg=ALG_RSA,
@@ -565,7 +586,7 @@ def seal_handshakes(keys: ThrowawayKeys, count: int) -> tuple[Entries, list[str]
             mid=mid,
             ts=now_ms(),
             type_=HANDSHAKE_TYPE,
-            plaintext=wire.dumps(body, "e"),
+            plaintext=pack(body),
             public_key=service,
             kid=keys.service.kid,
             key=os.urandom(32),
@@ -781,7 +802,7 @@ def run_peers(jobs: int, concurrency: int, tmp: Path) -> dict[str, Any]:
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
-    if not a or not b:
+    if not a or not b or math.isnan(a) or math.isnan(b):
         return None
     return round(a / b, 3)
 
@@ -811,7 +832,15 @@ async def _run(
     algs: list[str] = args.algs
     memory_size = 4 * KIB if 4 * KIB in sizes else sizes[0]
     rows: list[dict[str, Any]] = []
+    ceil1 = ceil2 = math.nan
     for alg in algs:
+        if alg == ALG_RSA:
+            # Measured right before the RSA drains: the machine's speed drifts.
+            progress.step("RSA-2048 OAEP-SHA256 ceiling, 1 and 2 threads")
+            ceil1 = await anyio.to_thread.run_sync(rsa_ceiling, args.rsa_seconds, 1)
+            ceil2 = await anyio.to_thread.run_sync(rsa_ceiling, args.rsa_seconds, 2)
+            out["rsa_ceiling"] = {"threads_1_per_s": round(ceil1), "threads_2_per_s": round(ceil2)}
+            progress.advance()
         for size in sizes:
             n = requests_for(args, alg, size)
             progress.step(f"{SHORT[alg]} {size_label(size)}: bare loop, drain, end to end")
@@ -824,21 +853,14 @@ async def _run(
                 n,
                 with_memory=alg == ALG_SK and size == memory_size,
             )
+            if alg == ALG_SK:
+                row["drain_vs_bare"] = ratio(row["drain_per_s"], row.get("bare_per_s"))
+            else:
+                row["drain_vs_rsa_1_thread"] = ratio(row["drain_per_s"], ceil1)
+                row["drain_vs_rsa_2_threads"] = ratio(row["drain_per_s"], ceil2)
             rows.append(row)
             progress.advance()
     out["throughput"] = rows
-
-    progress.step("RSA-2048 OAEP-SHA256 ceiling, 1 and 2 threads")
-    ceil1 = await anyio.to_thread.run_sync(rsa_ceiling, args.rsa_seconds, 1)
-    ceil2 = await anyio.to_thread.run_sync(rsa_ceiling, args.rsa_seconds, 2)
-    out["rsa_ceiling"] = {"threads_1_per_s": round(ceil1), "threads_2_per_s": round(ceil2)}
-    for row in rows:
-        if row["alg"] == ALG_SK:
-            row["drain_vs_bare"] = ratio(row["drain_per_s"], row.get("bare_per_s"))
-        else:
-            row["drain_vs_rsa_1_thread"] = ratio(row["drain_per_s"], ceil1)
-            row["drain_vs_rsa_2_threads"] = ratio(row["drain_per_s"], ceil2)
-    progress.advance()
 
     if args.latency_seconds > 0:
         sk = [r for r in rows if r["alg"] == ALG_SK]
@@ -868,6 +890,9 @@ async def _run(
             )
         )
         progress.advance()
+        for r in latency:
+            r["fraction"] = args.latency_fraction
+            r["of_drain_per_s"] = max_rate
         out["latency"] = latency
 
     if args.processes > 1:
@@ -916,7 +941,7 @@ async def _run(
 
 
 def count_steps(args: argparse.Namespace) -> int:
-    steps = len(args.sizes) * len(args.algs) + 1
+    steps = len(args.sizes) * len(args.algs) + (1 if ALG_RSA in args.algs else 0)
     if args.latency_seconds > 0:
         steps += 2
     if args.processes > 1:
@@ -927,6 +952,10 @@ def count_steps(args: argparse.Namespace) -> int:
 
 
 # -- output ------------------------------------------------------------------------
+
+
+def fmt_load(x: Any) -> str:
+    return "/".join(f"{v:.2f}" for v in x) if x else "-"
 
 
 def fmt_rate(x: Any) -> str:
@@ -971,6 +1000,9 @@ def summary(out: dict[str, Any]) -> str:
         f"machine: {out['machine']}",
         f"commit:  {out['commit']}",
         f"date:    {out['date']}   duration: {out.get('duration_s', '-')} s",
+        f"load:    1/5/15-min load average {fmt_load(out.get('load_average_start'))} at the "
+        f"start, {fmt_load(out.get('load_average_end'))} at the end (other processes "
+        "share these cores)",
         f"setup:   {out['setup']}",
         "",
     ]
@@ -982,7 +1014,8 @@ def summary(out: dict[str, Any]) -> str:
             ceiling = (
                 f"{fmt_ratio(r.get('drain_vs_bare'))} of bare"
                 if r["alg"] == ALG_SK
-                else f"{fmt_ratio(r.get('drain_vs_rsa_1_thread'))} of RSA 1T"
+                else f"{fmt_ratio(r.get('drain_vs_rsa_1_thread'))} / "
+                f"{fmt_ratio(r.get('drain_vs_rsa_2_threads'))} of RSA 1T/2T"
             )
             body.append(
                 [
@@ -1026,7 +1059,10 @@ def summary(out: dict[str, Any]) -> str:
         parts.append("")
     lat = out.get("latency")
     if lat:
-        parts.append("Latency, SK 4 KiB, open loop (ms, reply arrival - send)")
+        parts.append(
+            f"Latency, SK 4 KiB, open loop at {lat[0]['fraction']:.2f} x the SK 4 KiB drain rate "
+            "(ms, reply arrival - send)"
+        )
         body = []
         for r in lat:
             label = (
@@ -1044,9 +1080,19 @@ def summary(out: dict[str, Any]) -> str:
                     fmt_ratio(r["p95_ms"]),
                     fmt_ratio(r["p99_ms"]),
                     fmt_ratio(r["max_ms"]),
+                    fmt_ratio(r["producer_max_late_ms"]),
                 ]
             )
-        parts.append(table(["run", "req/s", "replies", "p50", "p95", "p99", "max"], body))
+        parts.append(
+            table(
+                ["run", "req/s", "replies", "p50", "p95", "p99", "max", "producer late"],
+                body,
+            )
+        )
+        parts.append(
+            "  producer late: the most the paced producer fell behind its schedule (ms); "
+            "handshakes answered: replies in their streams when the run ended"
+        )
         parts.append("")
     mem = next((r["redis_memory"] for r in rows if "redis_memory" in r), None)
     if mem:
@@ -1169,6 +1215,7 @@ def main() -> int:
             f"redis-server {redis_version()}"
         ),
         "commit": git_commit(),
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "setup": (
             f"echo handler, 20 sessions, MessagePack, worker --concurrency {args.concurrency}, "
@@ -1184,6 +1231,7 @@ def main() -> int:
     finally:
         progress.close()
         out["duration_s"] = round(time.monotonic() - started, 1)
+        out["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     for section in ("throughput", "latency", "processes"):
         for r in out.get(section, []):
             for code in r.get("worker_exit_codes", []):
