@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -37,8 +38,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -711,12 +713,23 @@ PEERS = {"taskiq-redis": "taskiq_redis", "arq": "arq", "saq": "saq"}
 PEER_SIZE = KIB
 
 
-def install_peer(package: str, module: str) -> str | None:
+#: The project's own dependencies: installing a peer must not move them.
+PINNED = ("anyio", "cryptography", "redis", "hiredis", "msgpack", "structlog", "prometheus-client")
+
+
+def install_peer(package: str, module: str, tmp: Path) -> str | None:
     """pip install a peer into this venv unless importable; None, or why it failed."""
     if importlib.util.find_spec(module) is not None:
         return None
+    pins = []
+    for name in PINNED:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+    constraints = tmp / "peer-constraints.txt"
+    constraints.write_text("\n".join(pins) + "\n")
+    print(f"bench: installing {package} into {sys.prefix}", file=sys.stderr)
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", package],
+        [sys.executable, "-m", "pip", "install", "--quiet", "-c", str(constraints), package],
         capture_output=True,
         text=True,
     )
@@ -789,7 +802,7 @@ def run_peers(jobs: int, concurrency: int, tmp: Path) -> dict[str, Any]:
     """Each peer (installed into this venv when missing) over the same pre-filled job."""
     results: dict[str, Any] = {}
     for package, module in PEERS.items():
-        failed = install_peer(package, module)
+        failed = install_peer(package, module, tmp)
         if failed is not None:
             print(f"bench: skipping {package}: {failed}", file=sys.stderr)
             results[package] = {"note": failed}
@@ -821,6 +834,18 @@ def requests_for(args: argparse.Namespace, alg: str, size: int) -> int:
     return max(1, min(n, int(args.max_bytes) // size))
 
 
+async def attempt(
+    out: dict[str, Any], label: str, measure: Callable[[], Awaitable[dict[str, Any]]]
+) -> dict[str, Any] | None:
+    """Run one measurement; a failure is recorded and the run goes on."""
+    try:
+        return await measure()
+    except Exception as exc:
+        out.setdefault("failures", []).append(f"{label}: {type(exc).__name__}: {exc}")
+        print(f"\nbench: {label} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
 async def _run(
     args: argparse.Namespace,
     progress: Progress,
@@ -843,23 +868,31 @@ async def _run(
             progress.advance()
         for size in sizes:
             n = requests_for(args, alg, size)
-            progress.step(f"{SHORT[alg]} {size_label(size)}: bare loop, drain, end to end")
-            row = await measure_size(
-                keys,
-                tmp,
-                args,
-                alg,
-                size,
-                n,
-                with_memory=alg == ALG_SK and size == memory_size,
+            label = f"{SHORT[alg]} {size_label(size)}"
+            progress.step(f"{label}: bare loop, drain, end to end")
+            row = await attempt(
+                out,
+                label,
+                partial(
+                    measure_size,
+                    keys,
+                    tmp,
+                    args,
+                    alg,
+                    size,
+                    n,
+                    with_memory=alg == ALG_SK and size == memory_size,
+                ),
             )
+            progress.advance()
+            if row is None:
+                continue
             if alg == ALG_SK:
                 row["drain_vs_bare"] = ratio(row["drain_per_s"], row.get("bare_per_s"))
             else:
                 row["drain_vs_rsa_1_thread"] = ratio(row["drain_per_s"], ceil1)
                 row["drain_vs_rsa_2_threads"] = ratio(row["drain_per_s"], ceil2)
             rows.append(row)
-            progress.advance()
     out["throughput"] = rows
 
     if args.latency_seconds > 0:
@@ -868,31 +901,38 @@ async def _run(
         max_rate = at["drain_per_s"] if at else None
         if max_rate is None:
             progress.step("drain rate for the latency target (SK 4 KiB)")
-            probe = await measure_size(
-                keys,
-                tmp,
-                args,
-                ALG_SK,
-                4 * KIB,
-                requests_for(args, ALG_SK, 4 * KIB),
-                with_e2e=False,
-                with_bare=False,
+            probe = await attempt(
+                out,
+                "SK 4 KiB drain for the latency target",
+                partial(
+                    measure_size,
+                    keys,
+                    tmp,
+                    args,
+                    ALG_SK,
+                    4 * KIB,
+                    requests_for(args, ALG_SK, 4 * KIB),
+                    with_e2e=False,
+                    with_bare=False,
+                ),
             )
-            max_rate = probe["drain_per_s"]
-        rate = args.latency_fraction * max_rate
-        progress.step(f"latency at {rate:.0f} req/s (SK 4 KiB)")
-        latency = [await measure_latency(keys, tmp, args, rate, args.latency_seconds, handshakes=0)]
-        progress.advance()
-        progress.step(f"latency at {rate:.0f} req/s during {args.handshakes} handshakes")
-        latency.append(
-            await measure_latency(
-                keys, tmp, args, rate, args.latency_seconds, handshakes=args.handshakes
-            )
-        )
-        progress.advance()
-        for r in latency:
-            r["fraction"] = args.latency_fraction
-            r["of_drain_per_s"] = max_rate
+            max_rate = probe["drain_per_s"] if probe else None
+        latency = []
+        if max_rate:
+            rate = args.latency_fraction * max_rate
+            for burst in (0, args.handshakes):
+                what = f" during {burst} handshakes" if burst else ""
+                progress.step(f"latency at {rate:.0f} req/s (SK 4 KiB){what}")
+                r = await attempt(
+                    out,
+                    f"latency{what}",
+                    partial(measure_latency, keys, tmp, args, rate, args.latency_seconds, burst),
+                )
+                progress.advance()
+                if r is not None:
+                    r["fraction"] = args.latency_fraction
+                    r["of_drain_per_s"] = max_rate
+                    latency.append(r)
         out["latency"] = latency
 
     if args.processes > 1:
@@ -901,41 +941,54 @@ async def _run(
         for alg in algs:
             n = requests_for(args, alg, size)
             progress.step(f"{SHORT[alg]} {size_label(size)}: drain with {args.processes} processes")
-            row = await measure_size(
-                keys,
-                tmp,
-                args,
-                alg,
-                size,
-                n,
-                processes=args.processes,
-                with_e2e=False,
-                with_bare=False,
+            row = await attempt(
+                out,
+                f"{SHORT[alg]} {size_label(size)} with {args.processes} processes",
+                partial(
+                    measure_size,
+                    keys,
+                    tmp,
+                    args,
+                    alg,
+                    size,
+                    n,
+                    processes=args.processes,
+                    with_e2e=False,
+                    with_bare=False,
+                ),
             )
-            one = next(r for r in rows if r["alg"] == alg and r["size"] == size)
-            row["vs_1_process"] = ratio(row["drain_per_s"], one["drain_per_s"])
-            scaling.append(row)
             progress.advance()
+            if row is None:
+                continue
+            one = next((r for r in rows if r["alg"] == alg and r["size"] == size), None)
+            row["vs_1_process"] = ratio(row["drain_per_s"], one["drain_per_s"] if one else None)
+            scaling.append(row)
         out["processes"] = scaling
 
     if args.peers:
         progress.step("peers: taskiq-redis, arq, saq (1 KiB echo with AES-GCM)")
-        ours = await measure_size(
-            keys,
-            tmp,
-            args,
-            ALG_SK,
-            PEER_SIZE,
-            requests_for(args, ALG_SK, PEER_SIZE),
-            with_e2e=False,
-            with_bare=False,
+        ours = await attempt(
+            out,
+            "SK 1 KiB drain for the peers",
+            partial(
+                measure_size,
+                keys,
+                tmp,
+                args,
+                ALG_SK,
+                PEER_SIZE,
+                requests_for(args, ALG_SK, PEER_SIZE),
+                with_e2e=False,
+                with_bare=False,
+            ),
         )
         peers = await anyio.to_thread.run_sync(run_peers, args.peer_jobs, args.concurrency, tmp)
         best = max((p.get("per_s") or 0 for p in peers.values()), default=0)
+        ours_rate = ours["drain_per_s"] if ours else None
         out["peers"] = {
             "results": peers,
-            "sealstream_per_s": ours["drain_per_s"],
-            "sealstream_vs_best": ratio(ours["drain_per_s"], best),
+            "sealstream_per_s": ours_rate,
+            "sealstream_vs_best": ratio(ours_rate, best),
         }
         progress.advance()
 
@@ -1225,20 +1278,18 @@ def main() -> int:
         ),
     }
     progress = Progress(count_steps(args))
-    failures: list[str] = []
     try:
         anyio.run(run, args, progress, out)
     finally:
         progress.close()
         out["duration_s"] = round(time.monotonic() - started, 1)
         out["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    failures: list[str] = out.setdefault("failures", [])
     for section in ("throughput", "latency", "processes"):
         for r in out.get(section, []):
             for code in r.get("worker_exit_codes", []):
                 if code != 0:
                     failures.append(f"{section}: worker exit code {code}")
-    if failures:
-        out["failures"] = failures
     if args.json:
         print(json.dumps(out, indent=2))
     else:
