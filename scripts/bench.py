@@ -834,16 +834,42 @@ def requests_for(args: argparse.Namespace, alg: str, size: int) -> int:
     return max(1, min(n, int(args.max_bytes) // size))
 
 
+RATES = ("drain_per_s", "e2e_per_s", "bare_per_s")
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs of one measurement: the median of each rate, every run's rates kept."""
+    row = dict(runs[0])
+    row["runs"] = len(runs)
+    if len(runs) > 1:
+        for key in ("drain_s", "e2e_s", "e2e_push_s"):
+            row.pop(key, None)
+    for key in RATES:
+        values = [r[key] for r in runs if key in r]
+        if values:
+            row[key] = round(statistics.median(values))
+            if len(runs) > 1:
+                row[f"{key}_runs"] = values
+    row["peak_rss_bytes"] = [x for r in runs for x in r["peak_rss_bytes"]]
+    row["worker_exit_codes"] = [x for r in runs for x in r["worker_exit_codes"]]
+    return row
+
+
 async def attempt(
-    out: dict[str, Any], label: str, measure: Callable[[], Awaitable[dict[str, Any]]]
+    out: dict[str, Any],
+    label: str,
+    measure: Callable[[], Awaitable[dict[str, Any]]],
+    repeat: int = 1,
 ) -> dict[str, Any] | None:
-    """Run one measurement; a failure is recorded and the run goes on."""
-    try:
-        return await measure()
-    except Exception as exc:
-        out.setdefault("failures", []).append(f"{label}: {type(exc).__name__}: {exc}")
-        print(f"\nbench: {label} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return None
+    """Run one measurement ``repeat`` times; a failure is recorded and the run goes on."""
+    runs = []
+    for _ in range(repeat):
+        try:
+            runs.append(await measure())
+        except Exception as exc:
+            out.setdefault("failures", []).append(f"{label}: {type(exc).__name__}: {exc}")
+            print(f"\nbench: {label} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return combine(runs) if runs else None
 
 
 async def _run(
@@ -883,6 +909,7 @@ async def _run(
                     n,
                     with_memory=alg == ALG_SK and size == memory_size,
                 ),
+                args.repeat,
             )
             progress.advance()
             if row is None:
@@ -956,6 +983,7 @@ async def _run(
                     with_e2e=False,
                     with_bare=False,
                 ),
+                args.repeat,
             )
             progress.advance()
             if row is None:
@@ -1061,7 +1089,9 @@ def summary(out: dict[str, Any]) -> str:
     ]
     rows = out.get("throughput", [])
     if rows:
-        parts.append("Throughput, one worker process (req/s)")
+        runs = rows[0].get("runs", 1)
+        median = f", median of {runs} runs" if runs > 1 else ""
+        parts.append(f"Throughput, one worker process (req/s{median})")
         body = []
         for r in rows:
             ceiling = (
@@ -1159,7 +1189,9 @@ def summary(out: dict[str, Any]) -> str:
         parts.append("")
     scaling = out.get("processes")
     if scaling:
-        parts.append("Scaling (drain, req/s)")
+        runs = scaling[0].get("runs", 1)
+        median = f", median of {runs} runs" if runs > 1 else ""
+        parts.append(f"Scaling (drain, req/s{median})")
         body = [
             [
                 f"{SHORT[r['alg']]} {size_label(r['size'])}",
@@ -1246,6 +1278,12 @@ def main() -> int:
         help="also run taskiq-redis, arq and SAQ (pip-installed into .venv when missing)",
     )
     parser.add_argument("--peer-jobs", type=int, default=None, help="jobs per peer (default 5000)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each throughput measurement; the median is shown (default 1)",
+    )
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     args = parser.parse_args()
