@@ -88,7 +88,7 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
 class Delivery:
     """An entry handed to the processor, with its shard and delivery count."""
 
@@ -112,7 +112,7 @@ class Tracker(Protocol):
         """``d`` is finished (acknowledged, or left pending to be reclaimed)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
 class _Job:
     """An authenticated request whose replay record is this entry's: run its handler."""
 
@@ -123,7 +123,7 @@ class _Job:
     seen_ttl_ms: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
 class _Pending:
     """A write for the writer, with what it finishes (for logs and metrics)."""
 
