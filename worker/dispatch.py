@@ -8,6 +8,7 @@ what a handler does.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,30 @@ def error(code: str, message: str, field: wire.Field, *, dead_letter: str | None
     return Outcome(status="error", plaintext=body, dead_letter=dead_letter, code=code)
 
 
+@dataclass(slots=True)
+class Runner:
+    """One task of the handler pool: the cancel scope its attempts run in, and the
+    deadline of the attempt running now (:meth:`Dispatcher.watchdog` cancels the scope
+    once it passes). One long-lived scope per task rather than one per attempt: an
+    anyio cancel scope with a deadline costs more than an echo handler (measured)."""
+
+    scope: anyio.CancelScope | None = None
+    deadline: float = math.inf
+    work: Work | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class Work:
+    """A request on its way through its handler's attempts (kept across a timeout)."""
+
+    ctx: Context
+    field: wire.Field
+    spec: HandlerSpec
+    payload: Any
+    attempt: int = 1
+    outcome: Outcome | None = None
+
+
 class Dispatcher:
     """Runs handlers of an :class:`App` with the worker's time limits and retries."""
 
@@ -47,6 +72,7 @@ class Dispatcher:
         self.app = app
         self.default_timeout_s = default_timeout_s
         self.metrics = metrics
+        self.runners: list[Runner] = []
         self._decode_lane = anyio.CapacityLimiter(1)
         self._timers: dict[str, Any] = {}
 
@@ -61,8 +87,8 @@ class Dispatcher:
             return 0
         return int(self.timeout_s(spec) * (spec.retries + 1) * 1000)
 
-    async def run(self, ctx: Context, field: wire.Field, plaintext: bytes) -> Outcome:
-        """Decode the payload and run the handler for ``ctx.type``; never raises for it."""
+    async def prepare(self, ctx: Context, field: wire.Field, plaintext: bytes) -> Outcome | Work:
+        """The request's handler and decoded payload, or the ``error`` it ends in."""
         spec = self.app.get(ctx.type)
         if spec is None:
             return error("unknown_type", f"no handler for type {ctx.type!r}", field)
@@ -76,52 +102,47 @@ class Dispatcher:
                 payload = wire.loads(plaintext, field)
         except wire.DecodeError:
             return error("bad_payload", "the payload is not a single strict value", field)
-        timeout = self.timeout_s(spec)
+        return Work(ctx=ctx, field=field, spec=spec, payload=payload)
+
+    async def run(self, work: Work, runner: Runner) -> Outcome:
+        """Run the remaining attempts; never raises for what the handler does.
+
+        Must run inside ``runner.scope``. An attempt past its time limit is
+        cancelled with that scope (the exception leaves this call): the caller then
+        asks :meth:`timed_out` what comes next.
+        """
+        spec, field, ctx = work.spec, work.field, work.ctx
         timer = self._timers.get(spec.name)
         if timer is None:
             timer = self._timers[spec.name] = self.metrics.handler_seconds.labels(type=spec.name)
-        outcome: Outcome | None = None
-        for attempt in range(1, spec.retries + 2):
+        timeout = self.timeout_s(spec)
+        runner.work = work
+        while work.attempt <= spec.retries + 1:
             started = time.perf_counter()
+            # loop.time() of asyncio is time.monotonic(): the watchdog compares to it.
+            runner.deadline = time.monotonic() + timeout
             try:
-                # A bare cancel scope: fail_after's generator costs more than the echo.
-                with anyio.CancelScope(deadline=anyio.current_time() + timeout) as scope:
-                    try:
-                        result = await _call(spec, payload, _attempt(ctx, attempt))
-                    finally:
-                        timer.observe(time.perf_counter() - started)
-                if scope.cancelled_caught:
-                    raise TimeoutError  # noqa: TRY301 - handled with the other outcomes below
+                try:
+                    result = await _call(spec, work.payload, _attempt(ctx, work.attempt))
+                finally:
+                    runner.deadline = math.inf
+                    timer.observe(time.perf_counter() - started)
             except BadPayload as exc:
                 return error("bad_payload", exc.message, field)
-            except TimeoutError:
-                log.warning(
-                    "handler_timeout",
-                    attempt=attempt,
-                    timeout_s=timeout,
-                    session_id=ctx.session_id,
-                    message_id=ctx.message_id,
-                )
-                outcome = error(
-                    "timeout",
-                    f"the handler timed out after {timeout:g} s",
-                    field,
-                    dead_letter="timeout",
-                )
-                continue
             except Exception as exc:
                 # The exception text may quote the payload: log its type only.
                 error_type = str(exc) if isinstance(exc, HandlerEscaped) else type(exc).__name__
                 log.warning(
                     "handler_failed",
-                    attempt=attempt,
+                    attempt=work.attempt,
                     error_type=error_type,
                     session_id=ctx.session_id,
                     message_id=ctx.message_id,
                 )
-                outcome = error(
+                work.outcome = error(
                     "handler_error", "the handler failed", field, dead_letter="handler_error"
                 )
+                work.attempt += 1
                 continue
             try:
                 body = wire.dumps(result, field)
@@ -135,8 +156,38 @@ class Dispatcher:
                 )
             log.debug("handler_done", ms=round((time.perf_counter() - started) * 1000, 2))
             return Outcome(status="ok", plaintext=body)
-        assert outcome is not None  # every attempt failed, the last one said how
-        return outcome
+        assert work.outcome is not None  # every attempt failed, the last one said how
+        return work.outcome
+
+    def timed_out(self, work: Work) -> Outcome | None:
+        """After an attempt was cancelled past its time limit: the outcome, or None
+        when another attempt is due (``work`` now names it)."""
+        timeout = self.timeout_s(work.spec)
+        log.warning(
+            "handler_timeout",
+            attempt=work.attempt,
+            timeout_s=timeout,
+            session_id=work.ctx.session_id,
+            message_id=work.ctx.message_id,
+        )
+        work.outcome = error(
+            "timeout",
+            f"the handler timed out after {timeout:g} s",
+            work.field,
+            dead_letter="timeout",
+        )
+        work.attempt += 1
+        return None if work.attempt <= work.spec.retries + 1 else work.outcome
+
+    async def watchdog(self, *, tick_s: float = 0.01) -> None:
+        """Cancel every attempt running past its deadline, until cancelled."""
+        while True:
+            await anyio.sleep(tick_s)
+            now = time.monotonic()
+            for runner in self.runners:
+                if runner.deadline <= now and runner.scope is not None:
+                    runner.deadline = math.inf
+                    runner.scope.cancel()
 
 
 def _attempt(ctx: Context, attempt: int) -> Context:

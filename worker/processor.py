@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.exceptions import ResponseError
 
 from worker import messages, wire
-from worker.dispatch import Dispatcher, Outcome, error
+from worker.dispatch import Dispatcher, Outcome, Runner, Work, error
 from worker.envelope import (
     ALG_RSA,
     HANDSHAKE_TYPE,
@@ -88,7 +88,7 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
 class Delivery:
     """An entry handed to the processor, with its shard and delivery count."""
 
@@ -112,7 +112,7 @@ class Tracker(Protocol):
         """``d`` is finished (acknowledged, or left pending to be reclaimed)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
 class _Job:
     """An authenticated request whose replay record is this entry's: run its handler."""
 
@@ -123,7 +123,7 @@ class _Job:
     seen_ttl_ms: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
 class _Pending:
     """A write for the writer, with what it finishes (for logs and metrics)."""
 
@@ -203,12 +203,14 @@ class Processor:
         self.sessions = SessionCache()
         self.stats = Stats()
         self._counters: dict[tuple[str, str], Any] = {}
+        self._tick = time.perf_counter()
         self.dispatcher = Dispatcher(
             app, default_timeout_s=settings.handler_timeout_s, metrics=self.metrics
         )
         self._rsa = anyio.CapacityLimiter(os.cpu_count() or 2)
-        self._lane = anyio.CapacityLimiter(settings.handshake_concurrency)
-        self.keys = KeyPool(bits=settings.session_key_bits, size=4, limiter=self._lane)
+        self.keys = KeyPool(
+            bits=settings.session_key_bits, size=4, threads=settings.handshake_concurrency
+        )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the handler pool, the handshake lane and the writers until cancelled."""
@@ -227,6 +229,7 @@ class Processor:
                     tg.start_soon(self._handshake_loop)
                 for _ in range(2):  # one flush in flight while the next one gathers
                     tg.start_soon(self._write_loop)
+                tg.start_soon(self.dispatcher.watchdog)
                 await tg.start(self.keys.run)
                 task_status.started()
 
@@ -376,39 +379,67 @@ class Processor:
     # -- handlers ----------------------------------------------------------------------
 
     async def _handler_loop(self) -> None:
-        recv = self._jobs[1]
-        tick = time.perf_counter()
+        runner = Runner()
+        self.dispatcher.runners.append(runner)
+        job: _Job | None = None
+        work: Work | None = None
         while True:
-            # Take queued jobs without a checkpoint each; yield to the loop every few ms.
-            try:
-                job = recv.receive_nowait()
-            except anyio.WouldBlock:
-                job = await recv.receive()
-                tick = time.perf_counter()
-            else:
-                if time.perf_counter() - tick > _YIELD_S:
-                    await anyio.lowlevel.checkpoint()
-                    tick = time.perf_counter()
-            try:
-                await self._run(job)
-            except Exception:
-                # A bug, not bad input: keep serving; the entry stays pending and is
-                # reclaimed (and eventually dead-lettered by the delivery limit).
-                log.exception("entry_failed", entry_id=job.delivery.entry.id)
-                self.tracker.done(job.delivery)
+            with anyio.CancelScope() as runner.scope:
+                if job is not None and work is not None:  # the next attempt after a timeout
+                    await self._attempts(job, work, runner)
+                while True:
+                    job, work = None, None
+                    job = await self._next_job()
+                    ctx = Context(
+                        session_id=job.request.sid,
+                        message_id=job.request.mid,
+                        type=job.request.type,
+                        ts=job.request.ts,
+                        entry_id=job.delivery.entry.id,
+                        attempt=1,
+                    )
+                    prepared = await self.dispatcher.prepare(ctx, job.request.field, job.plaintext)
+                    if isinstance(prepared, Outcome):
+                        self._finish_job(job, prepared)
+                        continue
+                    work = prepared
+                    await self._attempts(job, work, runner)
+            # Only the watchdog cancels this scope: the attempt ran past its deadline.
+            # (A worker stopping cancels an enclosing scope: this checkpoint raises.)
+            await anyio.lowlevel.checkpoint()
+            assert job is not None and work is not None
+            outcome = self.dispatcher.timed_out(work)
+            if outcome is not None:
+                self._finish_job(job, outcome)
+                job, work = None, None
 
-    async def _run(self, job: _Job) -> None:
-        d, r = job.delivery, job.request
-        ctx = Context(
-            session_id=r.sid,
-            message_id=r.mid,
-            type=r.type,
-            ts=r.ts,
-            entry_id=d.entry.id,
-            attempt=1,
-        )
-        outcome = await self.dispatcher.run(ctx, r.field, job.plaintext)
-        self._reply(d, r, job.reply_key, outcome, seen_ttl_ms=job.seen_ttl_ms)
+    async def _next_job(self) -> _Job:
+        # Take queued jobs without a checkpoint each; yield to the loop every few ms.
+        recv = self._jobs[1]
+        try:
+            job = recv.receive_nowait()
+        except anyio.WouldBlock:
+            job = await recv.receive()
+            self._tick = time.perf_counter()
+        else:
+            if time.perf_counter() - self._tick > _YIELD_S:
+                await anyio.lowlevel.checkpoint()
+                self._tick = time.perf_counter()
+        return job
+
+    async def _attempts(self, job: _Job, work: Work, runner: Runner) -> None:
+        try:
+            outcome = await self.dispatcher.run(work, runner)
+        except Exception:
+            # A bug, not bad input: keep serving; the entry stays pending and is
+            # reclaimed (and eventually dead-lettered by the delivery limit).
+            log.exception("entry_failed", entry_id=job.delivery.entry.id)
+            self.tracker.done(job.delivery)
+            return
+        self._finish_job(job, outcome)
+
+    def _finish_job(self, job: _Job, outcome: Outcome) -> None:
+        self._reply(job.delivery, job.request, job.reply_key, outcome, seen_ttl_ms=job.seen_ttl_ms)
 
     def _reply(
         self,
@@ -458,9 +489,7 @@ class Processor:
             raise AuthFailed("unknown kid")
         if len(request.encrypted_aes_key or b"") != service.wrapped_key_size:
             raise Malformed("encryptedAesKey is not the service modulus size")
-        opened = await anyio.to_thread.run_sync(
-            _open, request, service.private_key, None, limiter=self._lane
-        )
+        opened = await self.keys.call(_open, request, service.private_key, None)
         claim = Claim(
             sid=request.sid,
             mid=request.mid,

@@ -121,7 +121,7 @@ def transient(exc: ResponseError) -> bool:
     return text.startswith(_TRANSIENT) or any(f" {t}" in text[:200] for t in _TRANSIENT[:1])
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
 class Entry:
     """A stream entry: its id and raw fields."""
 
@@ -137,7 +137,7 @@ class Pending:
     oldest: str | None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
 class Claim:
     """A replay-record claim: ``owner`` is ``<shard>|<entry id>``."""
 
@@ -150,7 +150,7 @@ class Claim:
 Letter = Mapping[str, bytes | str | int]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
 class ReplyWrite:
     """A reply added iff the replay record is still ``owner``'s, then marked done and acked.
 
@@ -170,7 +170,7 @@ class ReplyWrite:
     session_expires_at_ms: int | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
 class RefusalWrite:
     """A refusal: a notice to ``sid`` (when given), a dead letter, then XACK."""
 
@@ -181,7 +181,7 @@ class RefusalWrite:
     notice: Mapping[str, bytes] | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
 class AckWrite:
     """A bare XACK (a redelivery of an entry already answered)."""
 

@@ -111,8 +111,34 @@ def _no_constant(name: str) -> Any:
     raise DecodeError(f"{name} is not allowed")
 
 
-def _check(value: Any, depth: int = 0) -> None:
-    """Refuse what strict decoding forbids but the parsers let through."""
+_PLAIN: Final = frozenset({type(None), bool, int, bytes})
+
+
+def _check(value: Any, depth: int = 0, *, text: bool = True) -> None:
+    """Refuse what strict decoding forbids but the parsers let through.
+
+    ``text=False`` skips the Unicode check of strings: MessagePack's decoder has
+    already refused invalid UTF-8 (and UTF-8 cannot carry a lone surrogate).
+    """
+    # Dispatch on the exact type first (the hot path: every payload and result);
+    # subclasses (an IntEnum, a str subclass) take the general path below.
+    kind = type(value)
+    if kind in _PLAIN:
+        return
+    if kind is str:
+        if text:
+            _check_text(value)
+        return
+    if kind is dict:
+        _check_map(value, depth, text)
+        return
+    if kind is list or kind is tuple:
+        _check_array(value, depth, text)
+        return
+    if kind is float:
+        if not math.isfinite(value):
+            raise DecodeError("NaN and Infinity are not allowed")
+        return
     if depth > MAX_DEPTH:
         raise DecodeError("nested too deeply")
     if value is None or isinstance(value, bool | int | bytes):
@@ -124,27 +150,46 @@ def _check(value: Any, depth: int = 0) -> None:
             raise DecodeError("NaN and Infinity are not allowed")
         return
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise DecodeError("strings must be valid Unicode") from None
+        _check_text(value)
         return
     if isinstance(value, list | tuple):
-        if len(value) > MAX_CONTAINER_LEN:
-            raise DecodeError("an array is over the container length limit")
-        for item in value:
-            _check(item, depth + 1)
+        _check_array(value, depth, text)
         return
     if isinstance(value, dict):
-        if len(value) > MAX_CONTAINER_LEN:
-            raise DecodeError("a map is over the container length limit")
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise DecodeError("map keys must be strings")
-            _check(key)
-            _check(item, depth + 1)
+        _check_map(value, depth, text)
         return
     raise DecodeError(f"{type(value).__name__} values are not allowed")
+
+
+def _check_text(value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DecodeError("strings must be valid Unicode") from None
+
+
+def _check_array(value: list[Any] | tuple[Any, ...], depth: int, text: bool) -> None:
+    # The container may sit at MAX_DEPTH; its items may not sit deeper.
+    if depth > MAX_DEPTH or (value and depth >= MAX_DEPTH):
+        raise DecodeError("nested too deeply")
+    if len(value) > MAX_CONTAINER_LEN:
+        raise DecodeError("an array is over the container length limit")
+    for item in value:
+        _check(item, depth + 1, text=text)
+
+
+def _check_map(value: dict[Any, Any], depth: int, text: bool) -> None:
+    if depth > MAX_DEPTH or (value and depth >= MAX_DEPTH):
+        raise DecodeError("nested too deeply")
+    if len(value) > MAX_CONTAINER_LEN:
+        raise DecodeError("a map is over the container length limit")
+    for key, item in value.items():
+        if type(key) is not str:
+            if not isinstance(key, str):
+                raise DecodeError("map keys must be strings")
+        if text:
+            _check_text(key)
+        _check(item, depth + 1, text=text)
 
 
 def loads(raw: bytes, field: Field) -> Any:
@@ -177,7 +222,7 @@ def loads(raw: bytes, field: Field) -> Any:
     except (ValueError, TypeError, RecursionError, msgpack.ExtraData) as exc:
         kind = "MessagePack" if field == "e" else "JSON"
         raise DecodeError(f"not a single strict {kind} value") from exc
-    _check(value)
+    _check(value, text=field != "e")
     return value
 
 
@@ -393,6 +438,18 @@ def _envelope(raw: bytes, field: Field) -> tuple[dict[str, Any], bool]:
 
 
 def _msgpack_envelope(raw: bytes) -> tuple[dict[str, Any], bool]:
+    if len(raw) <= _SMALL:
+        # Bounded work for a full parse (few bytes), and three times faster than the
+        # member reader: the common case of a small payload.
+        value = loads(raw, "e")
+        if type(value) is not dict:
+            raise DecodeError("the envelope must be a map")
+        if len(value) > MAX_FIELDS:
+            raise DecodeError(f"the envelope has more than {MAX_FIELDS} fields")
+        for item in value.values():
+            if isinstance(item, _CONTAINERS):
+                return value, False
+        return value, True
     unpacker = msgpack.Unpacker(raw=False, ext_hook=_refuse_ext, timestamp=0)
     unpacker.feed(raw)
     size = unpacker.read_map_header()  # ValueError unless a map
@@ -636,7 +693,7 @@ def encode_request(request: Request) -> dict[str, bytes]:
         env["encryptedAesKey"] = to_wire_binary(request.encrypted_aes_key, f)
     if request.kid is not None:
         env["kid"] = request.kid
-    return {f: dumps(env, f)}
+    return {f: _dumps_own(env, f)}
 
 
 def encode_reply(reply: Reply) -> dict[str, bytes]:
@@ -654,7 +711,16 @@ def encode_reply(reply: Reply) -> dict[str, bytes]:
         env["iv"] = to_wire_binary(reply.iv, f)
         env["encryptedData"] = to_wire_binary(reply.encrypted_data, f)
         env["authTag"] = to_wire_binary(reply.auth_tag, f)
-    return {f: dumps(env, f)}
+    return {f: _dumps_own(env, f)}
+
+
+def _dumps_own(env: dict[str, Any], field: Field) -> bytes:
+    """An envelope this module built (str, int and bytes values only): no check walk."""
+    if field == "e":
+        return msgpack.packb(env, use_bin_type=True)  # type: ignore[no-any-return]
+    out: list[str] = []
+    _write_json(env, out)
+    return "".join(out).encode("utf-8")
 
 
 def decode_reply(fields: Mapping[bytes, bytes], *, max_size: int = DEFAULT_MAX_SIZE) -> Reply:

@@ -1,0 +1,74 @@
+"""Handler time limits on the pool's long-lived cancel scopes, on a real Redis.
+
+Each handler task keeps one cancel scope; a watchdog cancels it when the attempt
+running in it passes its deadline. These tests pin what that must keep: a timed-out
+attempt is retried or answered ``timeout``, and the same task then serves on, stray
+cancellations included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import Counter
+from typing import Any
+
+import anyio
+import pytest
+
+from worker import App, Client, RemoteError, Settings
+from worker.testing import ThrowawayKeys, running_worker
+
+
+def _app(calls: Counter[str]) -> App:
+    app = App()
+
+    @app.handler("hang", timeout_s=0.2, retries=1)
+    async def hang(payload: Any) -> Any:
+        calls["hang"] += 1
+        await anyio.sleep(30)
+
+    @app.handler("stray_cancel")
+    async def stray_cancel(payload: Any) -> Any:
+        calls["stray_cancel"] += 1
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+
+    @app.handler("nap", timeout_s=5)
+    async def nap(payload: Any) -> Any:
+        await anyio.sleep(0.3)  # past the other handler's limit, within its own
+        return "rested"
+
+    @app.handler("echo")
+    async def echo(payload: Any) -> Any:
+        return payload
+
+    return app
+
+
+async def test_one_handler_task_times_out_retries_and_serves_on(
+    settings: Settings, keys: ThrowawayKeys
+) -> None:
+    """With a single handler task: a handler past its limit is cancelled, retried once,
+    answered ``timeout``; a stray cancellation after it is still a handler_error; a
+    handler slower than the first one's limit but within its own finishes."""
+    calls: Counter[str] = Counter()
+    settings = dataclasses.replace(settings, concurrency=1, prefetch=1)
+    async with running_worker(_app(calls), settings, keys):
+        async with (
+            Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix)
+            as client,
+            client.session() as session,
+        ):
+            for _ in range(2):
+                with anyio.fail_after(10):
+                    with pytest.raises(RemoteError) as err:
+                        await session.request("hang", {})
+                assert "timeout" == err.value.code
+                with pytest.raises(RemoteError) as err:
+                    await session.request("stray_cancel", {})
+                assert "handler_error" == err.value.code
+                assert "rested" == await session.request("nap", {})
+                assert {"a": 1} == await session.request("echo", {"a": 1})
+    assert (4, 2) == (calls["hang"], calls["stray_cancel"])
