@@ -75,6 +75,7 @@ class Dispatcher:
         self.runners: list[Runner] = []
         self._decode_lane = anyio.CapacityLimiter(1)
         self._timers: dict[str, Any] = {}
+        self._budgets: dict[str, int] = {}
 
     def timeout_s(self, spec: HandlerSpec) -> float:
         """The handler's time limit per attempt."""
@@ -82,10 +83,13 @@ class Dispatcher:
 
     def budget_ms(self, type_: str) -> int:
         """The longest a request of ``type_`` may run: its timeout x attempts (ms)."""
-        spec = self.app.get(type_)
-        if spec is None:
-            return 0
-        return int(self.timeout_s(spec) * (spec.retries + 1) * 1000)
+        budget = self._budgets.get(type_)
+        if budget is None:
+            spec = self.app.get(type_)
+            budget = 0 if spec is None else int(self.timeout_s(spec) * (spec.retries + 1) * 1000)
+            if len(self._budgets) < 10_000:  # types come from requests: bounded
+                self._budgets[type_] = budget
+        return budget
 
     async def prepare(self, ctx: Context, field: wire.Field, plaintext: bytes) -> Outcome | Work:
         """The request's handler and decoded payload, or the ``error`` it ends in."""

@@ -344,14 +344,7 @@ class Worker:
         for d in batch:
             self._in_flight[shard].add(d.entry.id)
         self.metrics.in_flight.inc(len(batch))
-        try:
-            await self.processor.process(batch)
-        except Exception:
-            # A bug, not bad input: keep serving; what was not handed on stays pending
-            # and is reclaimed (and eventually dead-lettered by the delivery limit).
-            log.exception("batch_failed", shard=shard, entries=len(batch))
-            for d in batch:
-                self.done(d)
+        self.processor.submit(batch)
 
     # -- Tracker: the processor reports here ------------------------------------------
 

@@ -223,6 +223,7 @@ class Processor:
             for stream in (*self._jobs, *self._writes, *self._handshakes):
                 streams.enter_context(stream)
             async with anyio.create_task_group() as tg:
+                self._batches = tg
                 for _ in range(self.settings.concurrency):
                     tg.start_soon(self._handler_loop)
                 for _ in range(self.settings.handshake_concurrency):
@@ -234,6 +235,21 @@ class Processor:
                 task_status.started()
 
     # -- intake: decode, authenticate, claim ------------------------------------------
+
+    def submit(self, batch: Sequence[Delivery]) -> None:
+        """Process ``batch`` in a task of its own: the reader goes on reading while its
+        sessions are fetched, its RSA unwraps run and its replay records are set."""
+        self._batches.start_soon(self._process_safely, batch)
+
+    async def _process_safely(self, batch: Sequence[Delivery]) -> None:
+        try:
+            await self.process(batch)
+        except Exception:
+            # A bug, not bad input: keep serving; what was not handed on stays pending
+            # and is reclaimed (and eventually dead-lettered by the delivery limit).
+            log.exception("batch_failed", entries=len(batch))
+            for d in batch:
+                self.tracker.done(d)
 
     async def process(self, batch: Sequence[Delivery]) -> None:
         """Take a batch as far as its handlers (or the handshake lane); refuse the rest."""
@@ -306,16 +322,25 @@ class Processor:
             except ProtocolError as exc:
                 _fill_context(exc, r)
                 self._refuse(d, exc)
-        for start in range(0, len(wrapped), _RSA_CHUNK):
-            chunk = wrapped[start : start + _RSA_CHUNK]
-            results = await anyio.to_thread.run_sync(_open_rsa, chunk, limiter=self._rsa)
-            for (d, r, _), result in zip(chunk, results, strict=True):
-                if result is None:
-                    self._refuse(d, _fill_context(AuthFailed("authentication failed"), r))
-                else:
-                    opened.append((d, r, result))
+        if wrapped:
+            # Chunks run in parallel threads (cryptography releases the GIL for RSA).
+            async with anyio.create_task_group() as tg:
+                for start in range(0, len(wrapped), _RSA_CHUNK):
+                    tg.start_soon(self._unwrap, wrapped[start : start + _RSA_CHUNK], opened)
         if opened:
             await self._claim(opened)
+
+    async def _unwrap(
+        self,
+        chunk: list[tuple[Delivery, wire.Request, Session]],
+        opened: list[tuple[Delivery, wire.Request, messages.Opened]],
+    ) -> None:
+        results = await anyio.to_thread.run_sync(_open_rsa, chunk, limiter=self._rsa)
+        for (d, r, _), result in zip(chunk, results, strict=True):
+            if result is None:
+                self._refuse(d, _fill_context(AuthFailed("authentication failed"), r))
+            else:
+                opened.append((d, r, result))
 
     def _session(self, sid: str, raw: bytes | None) -> Session | None:
         if raw is None:

@@ -13,6 +13,7 @@ cluster client sends one call per slot group (see :mod:`worker.streams`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Final
 
@@ -147,6 +148,7 @@ return out
 """
 
 
+@functools.cache
 def sha1(script: str) -> str:
-    """The name Redis gives a script (EVALSHA)."""
+    """The name Redis gives a script (EVALSHA); computed once per script."""
     return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis names scripts so
