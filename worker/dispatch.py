@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import types
+from collections.abc import Coroutine, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -23,6 +25,7 @@ from worker.metrics import Metrics
 from worker.payloads import to_value
 
 log = get_logger("sealstream.worker")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -192,6 +195,26 @@ class Dispatcher:
                 if runner.deadline <= now and runner.scope is not None:
                     runner.deadline = math.inf
                     runner.scope.cancel()
+
+
+@types.coroutine
+def resume(coro: Coroutine[Any, Any, T], yielded: Any) -> Generator[Any, Any, T]:
+    """Go on running ``coro`` in this task after its first step, taken with
+    ``coro.send(None)``, suspended on ``yielded``: as if it had been awaited from the
+    start (what the event loop sends or throws in is passed on)."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:  # a cancellation, or the generator closing
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
 
 
 def _attempt(ctx: Context, attempt: int) -> Context:

@@ -62,25 +62,28 @@ def hkdf_sha256(ikm: bytes, info: bytes, length: int = KEY_SIZE) -> bytes:
 
 
 @functools.lru_cache(maxsize=16_384)
-def _prk(ks: bytes) -> bytes:
-    # HKDF-Extract with an empty salt (HashLen zero bytes): the same for every message
-    # of a session, so computed once per session key (two HMACs a message saved).
-    return hmac.digest(bytes(32), ks, "sha256")
+def _expander(ks: bytes) -> hmac.HMAC:
+    # HKDF-Extract with an empty salt (HashLen zero bytes) is the same for every message
+    # of a session: PRK, and an HMAC keyed with it, are made once per session key.
+    prk = hmac.digest(bytes(32), ks, "sha256")
+    return hmac.new(prk, digestmod=hashlib.sha256)
 
 
-def _expand32(prk: bytes, info: bytes) -> bytes:
+def _expand32(ks: bytes, info: bytes) -> bytes:
     # HKDF-Expand for L = 32 (one SHA-256 block): T(1) = HMAC(PRK, info || 0x01).
-    return hmac.digest(prk, info + b"\x01", "sha256")
+    h = _expander(ks).copy()
+    h.update(info + b"\x01")
+    return h.digest()
 
 
 def sk_request_key(ks: bytes, mid: str) -> bytes:
     """Session-key mode request key: HKDF(Ks, info=``sealstream/1 req <mid>``)."""
-    return _expand32(_prk(ks), b"sealstream/1 req " + mid.encode("ascii"))
+    return _expand32(ks, b"sealstream/1 req " + mid.encode("ascii"))
 
 
 def sk_reply_key(ks: bytes, mid: str) -> bytes:
     """Session-key mode reply key: HKDF(Ks, info=``sealstream/1 rep <mid>``)."""
-    return _expand32(_prk(ks), b"sealstream/1 rep " + mid.encode("ascii"))
+    return _expand32(ks, b"sealstream/1 rep " + mid.encode("ascii"))
 
 
 def seal(key: bytes, plaintext: bytes, aad: bytes, *, iv: bytes | None = None) -> Sealed:

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.exceptions import ResponseError
 
 from worker import messages, wire
-from worker.dispatch import Dispatcher, Outcome, Runner, Work, error
+from worker.dispatch import Dispatcher, Outcome, Runner, Work, error, resume
 from worker.envelope import (
     ALG_RSA,
     HANDSHAKE_TYPE,
@@ -114,13 +114,18 @@ class Tracker(Protocol):
 
 @dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
 class _Job:
-    """An authenticated request whose replay record is this entry's: run its handler."""
+    """An authenticated request whose replay record is this entry's: run its handler.
+
+    ``work`` is its decoded payload and attempt count once prepared (a job handed on
+    after a timeout keeps it, for its next attempt).
+    """
 
     delivery: Delivery
     request: wire.Request
     plaintext: bytes = field(repr=False)
     reply_key: bytes = field(repr=False)
     seen_ttl_ms: int
+    work: Work | None = None
 
 
 @dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
@@ -368,7 +373,7 @@ class Processor:
             for d, r, _ in batch
         ]
         prevs = await self.retry(lambda: self.store.claim(claims))
-        send = self._jobs[0]
+        jobs: list[_Job] = []
         for (d, r, o), claim, prev in zip(batch, claims, prevs, strict=True):
             try:
                 if not self._claimed(d, prev):
@@ -376,7 +381,7 @@ class Processor:
             except ProtocolError as exc:
                 self._refuse(d, _fill_context(exc, r))
                 continue
-            send.send_nowait(
+            jobs.append(
                 _Job(
                     delivery=d,
                     request=r,
@@ -385,6 +390,8 @@ class Processor:
                     seen_ttl_ms=claim.ttl_ms,
                 )
             )
+        if jobs:
+            await self._run_here(jobs)
 
     def _claimed(self, d: Delivery, prev: str | None) -> bool:
         """Whether to run the entry given its record's previous value; Replay if not ours."""
@@ -403,40 +410,83 @@ class Processor:
 
     # -- handlers ----------------------------------------------------------------------
 
+    async def _run_here(self, jobs: list[_Job]) -> None:
+        """Run the batch's handlers in this task while they finish without suspending.
+
+        Most handlers compute and return: a task and two hand-offs per message would
+        cost more than they do. The first handler that really awaits something hands
+        the rest of the batch to the handler pool and goes on here (a task only where
+        a handler actually awaits). Time limits work as in the pool: one cancel scope,
+        the watchdog cancels it past the attempt's deadline.
+        """
+        runner = Runner()
+        self.dispatcher.runners.append(runner)
+        job: _Job | None = None
+        try:
+            with anyio.CancelScope() as runner.scope:
+                for i, job in enumerate(jobs):
+                    work = await self._prepare(job)
+                    if work is None:
+                        continue
+                    run = self.dispatcher.run(work, runner)
+                    try:
+                        yielded = run.send(None)
+                    except StopIteration as done:
+                        self._finish_job(job, done.value)
+                        continue
+                    except Exception:
+                        log.exception("entry_failed", entry_id=job.delivery.entry.id)
+                        self.tracker.done(job.delivery)
+                        continue
+                    send = self._jobs[0]
+                    for rest in jobs[i + 1 :]:
+                        send.send_nowait(rest)
+                    try:
+                        outcome = await resume(run, yielded)
+                    except Exception:
+                        log.exception("entry_failed", entry_id=job.delivery.entry.id)
+                        self.tracker.done(job.delivery)
+                    else:
+                        self._finish_job(job, outcome)
+                    break
+                job = None
+            if job is not None:
+                # The watchdog cancelled an attempt past its deadline (a stopping
+                # worker cancels an enclosing scope: this checkpoint raises then).
+                await anyio.lowlevel.checkpoint()
+                self._timed_out(job)
+        finally:
+            self.dispatcher.runners.remove(runner)
+
     async def _handler_loop(self) -> None:
         runner = Runner()
         self.dispatcher.runners.append(runner)
         job: _Job | None = None
-        work: Work | None = None
         while True:
             with anyio.CancelScope() as runner.scope:
-                if job is not None and work is not None:  # the next attempt after a timeout
-                    await self._attempts(job, work, runner)
                 while True:
-                    job, work = None, None
-                    job = await self._next_job()
-                    ctx = Context(
-                        session_id=job.request.sid,
-                        message_id=job.request.mid,
-                        type=job.request.type,
-                        ts=job.request.ts,
-                        entry_id=job.delivery.entry.id,
-                        attempt=1,
-                    )
-                    prepared = await self.dispatcher.prepare(ctx, job.request.field, job.plaintext)
-                    if isinstance(prepared, Outcome):
-                        self._finish_job(job, prepared)
-                        continue
-                    work = prepared
-                    await self._attempts(job, work, runner)
+                    if job is None:  # else: the next attempt of a job that timed out
+                        job = await self._next_job()
+                    await self._execute(job, runner)
+                    job = None
             # Only the watchdog cancels this scope: the attempt ran past its deadline.
             # (A worker stopping cancels an enclosing scope: this checkpoint raises.)
             await anyio.lowlevel.checkpoint()
-            assert job is not None and work is not None
-            outcome = self.dispatcher.timed_out(work)
-            if outcome is not None:
-                self._finish_job(job, outcome)
-                job, work = None, None
+            assert job is not None
+            if not self._timed_out(job, hand_on=False):
+                job = None
+
+    def _timed_out(self, job: _Job, *, hand_on: bool = True) -> bool:
+        """After ``job``'s attempt timed out: answer it, or say another attempt is due
+        (handing it to the pool when ``hand_on``)."""
+        assert job.work is not None
+        outcome = self.dispatcher.timed_out(job.work)
+        if outcome is not None:
+            self._finish_job(job, outcome)
+            return False
+        if hand_on:
+            self._jobs[0].send_nowait(job)
+        return True
 
     async def _next_job(self) -> _Job:
         # Take queued jobs without a checkpoint each; yield to the loop every few ms.
@@ -452,7 +502,30 @@ class Processor:
                 self._tick = time.perf_counter()
         return job
 
-    async def _attempts(self, job: _Job, work: Work, runner: Runner) -> None:
+    async def _prepare(self, job: _Job) -> Work | None:
+        """The job's work (decoded payload, attempts); None when it is already answered."""
+        if job.work is not None:
+            return job.work
+        r = job.request
+        ctx = Context(
+            session_id=r.sid,
+            message_id=r.mid,
+            type=r.type,
+            ts=r.ts,
+            entry_id=job.delivery.entry.id,
+            attempt=1,
+        )
+        prepared = await self.dispatcher.prepare(ctx, r.field, job.plaintext)
+        if isinstance(prepared, Outcome):
+            self._finish_job(job, prepared)
+            return None
+        job.work = prepared
+        return prepared
+
+    async def _execute(self, job: _Job, runner: Runner) -> None:
+        work = await self._prepare(job)
+        if work is None:
+            return
         try:
             outcome = await self.dispatcher.run(work, runner)
         except Exception:
