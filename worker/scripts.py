@@ -74,7 +74,11 @@ local function letter(dlq, n)
   for _ = 1, 2 * n do cmd[#cmd + 1] = arg() end
   return not failed(redis.pcall(unpack(cmd)))
 end
+local expired = {}
 local function expire_with_session(reply, session)
+  -- Once per reply stream and call: a batch often holds many replies of one session.
+  if expired[reply] then return end
+  expired[reply] = true
   local pt = redis.call('PTTL', session)
   if pt > 0 then redis.pcall('PEXPIRE', reply, pt)
   elseif redis.call('PTTL', reply) < fallback then redis.pcall('PEXPIRE', reply, fallback) end
