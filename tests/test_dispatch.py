@@ -57,8 +57,9 @@ async def test_one_handler_task_times_out_retries_and_serves_on(
     settings = dataclasses.replace(settings, concurrency=1, prefetch=1)
     async with running_worker(_app(calls), settings, keys):
         async with (
-            Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix)
-            as client,
+            Client.from_url(
+                settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
+            ) as client,
             client.session() as session,
         ):
             for _ in range(2):
@@ -72,3 +73,72 @@ async def test_one_handler_task_times_out_retries_and_serves_on(
                 assert "rested" == await session.request("nap", {})
                 assert {"a": 1} == await session.request("echo", {"a": 1})
     assert (4, 2) == (calls["hang"], calls["stray_cancel"])
+
+
+def _tricky_app(calls: Counter[str], running: list[int]) -> App:
+    app = App()
+
+    @app.handler("swallow", timeout_s=0.1)
+    async def swallow(payload: Any) -> Any:
+        calls["swallow"] += 1
+        try:
+            await anyio.sleep(30)
+        except anyio.get_cancelled_exc_class():
+            return "swallowed"  # a badly behaved handler: it eats its time limit
+        return "slept"
+
+    @app.handler("busy")
+    async def busy(payload: Any) -> Any:
+        running[0] += 1
+        running[1] = max(running[1], running[0])
+        try:
+            await anyio.sleep(0.05)
+        finally:
+            running[0] -= 1
+        return payload
+
+    @app.handler("echo")
+    async def echo(payload: Any) -> Any:
+        return payload
+
+    return app
+
+
+async def test_a_handler_that_swallows_its_time_limit_cancels_nothing_else(
+    settings: Settings, keys: ThrowawayKeys
+) -> None:
+    """A handler that catches the cancellation of its time limit and returns: its result
+    is the reply, and the cancellation never reaches the next request on that task."""
+    calls: Counter[str] = Counter()
+    settings = dataclasses.replace(settings, concurrency=1, prefetch=1)
+    async with running_worker(_tricky_app(calls, [0, 0]), settings, keys):
+        async with (
+            Client.from_url(
+                settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
+            ) as client,
+            client.session() as session,
+        ):
+            for i in range(3):
+                assert "swallowed" == await session.request("swallow", {})
+                assert {"i": i} == await session.request("echo", {"i": i})
+    assert 3 == calls["swallow"]
+
+
+async def test_no_more_handlers_run_at_once_than_the_concurrency(
+    settings: Settings, keys: ThrowawayKeys
+) -> None:
+    """With concurrency 2, handlers that await never run more than two at once, though
+    a batch runs its first handlers in its own task."""
+    running = [0, 0]
+    settings = dataclasses.replace(settings, concurrency=2, prefetch=30)
+    async with running_worker(_tricky_app(Counter(), running), settings, keys):
+        async with (
+            Client.from_url(
+                settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
+            ) as client,
+            client.session() as session,
+        ):
+            async with anyio.create_task_group() as tg:
+                for i in range(24):
+                    tg.start_soon(session.request, "busy", {"i": i})
+    assert 2 == running[1]

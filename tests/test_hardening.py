@@ -172,6 +172,30 @@ async def test_an_answered_envelope_added_again_after_its_record_expired_is_expi
         assert await redis.get(seen) is None
 
 
+async def test_freshness_is_checked_again_right_before_the_replay_record(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A request fresh when read but stale by the time its replay record would be set
+    (the batch waited: an outage, busy threads) is refused as expired and never runs:
+    its record would not outlive the window any more."""
+    calls: Counter[str] = Counter()
+    reads = [0]
+
+    def clock() -> int:
+        # The first reading (when the batch is read) is now; later ones are a window on.
+        reads[0] += 1
+        return now_ms() + (0 if reads[0] == 1 else settings.replay_window_ms + 61_000)
+
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant(ttl_s=3600)  # the session outlives the jump
+    out = raw.seal(grant, {"late": True})
+    entry_id = await raw.send(out.request)
+    async with running_worker(_app(calls), settings, keys, clock=clock):
+        assert b"expired" == (await letter_for(raw, entry_id))["reason"]
+    assert 0 == calls["echo"]
+    assert await redis.get(raw.names.seen(grant.sid, out.request.mid)) is None
+
+
 def test_the_default_window_is_fifteen_minutes() -> None:
     """Revision 2's default freshness window is 15 minutes (as AWS SigV4)."""
     assert 900_000 == Settings().replay_window_ms

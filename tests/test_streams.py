@@ -1,11 +1,13 @@
-"""The Store's hand-packed commands read the same under RESP2 and RESP3."""
+"""The Store's commands: hand-packed replies under RESP2 and RESP3, and how Redis's
+refusals are classified (waited out, or final)."""
 
 from __future__ import annotations
 
 import pytest
+from redis.exceptions import ResponseError
 
 from worker.names import GROUP, Names
-from worker.streams import Claim, Store, connect
+from worker.streams import Claim, RefusalWrite, ReplyWrite, Store, connect, transient
 from worker.testing import RedisServer
 
 
@@ -31,5 +33,82 @@ async def test_read_returns_entries_under_either_protocol(
         assert [f"0|{first}"] == await store.claim(claims)
         (group,) = await client.xinfo_groups(Names(prefix).request_stream(0))
         assert (GROUP, 2) == (group["name"].decode(), group["pending"])
+    finally:
+        await client.aclose()
+
+
+async def test_out_of_memory_is_a_refusal_for_now(redis_server: RedisServer, prefix: str) -> None:
+    """With Redis out of memory, the batch scripts fail with an error the worker waits
+    out (transient), never one it would dead-letter and acknowledge; afterwards they run."""
+    client = connect(redis_server.url)
+    store = Store(client, Names(prefix))
+    claims = [Claim(sid="a" * 32, mid="b" * 32, owner="0|1-1", ttl_ms=10_000)]
+    letter = {"reason": "timeout"}
+    try:
+        await client.config_set("maxmemory", "1")
+        try:
+            for op in (
+                lambda: store.claim(claims),
+                lambda: store.finish([_reply(letter)]),
+                lambda: store.finish([RefusalWrite(shard=0, entry_id="1-1", letter=letter)]),
+            ):
+                with pytest.raises(ResponseError) as err:
+                    await op()
+                assert transient(err.value), str(err.value)
+        finally:
+            await client.config_set("maxmemory", "0")
+        assert [None] == await store.claim(claims)
+    finally:
+        await client.aclose()
+
+
+async def test_a_read_only_replica_is_a_refusal_for_now(prefix: str) -> None:
+    """On a replica (a failover in progress), the batch scripts fail with an error the
+    worker waits out, instead of refusing every request as a replay."""
+    with RedisServer.start() as primary, RedisServer.start() as replica:
+        client = connect(replica.url)
+        try:
+            await client.execute_command("REPLICAOF", "127.0.0.1", primary.port)
+            store = Store(client, Names(prefix))
+            claims = [Claim(sid="a" * 32, mid="b" * 32, owner="0|1-1", ttl_ms=10_000)]
+            for op in (lambda: store.claim(claims), lambda: store.finish([_reply(None)])):
+                with pytest.raises(ResponseError) as err:
+                    await op()
+                assert transient(err.value), str(err.value)
+        finally:
+            await client.aclose()
+
+
+def _reply(letter: dict[str, str] | None) -> ReplyWrite:
+    return ReplyWrite(
+        shard=0,
+        entry_id="1-1",
+        sid="a" * 32,
+        mid="b" * 32,
+        owner="0|1-1",
+        entry={"e": b"reply"},
+        seen_ttl_ms=10_000,
+        letter=letter,
+    )
+
+
+async def test_a_retried_reply_step_writes_its_dead_letter_once(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """FINISH run twice for one reply (a lost answer, retried): one reply, one dead
+    letter; the second call finds the record done and writes nothing."""
+    client = connect(redis_server.url)
+    try:
+        names = Names(prefix)
+        store = Store(client, names)
+        await store.ensure_groups(1)
+        assert [None] == await store.claim(
+            [Claim(sid="a" * 32, mid="b" * 32, owner="0|1-1", ttl_ms=10_000)]
+        )
+        write = _reply({"reason": "timeout"})
+        assert [1] == await store.finish([write])
+        assert [0] == await store.finish([write])
+        assert 1 == await client.xlen(names.dlq)
+        assert 1 == await client.xlen(names.reply_stream("a" * 32))
     finally:
         await client.aclose()

@@ -8,7 +8,6 @@ what a handler does.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import types
 from collections.abc import Coroutine, Generator
@@ -44,18 +43,6 @@ def error(code: str, message: str, field: wire.Field, *, dead_letter: str | None
     return Outcome(status="error", plaintext=body, dead_letter=dead_letter, code=code)
 
 
-@dataclass(slots=True)
-class Runner:
-    """One task of the handler pool: the cancel scope its attempts run in, and the
-    deadline of the attempt running now (:meth:`Dispatcher.watchdog` cancels the scope
-    once it passes). One long-lived scope per task rather than one per attempt: an
-    anyio cancel scope with a deadline costs more than an echo handler (measured)."""
-
-    scope: anyio.CancelScope | None = None
-    deadline: float = math.inf
-    work: Work | None = None
-
-
 @dataclass(slots=True, kw_only=True)
 class Work:
     """A request on its way through its handler's attempts (kept across a timeout)."""
@@ -75,7 +62,8 @@ class Dispatcher:
         self.app = app
         self.default_timeout_s = default_timeout_s
         self.metrics = metrics
-        self.runners: list[Runner] = []
+        #: the cancel scope of every attempt running now, with its deadline
+        self._deadlines: dict[anyio.CancelScope, float] = {}
         self._decode_lane = anyio.CapacityLimiter(1)
         self._timers: dict[str, Any] = {}
         self._budgets: dict[str, int] = {}
@@ -111,28 +99,30 @@ class Dispatcher:
             return error("bad_payload", "the payload is not a single strict value", field)
         return Work(ctx=ctx, field=field, spec=spec, payload=payload)
 
-    async def run(self, work: Work, runner: Runner) -> Outcome:
+    async def run(self, work: Work) -> Outcome:
         """Run the remaining attempts; never raises for what the handler does.
 
-        Must run inside ``runner.scope``. An attempt past its time limit is
-        cancelled with that scope (the exception leaves this call): the caller then
-        asks :meth:`timed_out` what comes next.
+        Each attempt runs in a cancel scope of its own, without a deadline: the
+        :meth:`watchdog` cancels it once the attempt's time is up (a scope with a
+        deadline costs about as much as an echo handler, measured). A cancellation
+        stays within its attempt even if the handler swallows it.
         """
         spec, field, ctx = work.spec, work.field, work.ctx
         timer = self._timers.get(spec.name)
         if timer is None:
             timer = self._timers[spec.name] = self.metrics.handler_seconds.labels(type=spec.name)
         timeout = self.timeout_s(spec)
-        runner.work = work
         while work.attempt <= spec.retries + 1:
             started = time.perf_counter()
+            scope = anyio.CancelScope()
             # loop.time() of asyncio is time.monotonic(): the watchdog compares to it.
-            runner.deadline = time.monotonic() + timeout
+            self._deadlines[scope] = time.monotonic() + timeout
             try:
                 try:
-                    result = await _call(spec, work.payload, _attempt(ctx, work.attempt))
+                    with scope:
+                        result = await _call(spec, work.payload, _attempt(ctx, work.attempt))
                 finally:
-                    runner.deadline = math.inf
+                    self._deadlines.pop(scope, None)
                     timer.observe(time.perf_counter() - started)
             except BadPayload as exc:
                 return error("bad_payload", exc.message, field)
@@ -151,6 +141,22 @@ class Dispatcher:
                 )
                 work.attempt += 1
                 continue
+            if scope.cancelled_caught:
+                log.warning(
+                    "handler_timeout",
+                    attempt=work.attempt,
+                    timeout_s=timeout,
+                    session_id=ctx.session_id,
+                    message_id=ctx.message_id,
+                )
+                work.outcome = error(
+                    "timeout",
+                    f"the handler timed out after {timeout:g} s",
+                    field,
+                    dead_letter="timeout",
+                )
+                work.attempt += 1
+                continue
             try:
                 body = wire.dumps(result, field)
             except (TypeError, ValueError, OverflowError):
@@ -166,35 +172,15 @@ class Dispatcher:
         assert work.outcome is not None  # every attempt failed, the last one said how
         return work.outcome
 
-    def timed_out(self, work: Work) -> Outcome | None:
-        """After an attempt was cancelled past its time limit: the outcome, or None
-        when another attempt is due (``work`` now names it)."""
-        timeout = self.timeout_s(work.spec)
-        log.warning(
-            "handler_timeout",
-            attempt=work.attempt,
-            timeout_s=timeout,
-            session_id=work.ctx.session_id,
-            message_id=work.ctx.message_id,
-        )
-        work.outcome = error(
-            "timeout",
-            f"the handler timed out after {timeout:g} s",
-            work.field,
-            dead_letter="timeout",
-        )
-        work.attempt += 1
-        return None if work.attempt <= work.spec.retries + 1 else work.outcome
-
     async def watchdog(self, *, tick_s: float = 0.01) -> None:
         """Cancel every attempt running past its deadline, until cancelled."""
         while True:
             await anyio.sleep(tick_s)
             now = time.monotonic()
-            for runner in self.runners:
-                if runner.deadline <= now and runner.scope is not None:
-                    runner.deadline = math.inf
-                    runner.scope.cancel()
+            late = [scope for scope, deadline in self._deadlines.items() if deadline <= now]
+            for scope in late:
+                del self._deadlines[scope]
+                scope.cancel()
 
 
 @types.coroutine
@@ -247,7 +233,7 @@ async def _call(spec: HandlerSpec, payload: Any, ctx: Context) -> Any:
         return to_value(
             await anyio.to_thread.run_sync(lambda: spec.fn(*args), abandon_on_cancel=True)
         )
-    except (SystemExit, KeyboardInterrupt) as exc:
+    except (SystemExit, KeyboardInterrupt, GeneratorExit) as exc:
         raise HandlerEscaped(type(exc).__name__) from None
     except anyio.get_cancelled_exc_class():
         if _cancel_requested():

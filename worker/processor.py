@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.exceptions import ResponseError
 
 from worker import messages, wire
-from worker.dispatch import Dispatcher, Outcome, Runner, Work, error, resume
+from worker.dispatch import Dispatcher, Outcome, Work, error, resume
 from worker.envelope import (
     ALG_RSA,
     HANDSHAKE_TYPE,
@@ -95,11 +95,17 @@ class Delivery:
     shard: int
     entry: Entry
     attempts: int
+    #: set once the entry is queued on (to the pool, the lane or the writer): from
+    #: then on it ends in ``tracker.done`` there
+    handed: bool = False
 
     @property
     def owner(self) -> str:
         """The replay record's value for this entry: ``<shard>|<entry id>``."""
         return f"{self.shard}|{self.entry.id}"
+
+
+_Authed = tuple[Delivery, wire.Request, messages.Opened]
 
 
 class Tracker(Protocol):
@@ -208,6 +214,8 @@ class Processor:
         self.sessions = SessionCache()
         self.stats = Stats()
         self._counters: dict[tuple[str, str], Any] = {}
+        #: handlers running at once (inline in a batch task, or in the pool)
+        self._running = anyio.Semaphore(settings.concurrency)
         self._tick = time.perf_counter()
         self.dispatcher = Dispatcher(
             app, default_timeout_s=settings.handler_timeout_s, metrics=self.metrics
@@ -254,12 +262,14 @@ class Processor:
             # and is reclaimed (and eventually dead-lettered by the delivery limit).
             log.exception("batch_failed", entries=len(batch))
             for d in batch:
-                self.tracker.done(d)
+                if not d.handed:
+                    self.tracker.done(d)
 
     async def process(self, batch: Sequence[Delivery]) -> None:
         """Take a batch as far as its handlers (or the handshake lane); refuse the rest."""
         now = self.clock()
         ordinary: list[tuple[Delivery, wire.Request]] = []
+        handshakes: list[tuple[Delivery, wire.Request]] = []
         tick = time.perf_counter()
         for d in batch:
             if time.perf_counter() - tick > _YIELD_S:
@@ -270,12 +280,13 @@ class Processor:
             except ProtocolError as exc:
                 self._refuse(d, exc)
                 continue
-            if request.is_handshake:
-                await self._park(d, request)
-            else:
-                ordinary.append((d, request))
+            (handshakes if request.is_handshake else ordinary).append((d, request))
         if ordinary:
             await self._authenticate(ordinary)
+        # Last: a full handshake lane holds this batch (back-pressure on the reader),
+        # never the ordinary requests read with it.
+        for d, request in handshakes:
+            await self._park(d, request)
 
     def _admit(self, d: Delivery, now: int) -> wire.Request:
         """Decode and validate before any crypto; ProtocolError with what context there is."""
@@ -302,6 +313,7 @@ class Processor:
             send.send_nowait((d, request))
         except anyio.WouldBlock:
             await send.send((d, request))  # the lane is full: hold the slot meanwhile
+        d.handed = True
         self.tracker.parked(d)
 
     async def _authenticate(self, batch: list[tuple[Delivery, wire.Request]]) -> None:
@@ -365,8 +377,9 @@ class Processor:
             self.dispatcher.budget_ms(request.type) + _SEEN_MARGIN_MS,
         )
 
-    async def _claim(self, batch: list[tuple[Delivery, wire.Request, messages.Opened]]) -> None:
+    async def _claim(self, batch: list[_Authed]) -> None:
         """Set the replay records (after authentication: a forgery cannot burn a mid)."""
+        batch = self._still_fresh(batch)
         now = self.clock()
         claims = [
             Claim(sid=r.sid, mid=r.mid, owner=d.owner, ttl_ms=self._seen_ttl(r, now))
@@ -393,6 +406,21 @@ class Processor:
         if jobs:
             await self._run_here(jobs)
 
+    def _still_fresh(self, batch: list[_Authed]) -> list[_Authed]:
+        """The entries still fresh by the clock *now*, right before their records are
+        set: the batch may have waited (an outage, the RSA threads) since it was read,
+        and a record only outlives ts + window + 60 s."""
+        now = self.clock()
+        window = self.settings.replay_window_ms
+        fresh = []
+        for item in batch:
+            d, r, _ = item
+            if abs(r.ts - now) > window:
+                self._refuse(d, _fill_context(Expired("ts is outside the freshness window"), r))
+            else:
+                fresh.append(item)
+        return fresh
+
     def _claimed(self, d: Delivery, prev: str | None) -> bool:
         """Whether to run the entry given its record's previous value; Replay if not ours."""
         if prev is None:
@@ -416,77 +444,49 @@ class Processor:
         Most handlers compute and return: a task and two hand-offs per message would
         cost more than they do. The first handler that really awaits something hands
         the rest of the batch to the handler pool and goes on here (a task only where
-        a handler actually awaits). Time limits work as in the pool: one cancel scope,
-        the watchdog cancels it past the attempt's deadline.
+        a handler actually awaits). Every running handler holds one of the
+        ``concurrency`` tokens, here as in the pool; with none free, the rest of the
+        batch waits in the pool's queue.
         """
-        runner = Runner()
-        self.dispatcher.runners.append(runner)
-        job: _Job | None = None
-        try:
-            with anyio.CancelScope() as runner.scope:
-                for i, job in enumerate(jobs):
-                    work = await self._prepare(job)
-                    if work is None:
-                        continue
-                    run = self.dispatcher.run(work, runner)
-                    try:
-                        yielded = run.send(None)
-                    except StopIteration as done:
-                        self._finish_job(job, done.value)
-                        continue
-                    except Exception:
-                        log.exception("entry_failed", entry_id=job.delivery.entry.id)
-                        self.tracker.done(job.delivery)
-                        continue
-                    send = self._jobs[0]
-                    for rest in jobs[i + 1 :]:
-                        send.send_nowait(rest)
-                    try:
-                        outcome = await resume(run, yielded)
-                    except Exception:
-                        log.exception("entry_failed", entry_id=job.delivery.entry.id)
-                        self.tracker.done(job.delivery)
-                    else:
-                        self._finish_job(job, outcome)
-                    break
-                job = None
-            if job is not None:
-                # The watchdog cancelled an attempt past its deadline (a stopping
-                # worker cancels an enclosing scope: this checkpoint raises then).
-                await anyio.lowlevel.checkpoint()
-                self._timed_out(job)
-        finally:
-            self.dispatcher.runners.remove(runner)
+        for i, job in enumerate(jobs):
+            try:
+                self._running.acquire_nowait()
+            except anyio.WouldBlock:
+                self._hand_on(jobs[i:])
+                return
+            try:
+                work = await self._prepare(job)
+                if work is None:
+                    continue
+                run = self.dispatcher.run(work)
+                try:
+                    yielded = run.send(None)
+                except StopIteration as done:
+                    self._finish_job(job, done.value)
+                    continue
+                self._hand_on(jobs[i + 1 :])
+                self._finish_job(job, await resume(run, yielded))
+                return
+            finally:
+                self._running.release()
+
+    def _hand_on(self, jobs: list[_Job]) -> None:
+        send = self._jobs[0]
+        for job in jobs:
+            job.delivery.handed = True
+            send.send_nowait(job)
 
     async def _handler_loop(self) -> None:
-        runner = Runner()
-        self.dispatcher.runners.append(runner)
-        job: _Job | None = None
         while True:
-            with anyio.CancelScope() as runner.scope:
-                while True:
-                    if job is None:  # else: the next attempt of a job that timed out
-                        job = await self._next_job()
-                    await self._execute(job, runner)
-                    job = None
-            # Only the watchdog cancels this scope: the attempt ran past its deadline.
-            # (A worker stopping cancels an enclosing scope: this checkpoint raises.)
-            await anyio.lowlevel.checkpoint()
-            assert job is not None
-            if not self._timed_out(job, hand_on=False):
-                job = None
-
-    def _timed_out(self, job: _Job, *, hand_on: bool = True) -> bool:
-        """After ``job``'s attempt timed out: answer it, or say another attempt is due
-        (handing it to the pool when ``hand_on``)."""
-        assert job.work is not None
-        outcome = self.dispatcher.timed_out(job.work)
-        if outcome is not None:
-            self._finish_job(job, outcome)
-            return False
-        if hand_on:
-            self._jobs[0].send_nowait(job)
-        return True
+            job = await self._next_job()
+            try:
+                async with self._running:
+                    await self._execute(job)
+            except Exception:
+                # A bug, not bad input: keep serving; the entry stays pending and is
+                # reclaimed (and eventually dead-lettered by the delivery limit).
+                log.exception("entry_failed", entry_id=job.delivery.entry.id)
+                self.tracker.done(job.delivery)
 
     async def _next_job(self) -> _Job:
         # Take queued jobs without a checkpoint each; yield to the loop every few ms.
@@ -522,19 +522,10 @@ class Processor:
         job.work = prepared
         return prepared
 
-    async def _execute(self, job: _Job, runner: Runner) -> None:
+    async def _execute(self, job: _Job) -> None:
         work = await self._prepare(job)
-        if work is None:
-            return
-        try:
-            outcome = await self.dispatcher.run(work, runner)
-        except Exception:
-            # A bug, not bad input: keep serving; the entry stays pending and is
-            # reclaimed (and eventually dead-lettered by the delivery limit).
-            log.exception("entry_failed", entry_id=job.delivery.entry.id)
-            self.tracker.done(job.delivery)
-            return
-        self._finish_job(job, outcome)
+        if work is not None:
+            self._finish_job(job, await self.dispatcher.run(work))
 
     def _finish_job(self, job: _Job, outcome: Outcome) -> None:
         self._reply(job.delivery, job.request, job.reply_key, outcome, seen_ttl_ms=job.seen_ttl_ms)
@@ -588,6 +579,8 @@ class Processor:
         if len(request.encrypted_aes_key or b"") != service.wrapped_key_size:
             raise Malformed("encryptedAesKey is not the service modulus size")
         opened = await self.keys.call(_open, request, service.private_key, None)
+        if abs(request.ts - self.clock()) > self.settings.replay_window_ms:
+            raise Expired("ts is outside the freshness window")  # it waited in the lane
         claim = Claim(
             sid=request.sid,
             mid=request.mid,
@@ -660,6 +653,7 @@ class Processor:
         self._write(_Pending(delivery=d, write=write, refusal=exc))
 
     def _write(self, pending: _Pending) -> None:
+        pending.delivery.handed = True
         self._writes[0].send_nowait(pending)
 
     async def _write_loop(self) -> None:
@@ -692,13 +686,19 @@ class Processor:
             if len(batch) > 1:
                 half = len(batch) // 2
                 return [*await self._finish(batch[:half]), *await self._finish(batch[half:])]
-            d = batch[0].delivery
+            p = batch[0]
+            d = p.delivery
             log.error("write_refused", entry_id=d.entry.id, shard=d.shard)  # noqa: TRY400
-            # Acknowledged all the same: it must not stay pending (blocking trims) forever.
+            # Redis refused this item's whole step (say, a reply over its size limit):
+            # dead-lettered by size, then acknowledged, so it never stays pending.
+            reason = "unanswerable" if p.refusal is None else p.refusal.reason
+            letter = self._letter(d, reason, request=p.request, exc=p.refusal, copy=False)
+            refusal = RefusalWrite(shard=d.shard, entry_id=d.entry.id, letter=letter)
             try:
-                await self.retry(lambda: self.store.ack(d.shard, d.entry.id))
+                await self.retry(lambda: self.store.finish([refusal]))
             except ResponseError:
-                pass
+                with contextlib.suppress(ResponseError):
+                    await self.retry(lambda: self.store.ack(d.shard, d.entry.id))
             return [None]
 
     def _written(self, p: _Pending, status: int | None) -> None:
@@ -769,6 +769,7 @@ class Processor:
         *,
         request: wire.Request | None = None,
         exc: ProtocolError | None = None,
+        copy: bool = True,
     ) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "reason": reason,
@@ -784,7 +785,7 @@ class Processor:
         fields.update(attempts=d.attempts, at=self.clock(), worker=self.consumer)
         entry_field = wire.entry_field(d.entry.fields)
         size = wire.entry_size(d.entry.fields)
-        keep = exc is None or exc.keep_original
+        keep = copy and (exc is None or exc.keep_original)
         # A refusal never stores more than the copy limit: a flood of large
         # forgeries stays small in the dead-letter stream.
         if keep and entry_field is not None and size <= self.settings.dlq_copy_max:

@@ -22,12 +22,16 @@ CLAIM: Final = """
 -- Per request: false when this call set the record, else its previous value, or
 -- "!" when the key holds another type. A redelivery (the record is this entry's)
 -- pushes the expiry out, never in.
+-- An error by which Redis says it cannot write *for now* (out of memory, a replica)
+-- aborts the call: the caller waits it out and retries.
+local FOR_NOW = {OOM = true, LOADING = true, READONLY = true, MASTERDOWN = true,
+  TRYAGAIN = true, CLUSTERDOWN = true, BUSY = true}
 local out = {}
 for i = 1, #KEYS do
   local owner, ttl = ARGV[2 * i - 1], ARGV[2 * i]
   local prev = redis.pcall('SET', KEYS[i], owner, 'NX', 'PX', ttl, 'GET')
   if type(prev) == 'table' and prev.err then
-    if string.sub(prev.err, 1, 3) == 'OOM' then return redis.error_reply(prev.err) end
+    if FOR_NOW[string.match(prev.err, '^%u+')] then return redis.error_reply(prev.err) end
     out[i] = '!'
   else
     if prev == owner then redis.pcall('PEXPIRE', KEYS[i], ttl, 'GT') end
@@ -55,9 +59,12 @@ FINISH: Final = """
 local maxlen, fallback, dlqlen, group = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local k, a = 1, 5
 local acks, out = {}, {}
+local FOR_NOW = {OOM = true, LOADING = true, READONLY = true, MASTERDOWN = true,
+  TRYAGAIN = true, CLUSTERDOWN = true, BUSY = true}
 local function failed(r)
   if type(r) == 'table' and r.err then
-    if string.sub(r.err, 1, 3) == 'OOM' then error(r.err) end
+    -- Cannot write *for now*: abort the call (the caller waits and retries it).
+    if FOR_NOW[string.match(r.err, '^%u+')] then error(r) end
     return true
   end
   return false
@@ -92,11 +99,15 @@ while a <= #ARGV do
     local id, owner, field, payload, ttl = arg(), arg(), arg(), arg(), arg()
     local record, expiry, n = arg(), arg(), tonumber(arg())
     local status = 1
-    local cur = nil
-    if n > 0 and not letter(key(), n) then
-      status = -3
+    local cur = redis.pcall('GET', seen)
+    local dlq = nil
+    if n > 0 then dlq = key() end
+    if n > 0 and not failed(cur) and (not cur or cur == owner) then
+      -- The dead letter only while the request is still this entry's to answer (a
+      -- retried call must not write it twice).
+      if not letter(dlq, n) then status = -3 end
     else
-      cur = redis.pcall('GET', seen)
+      a = a + 2 * n
     end
     if status == -3 then
       -- Not answered: the redelivery writes the dead letter (the delivery limit ends it).

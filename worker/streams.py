@@ -18,8 +18,16 @@ import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import scripts
@@ -107,8 +115,17 @@ class Retrier:
             return result
 
 
-#: Errors a server gives while it cannot take writes for now: waited out like an outage.
-_TRANSIENT = ("OOM", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY ")
+#: Errors a server gives while it cannot take writes *for now*: waited out like an
+#: outage. redis-py raises them as these classes (the code itself is stripped from
+#: the text); an aborted script's error keeps the code in its text.
+_TRANSIENT_CLASSES = (
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+    ClusterDownError,
+    MasterDownError,
+)
+_TRANSIENT_CODES = ("OOM", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY")
 
 
 def transient(exc: ResponseError) -> bool:
@@ -117,8 +134,12 @@ def transient(exc: ResponseError) -> bool:
     Any other error (WRONGTYPE, say) is permanent: retrying cannot help, and the
     worker dead-letters what it was writing instead.
     """
+    if isinstance(exc, _TRANSIENT_CLASSES):
+        return True
     text = str(exc)
-    return text.startswith(_TRANSIENT) or any(f" {t}" in text[:200] for t in _TRANSIENT[:1])
+    # "user_script:12: OOM command not allowed ..." from a script that aborted
+    head = text.split(": ", 1)[1] if text.startswith("user_script:") and ": " in text else text
+    return head.startswith(_TRANSIENT_CODES)
 
 
 @dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
