@@ -16,7 +16,8 @@ from typing import Any
 import anyio
 import pytest
 
-from worker import App, Client, RemoteError, Settings
+from tests.helpers import open_client
+from worker import App, RemoteError, Settings
 from worker.testing import ThrowawayKeys, running_worker
 
 
@@ -57,7 +58,7 @@ async def test_one_handler_task_times_out_retries_and_serves_on(
     settings = dataclasses.replace(settings, concurrency=1, prefetch=1)
     async with running_worker(_app(calls), settings, keys):
         async with (
-            Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix)
+            open_client(settings, keys)
             as client,
             client.session() as session,
         ):
