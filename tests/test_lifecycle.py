@@ -30,10 +30,12 @@ async def test_long_handler_is_not_reclaimed_and_run_twice(
     @app.handler("long")
     async def long(payload: Any) -> str:
         runs.append("run")
-        await anyio.sleep(1.5)
+        await anyio.sleep(2.5)
         return "done"
 
-    short = replace(settings, claim_idle_ms=300)
+    # Heartbeats every claim_idle_ms / 3: a reclaim needs two of them late by 2/3 s,
+    # which a loaded 2-core machine does not do (at 300 ms, 200 ms late was enough).
+    short = replace(settings, claim_idle_ms=1000)
     raw = Raw(redis, settings.prefix, keys)
     grant = await raw.grant()
     async with running_worker(app, short, keys), running_worker(app, short, keys):
