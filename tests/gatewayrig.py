@@ -12,6 +12,7 @@ import anyio
 import httpx
 import uvicorn
 
+from tests.helpers import wait_until
 from worker.gateway import Gateway
 from worker.gatewayconf import GatewaySettings
 from worker.settings import Settings
@@ -37,9 +38,7 @@ async def running_gateway(
     gateway.should_exit = lambda: server.should_exit
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
-        with anyio.fail_after(10):
-            while not server.started:
-                await anyio.sleep(0.01)
+        await wait_until(lambda: server.started, timeout=10, interval=0.01)
         try:
             yield f"http://127.0.0.1:{config.port}", gateway
         finally:

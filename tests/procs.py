@@ -10,10 +10,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import anyio
 import redis.asyncio as aioredis
 
-from tests.helpers import Raw
+from tests.helpers import Raw, wait_until
 from worker import wire
 from worker.client import SessionGrant
 from worker.settings import Settings
@@ -70,18 +69,16 @@ async def wait_started(
     redis: aioredis.Redis, prefix: str, workers: int, timeout: float = 30.0
 ) -> None:
     """Wait until ``workers`` named worker connections are connected."""
-    with anyio.fail_after(timeout):
-        while True:
-            clients = await redis.client_list()
-            names = {
-                c["name"].split(":")[1]
-                for c in clients
-                if c["name"].startswith("sealstream-worker:")
-            }
-            config = await redis.hgetall(f"{prefix}:config")
-            if len(names) >= workers and config:
-                return
-            await anyio.sleep(0.05)
+
+    async def started() -> bool:
+        clients = await redis.client_list()
+        names = {
+            c["name"].split(":")[1] for c in clients if c["name"].startswith("sealstream-worker:")
+        }
+        config = await redis.hgetall(f"{prefix}:config")
+        return len(names) >= workers and bool(config)
+
+    await wait_until(started, timeout=timeout, interval=0.05)
 
 
 async def outcomes(raw: Raw, grants: list[SessionGrant]) -> dict[str, Counter[str]]:
@@ -98,12 +95,12 @@ async def wait_answered(
     raw: Raw, grants: list[SessionGrant], mids: set[str], timeout: float = 90.0
 ) -> dict[str, Counter[str]]:
     """Wait until every mid has at least one reply; return the outcomes."""
-    with anyio.fail_after(timeout):
-        while True:
-            got = await outcomes(raw, grants)
-            if mids <= set(got):
-                return got
-            await anyio.sleep(0.1)
+
+    async def answered() -> dict[str, Counter[str]] | None:
+        got = await outcomes(raw, grants)
+        return got if mids <= set(got) else None
+
+    return await wait_until(answered, timeout=timeout, interval=0.1)
 
 
 def encode_all(requests: list[wire.Request]) -> list[dict[str, bytes]]:

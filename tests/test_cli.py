@@ -13,6 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from tests.helpers import wait_until
 from worker.demo import app
 from worker.keys import load_service_key
 from worker.settings import Settings
@@ -207,9 +208,9 @@ async def test_sigterm_while_redis_is_unreachable_stops_the_worker(
             [sys.executable, "-m", "worker", "worker"], env=env, stdout=log, stderr=log
         )
     try:
-        with anyio.fail_after(30):
-            while "redis_unavailable" not in log_path.read_text():
-                await anyio.sleep(0.05)
+        await wait_until(
+            lambda: "redis_unavailable" in log_path.read_text(), timeout=30, interval=0.05
+        )
         proc.send_signal(signal.SIGTERM)
         with anyio.fail_after(10):
             await proc.wait()
@@ -345,9 +346,7 @@ async def _run_until(argv: list[str], env: dict[str, str], marker: str, log: Pat
             [sys.executable, "-m", "worker", *argv], env=env, stdout=out, stderr=out
         )
     try:
-        with anyio.fail_after(30):
-            while marker not in log.read_text():
-                await anyio.sleep(0.05)
+        await wait_until(lambda: marker in log.read_text(), timeout=30, interval=0.05)
         proc.send_signal(signal.SIGTERM)
         with anyio.fail_after(10):
             await proc.wait()

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from tests.helpers import Raw
+from tests.helpers import Raw, open_client, wait_until
 from worker import Client, ConfigError, ReplyTimeout, messages, wire
 from worker.client import ClientSession, Result, SessionGrant
 from worker.demo import app
@@ -23,12 +23,7 @@ from worker.testing import ThrowawayKeys, running_worker
 
 
 def _client(settings: Settings, keys: ThrowawayKeys) -> Client:
-    return Client.from_url(
-        settings.redis_url,
-        kid=keys.service.kid,
-        service_public_key=keys.service.public_pem,
-        prefix=settings.prefix,
-    )
+    return open_client(settings, keys, service_public_key=keys.service.public_pem)
 
 
 class _Gate:
@@ -48,20 +43,17 @@ class _Gate:
 async def _sent(redis: aioredis.Redis, prefix: str, type_: str) -> wire.Request:
     """Wait for the first request of ``type_`` on shard 0; return it."""
     stream = Names(prefix).request_stream(0)
-    with anyio.fail_after(10):
-        while True:
-            for _, fields in await redis.xrange(stream):
-                request = wire.decode_request(fields)
-                if request.type == type_:
-                    return request
-            await anyio.sleep(0.01)
+
+    async def sent() -> wire.Request | None:
+        requests = [wire.decode_request(fields) for _, fields in await redis.xrange(stream)]
+        return next((r for r in requests if r.type == type_), None)
+
+    return await wait_until(sent, timeout=10, interval=0.01)
 
 
-async def _wait_reply(raw: Raw, sid: str, mid: str, status: str) -> None:
+async def _wait_reply(raw: Raw, sid: str, mid: str, status: str, timeout: float = 10) -> None:
     """Wait until ``sid``'s reply stream holds a ``status`` reply to ``mid``."""
-    with anyio.fail_after(10):
-        while not any(r.mid == mid and r.status == status for r in await raw.replies(sid)):
-            await anyio.sleep(0.01)
+    await raw.reply_with(sid, mid, status, timeout=timeout, interval=0.01)
 
 
 async def _forge_notice(raw: Raw, sid: str, mid: str) -> None:
@@ -129,7 +121,7 @@ async def test_handshake_ignores_a_forged_reply(
                 handshaken = anyio.Event()
 
                 async def handshake() -> None:
-                    grants.append(await client.handshake(timeout=20))
+                    grants.append(await client.handshake(timeout=30))
                     handshaken.set()
 
                 tg.start_soon(handshake)
@@ -146,9 +138,10 @@ async def test_handshake_ignores_a_forged_reply(
                 )
                 await redis.xadd(raw.names.reply_stream(request.sid), wire.encode_reply(forged))
                 async with running_worker(app, settings, keys):
-                    await _wait_reply(raw, request.sid, request.mid, "ok")
+                    # Key generation runs at nice 19: on a busy machine it waits for CPU.
+                    await _wait_reply(raw, request.sid, request.mid, "ok", timeout=30)
                     # Both on the stream now; the handshake must take the genuine one.
-                    with anyio.fail_after(20):
+                    with anyio.fail_after(30):
                         await handshaken.wait()
                     async with client.session(grants[0]) as session:
                         assert [1] == await session.request("echo", [1])
@@ -216,8 +209,8 @@ async def test_results_not_taken_keep_their_slots(
         with anyio.fail_after(10):
             for mid in mids:
                 await _wait_reply(raw, grant.sid, mid, "ok")
-            while session.outstanding:  # the reader settles them
-                await anyio.sleep(0.01)
+            # The reader settles them.
+            await wait_until(lambda: not session.outstanding, timeout=10, interval=0.01)
         with anyio.move_on_after(0.5) as blocked:
             await session.submit("echo", {"i": 2})
         assert blocked.cancelled_caught
@@ -246,14 +239,10 @@ async def test_bad_shards_in_config_is_a_config_error(
             "kid": keys.service.kid,
         },
     )
-    async with Client.from_url(
-        settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
-    ) as client:
+    async with open_client(settings, keys) as client:
         with pytest.raises(ConfigError, match="P:config shards"):
             await client.handshake(timeout=1)
-    async with Client.from_url(
-        settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
-    ) as client:
+    async with open_client(settings, keys) as client:
         with pytest.raises(ConfigError, match="P:config shards"):
             async with client.session(grant) as session:
                 await session.request("echo", {}, timeout=1)

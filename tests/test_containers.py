@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.cli import sealstream
+from tests.helpers import wait_until
 from worker.cli import _parser
 from worker.testing import free_port
 
@@ -160,13 +161,15 @@ async def test_password_file_reaches_a_password_protected_redis(tmp_path: Path) 
         stderr=subprocess.DEVNULL,
     )
     try:
-        with anyio.fail_after(10):
-            while True:
-                try:
-                    await (await anyio.connect_tcp("127.0.0.1", port)).aclose()
-                    break
-                except OSError:
-                    await anyio.sleep(0.02)
+
+        async def accepts() -> bool:
+            try:
+                await (await anyio.connect_tcp("127.0.0.1", port)).aclose()
+            except OSError:
+                return False
+            return True
+
+        await wait_until(accepts, timeout=10, interval=0.02)
         secret = tmp_path / "redis_password"
         secret.write_text(password + "\n")
         env = {"SEALSTREAM_REDIS_URL": f"redis://127.0.0.1:{port}/0"}

@@ -16,7 +16,8 @@ from typing import Any
 import anyio
 import pytest
 
-from worker import App, Client, RemoteError, Settings
+from tests.helpers import open_client
+from worker import App, RemoteError, Settings
 from worker.testing import ThrowawayKeys, running_worker
 
 
@@ -57,9 +58,7 @@ async def test_one_handler_task_times_out_retries_and_serves_on(
     settings = dataclasses.replace(settings, concurrency=1, prefetch=1)
     async with running_worker(_app(calls), settings, keys):
         async with (
-            Client.from_url(
-                settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
-            ) as client,
+            open_client(settings, keys) as client,
             client.session() as session,
         ):
             for _ in range(2):
@@ -113,9 +112,7 @@ async def test_a_handler_that_swallows_its_time_limit_cancels_nothing_else(
     settings = dataclasses.replace(settings, concurrency=1, prefetch=1)
     async with running_worker(_tricky_app(calls, [0, 0]), settings, keys):
         async with (
-            Client.from_url(
-                settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
-            ) as client,
+            open_client(settings, keys) as client,
             client.session() as session,
         ):
             for i in range(3):
@@ -133,9 +130,7 @@ async def test_no_more_handlers_run_at_once_than_the_concurrency(
     settings = dataclasses.replace(settings, concurrency=2, prefetch=30)
     async with running_worker(_tricky_app(Counter(), running), settings, keys):
         async with (
-            Client.from_url(
-                settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
-            ) as client,
+            open_client(settings, keys) as client,
             client.session() as session,
         ):
             async with anyio.create_task_group() as tg:

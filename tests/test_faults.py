@@ -13,7 +13,7 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import Raw
+from tests.helpers import Raw, open_client, wait_until
 from tests.procs import WorkerProcs, encode_all, outcomes, wait_answered, wait_started
 from worker import Client, RemoteError, ReplyTimeout, messages
 from worker.client import SessionGrant
@@ -62,9 +62,11 @@ async def _answered(raw: Raw, grants: list[SessionGrant]) -> int:
 
 async def _until_answered(raw: Raw, grants: list[SessionGrant], n: int) -> None:
     """Wait until at least ``n`` requests have a reply."""
-    with anyio.fail_after(60):
-        while await _answered(raw, grants) < n:
-            await anyio.sleep(0.01)
+
+    async def enough() -> bool:
+        return await _answered(raw, grants) >= n
+
+    await wait_until(enough, timeout=60, interval=0.01)
 
 
 async def test_sigkill_a_worker_loses_nothing(
@@ -174,9 +176,7 @@ async def test_sigterm_under_load_exits_zero_and_loses_nothing(
         await _push(raw, outs)
         await _until_answered(raw, grants, 100)
         worker.send_signal(signal.SIGTERM)
-        with anyio.fail_after(30):
-            while worker.poll() is None:
-                await anyio.sleep(0.05)
+        await wait_until(lambda: worker.poll() is not None, timeout=30, interval=0.05)
         assert 0 == worker.returncode
         assert 0 == await raw.pending(), "the stopped worker left unacknowledged entries"
         answered_before = await _answered(raw, grants)
@@ -184,9 +184,7 @@ async def test_sigterm_under_load_exits_zero_and_loses_nothing(
         procs.start("--burst")
         await wait_answered(raw, grants, mids)
         _assert_exactly_one_ok(await outcomes(raw, grants), mids)
-        with anyio.fail_after(30):
-            while procs.procs[-1].poll() is None:
-                await anyio.sleep(0.05)
+        await wait_until(lambda: procs.procs[-1].poll() is not None, timeout=30, interval=0.05)
         assert 0 == procs.procs[-1].returncode
     finally:
         procs.kill_all()
@@ -225,17 +223,13 @@ async def test_sigterm_with_a_stuck_plain_handler_still_exits(
     try:
         proc = procs.start("tests.apps:leaky")
         await wait_started(redis, settings.prefix, 1)
-        async with Client.from_url(
-            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
-        ) as client:
+        async with open_client(settings, keys) as client:
             async with client.session() as session:
                 with pytest.raises(RemoteError) as err:
                     await session.request("stuck", {})
                 assert "timeout" == err.value.code
         proc.send_signal(signal.SIGTERM)
-        with anyio.fail_after(20):
-            while proc.poll() is None:
-                await anyio.sleep(0.05)
+        await wait_until(lambda: proc.poll() is not None, timeout=20, interval=0.05)
         assert 0 == proc.returncode
         assert "exit_past_stuck_handlers" in procs.logs()
     finally:

@@ -20,6 +20,7 @@ import structlog.testing
 from anyio.abc import Process
 
 from tests.gatewayrig import Event, read_events, running_gateway
+from tests.helpers import wait_until
 from worker import wire
 from worker.backend import create_session
 from worker.cli import main
@@ -242,9 +243,7 @@ async def test_dropped_stream_gives_its_slot_back(
             async for _ in response.aiter_lines():
                 break
             assert 1 == gateway.slots.count
-        with anyio.fail_after(10):
-            while gateway.slots.count:
-                await anyio.sleep(0.05)
+        await wait_until(lambda: not gateway.slots.count, timeout=10, interval=0.05)
     assert 0 == gateway.slots.count
 
 
@@ -273,9 +272,11 @@ async def test_stream_resumes_after_a_drop_without_loss_or_repeat(
             http, f"{url}/v1/replies/{grant.sid}", until=lambda e: len(e) == 2
         )
         await send(3)
-        with anyio.fail_after(15):
-            while await redis.xlen(stream) < 6:
-                await anyio.sleep(0.05)
+
+        async def six() -> bool:
+            return bool(await redis.xlen(stream) >= 6)
+
+        await wait_until(six, timeout=15, interval=0.05)
         rest = await read_events(
             http,
             f"{url}/v1/replies/{grant.sid}",
@@ -458,13 +459,15 @@ async def _gateway_process(
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(timeout=10) as http:
-            with anyio.fail_after(20):
-                while True:
-                    try:
-                        await http.get(f"{url}/v1/config")
-                        break
-                    except httpx.TransportError:
-                        await anyio.sleep(0.05)
+
+            async def answers() -> bool:
+                try:
+                    await http.get(f"{url}/v1/config")
+                except httpx.TransportError:
+                    return False
+                return True
+
+            await wait_until(answers, timeout=20, interval=0.05)
         yield proc, url
     finally:
         if proc.returncode is None:

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import anyio
 
+from tests.helpers import wait_until
 from worker.demo import app
 from worker.health import Readiness
 from worker.settings import Settings
@@ -23,9 +24,10 @@ def _get(port: int, path: str) -> tuple[int, str]:
 
 
 async def _wait_status(port: int, path: str, status: int, timeout: float = 15.0) -> None:
-    with anyio.fail_after(timeout):
-        while (await anyio.to_thread.run_sync(_get, port, path))[0] != status:
-            await anyio.sleep(0.05)
+    async def answered() -> bool:
+        return (await anyio.to_thread.run_sync(_get, port, path))[0] == status
+
+    await wait_until(answered, timeout=timeout, interval=0.05)
 
 
 async def test_ready_while_consuming_not_ready_when_redis_is_gone(

@@ -9,8 +9,8 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import Raw, now_ms, open_ok
-from worker import App, Client, Worker
+from tests.helpers import Raw, now_ms, open_client, open_ok, wait_until
+from worker import App, Worker
 from worker.demo import app as demo_app
 from worker.errors import ConfigError
 from worker.names import GROUP
@@ -30,10 +30,12 @@ async def test_long_handler_is_not_reclaimed_and_run_twice(
     @app.handler("long")
     async def long(payload: Any) -> str:
         runs.append("run")
-        await anyio.sleep(1.5)
+        await anyio.sleep(2.5)
         return "done"
 
-    short = replace(settings, claim_idle_ms=300)
+    # Heartbeats every claim_idle_ms / 3: a reclaim needs two of them late by 2/3 s,
+    # which a loaded 2-core machine does not do (at 300 ms, 200 ms late was enough).
+    short = replace(settings, claim_idle_ms=1000)
     raw = Raw(redis, settings.prefix, keys)
     grant = await raw.grant()
     async with running_worker(app, short, keys), running_worker(app, short, keys):
@@ -67,9 +69,11 @@ async def test_trimming_keeps_pending_entries_and_drops_acknowledged_ones(
     await redis.xreadgroup(GROUP, "ghost", {stream: ">"}, count=1)
     await serve(5)
     async with running_worker(demo_app, slow_claim, keys):
-        with anyio.fail_after(10):
-            while await redis.xlen(stream) > 6:
-                await anyio.sleep(0.05)
+
+        async def trimmed() -> bool:
+            return bool(await redis.xlen(stream) <= 6)
+
+        await wait_until(trimmed, timeout=10, interval=0.05)
     entries = [entry_id.decode() for entry_id, _ in await redis.xrange(stream)]
     assert 6 == len(entries)
     assert ghost_id == entries[0]
@@ -88,9 +92,11 @@ async def test_trimming_empties_a_drained_shard(
             await raw.send(out.request)
         for out in outs:
             await raw.reply(grant.sid, out.request.mid)
-        with anyio.fail_after(10):
-            while await redis.xlen(raw.names.request_stream(0)):
-                await anyio.sleep(0.05)
+
+        async def empty() -> bool:
+            return not await redis.xlen(raw.names.request_stream(0))
+
+        await wait_until(empty, timeout=10, interval=0.05)
 
 
 async def test_expiry_is_read_from_the_sealed_record(
@@ -116,7 +122,7 @@ async def test_requests_spread_over_shards_are_all_served(
     sharded = replace(settings, shards=3)
     async with running_worker(demo_app, sharded, keys):
         async with (
-            Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as c,
+            open_client(settings, keys) as c,
             c.session() as session,
         ):
             results = [await session.request("echo", i) for i in range(30)]
@@ -161,9 +167,7 @@ async def test_a_deleted_request_stream_is_recreated_and_served(
         await raw.send(first.request)
         await raw.reply(grant.sid, first.request.mid)
         await redis.delete(raw.names.request_stream(0))
-        with anyio.fail_after(10):
-            while not await redis.exists(raw.names.request_stream(0)):
-                await anyio.sleep(0.02)
+        await wait_until(lambda: redis.exists(raw.names.request_stream(0)), timeout=10)
         second = raw.seal(grant, {"n": 2})
         await raw.send(second.request)
         assert {"n": 2} == open_ok(await raw.reply(grant.sid, second.request.mid), second)
@@ -178,12 +182,8 @@ async def test_lost_config_is_published_again(
     async with running_worker(demo_app, fast, keys):
         config = Raw(redis, settings.prefix, keys).names.config
         assert 1 == await redis.delete(config)
-        with anyio.fail_after(10):
-            while not await redis.exists(config):
-                await anyio.sleep(0.02)
-        async with Client.from_url(
-            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
-        ) as client:
+        await wait_until(lambda: redis.exists(config), timeout=10)
+        async with open_client(settings, keys) as client:
             async with client.session() as session:
                 assert [1] == await session.request("echo", [1])
 
@@ -249,17 +249,15 @@ async def test_dead_letter_is_not_lost_when_the_reply_step_fails(
         stream = raw.names.request_stream(0)
         # The first try is over once the entry, delivered, is redelivered (it failed)
         # or no longer pending (it was answered without its dead letter).
-        with anyio.fail_after(10):
-            while True:
-                (group,) = await redis.xinfo_groups(stream)
-                info = await redis.xpending_range(
-                    stream, GROUP, min=entry_id, max=entry_id, count=1
-                )
-                if entry_id == group["last-delivered-id"].decode() and (
-                    not info or info[0]["times_delivered"] >= 2
-                ):
-                    break
-                await anyio.sleep(0.02)
+
+        async def first_try_over() -> bool:
+            (group,) = await redis.xinfo_groups(stream)
+            info = await redis.xpending_range(stream, GROUP, min=entry_id, max=entry_id, count=1)
+            return entry_id == group["last-delivered-id"].decode() and (
+                not info or info[0]["times_delivered"] >= 2
+            )
+
+        await wait_until(first_try_over, timeout=10)
         await redis.delete(raw.names.dlq)
         reply = await raw.reply(grant.sid, out.request.mid)
         assert "error" == reply.status

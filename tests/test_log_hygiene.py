@@ -7,11 +7,10 @@ import os
 import signal
 from pathlib import Path
 
-import anyio
 import redis.asyncio as aioredis
 from cryptography.hazmat.primitives import serialization
 
-from tests.helpers import Raw
+from tests.helpers import Raw, wait_until
 from tests.procs import WorkerProcs, wait_started
 from tests.test_secrets_at_rest import _forms
 from worker import wire
@@ -62,9 +61,7 @@ async def test_worker_logs_hold_no_secret(
         )
         secrets["kek"] = keys.master.active.key
         worker.send_signal(signal.SIGTERM)
-        with anyio.fail_after(20):
-            while worker.poll() is None:
-                await anyio.sleep(0.05)
+        await wait_until(lambda: worker.poll() is not None, timeout=20, interval=0.05)
     finally:
         procs.kill_all()
     log = procs.logs().encode()

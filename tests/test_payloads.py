@@ -8,8 +8,8 @@ from typing import Any, Literal
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import Raw, open_ok
-from worker import App, BadPayload, Client, RemoteError
+from tests.helpers import Raw, open_client, open_ok
+from worker import App, BadPayload, RemoteError
 from worker.payloads import from_value, payload_converter, to_value
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker
@@ -110,7 +110,7 @@ async def test_typed_handler_end_to_end(
             await raw.reply(grant.sid, out.request.mid), out
         )
         async with (
-            Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as c,
+            open_client(settings, keys) as c,
             c.session(grant) as session,
         ):
             with pytest.raises(RemoteError) as err:

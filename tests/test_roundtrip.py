@@ -10,8 +10,8 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import Raw, open_ok
-from worker import App, Client, RemoteError, ReplyTimeout, wire
+from tests.helpers import Raw, open_client, open_ok, wait_until
+from worker import App, RemoteError, ReplyTimeout, wire
 from worker.demo import app
 from worker.envelope import ALG_RSA, ALG_SK
 from worker.settings import Settings
@@ -33,12 +33,7 @@ async def test_handshake_then_echo(
     """A client handshakes, then echo round-trips in each algorithm and encoding."""
     async with running_worker(app, settings, keys):
         async with (
-            Client.from_url(
-                settings.redis_url,
-                kid=keys.service.kid,
-                prefix=settings.prefix,
-                encoding=encoding,
-            ) as client,
+            open_client(settings, keys, encoding=encoding) as client,
             client.session(alg=alg) as session,
         ):
             assert PAYLOAD == await session.request("echo", PAYLOAD)
@@ -47,9 +42,7 @@ async def test_handshake_then_echo(
 async def test_binary_payload_in_messagepack(settings: Settings, keys: ThrowawayKeys) -> None:
     """MessagePack payloads carry raw bytes both ways."""
     async with running_worker(app, settings, keys):
-        async with Client.from_url(
-            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
-        ) as client:
+        async with open_client(settings, keys) as client:
             async with client.session() as session:
                 assert {"blob": b"\x00\xff" * 10} == await session.request(
                     "echo", {"blob": b"\x00\xff" * 10}
@@ -59,9 +52,7 @@ async def test_binary_payload_in_messagepack(settings: Settings, keys: Throwaway
 async def test_sleep_and_fail_handlers(settings: Settings, keys: ThrowawayKeys) -> None:
     """``sleep`` returns what it slept; ``fail`` gives an authenticated handler_error."""
     async with running_worker(app, settings, keys):
-        async with Client.from_url(
-            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
-        ) as client:
+        async with open_client(settings, keys) as client:
             async with client.session() as session:
                 assert {"slept": 5} == await session.request("sleep", {"ms": 5})
                 with pytest.raises(RemoteError) as err:
@@ -73,9 +64,7 @@ async def test_sleep_and_fail_handlers(settings: Settings, keys: ThrowawayKeys) 
 async def test_unknown_type_and_bad_payload(settings: Settings, keys: ThrowawayKeys) -> None:
     """An unknown type and a payload the handler refuses get their error codes."""
     async with running_worker(app, settings, keys):
-        async with Client.from_url(
-            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
-        ) as client:
+        async with open_client(settings, keys) as client:
             async with client.session() as session:
                 with pytest.raises(RemoteError) as unknown:
                     await session.request("nope", {})
@@ -88,9 +77,7 @@ async def test_unknown_type_and_bad_payload(settings: Settings, keys: ThrowawayK
 async def test_submit_and_iterate_replies(settings: Settings, keys: ThrowawayKeys) -> None:
     """Replies to submitted requests come from the session's reply iterator."""
     async with running_worker(app, settings, keys):
-        async with Client.from_url(
-            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
-        ) as client:
+        async with open_client(settings, keys) as client:
             async with client.session() as session:
                 mids = {await session.submit("echo", {"i": i}) for i in range(20)}
                 got = {}
@@ -109,9 +96,7 @@ async def test_trusted_backend_session(
     raw = Raw(redis, settings.prefix, keys)
     grant = await raw.grant()
     async with running_worker(app, settings, keys):
-        async with Client.from_url(
-            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
-        ) as client:
+        async with open_client(settings, keys) as client:
             async with client.session(grant, alg=ALG_RSA) as session:
                 assert [1, 2] == await session.request("echo", [1, 2])
 
@@ -149,9 +134,7 @@ async def test_errors_leave_the_session_block_unwrapped(
 ) -> None:
     """A RemoteError raised in a session block reaches the caller as itself, not a group."""
     async with running_worker(app, settings, keys):
-        async with Client.from_url(
-            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
-        ) as client:
+        async with open_client(settings, keys) as client:
             with pytest.raises(RemoteError):
                 async with client.session() as session:
                     await session.request("fail", {})
@@ -163,28 +146,29 @@ async def test_a_copy_of_a_pending_request_does_not_cancel_it(
     """A replayed copy of a request in flight gets a replay notice; the client still gets ok."""
     async with running_worker(app, settings, keys):
         async with (
-            Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as c,
+            open_client(settings, keys) as c,
             c.session() as session,
         ):
             async with anyio.create_task_group() as tg:
                 result: list[Any] = []
 
                 async def ask() -> None:
-                    result.append(await session.request("sleep", {"ms": 300}))
+                    # Long enough for the copy to arrive while it runs, on a loaded machine.
+                    result.append(await session.request("sleep", {"ms": 1000}))
 
                 tg.start_soon(ask)
                 stream = f"{settings.prefix}:req:{{0}}"
-                with anyio.fail_after(5):
-                    while not (
-                        entries := [
-                            fields
-                            for _, fields in await redis.xrange(stream)
-                            if wire.decode_request(fields).type == "sleep"
-                        ]
-                    ):
-                        await anyio.sleep(0.01)
+
+                async def sent() -> list[dict[bytes, bytes]]:
+                    return [
+                        fields
+                        for _, fields in await redis.xrange(stream)
+                        if wire.decode_request(fields).type == "sleep"
+                    ]
+
+                entries = await wait_until(sent, timeout=5, interval=0.01)
                 await redis.xadd(stream, entries[0])
-            assert [{"slept": 300}] == result
+            assert [{"slept": 1000}] == result
             codes = [r.code for r in await Raw(redis, settings.prefix, keys).replies(session.sid)]
             assert "replay" in codes
 
@@ -211,9 +195,7 @@ async def test_result_with_non_string_keys_is_handler_error(
     """A result with a non-string map key is a handler_error (and a dead letter) in both
     encodings, not a reply the client cannot read or JSON with the key quietly changed."""
     async with running_worker(results, settings, keys):
-        async with Client.from_url(
-            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix, encoding=encoding
-        ) as client:
+        async with open_client(settings, keys, encoding=encoding) as client:
             async with client.session() as session:
                 with pytest.raises(RemoteError) as err:
                     await session.request("int_keys", {})
@@ -261,9 +243,7 @@ async def test_handler_cannot_stop_the_worker(
     """A handler raising SystemExit or a stray CancelledError is a handler_error; the
     worker goes on serving (it would otherwise stop, and every worker after it)."""
     async with running_worker(escapes, settings, keys) as worker:
-        async with Client.from_url(
-            settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
-        ) as client:
+        async with open_client(settings, keys) as client:
             async with client.session() as session:
                 for _ in range(2):
                     with pytest.raises(RemoteError) as err:
@@ -279,9 +259,7 @@ async def test_in_flight_requests_are_capped_per_session(
     """With max_in_flight=3, a fourth request waits for a slot (so replies cannot pile
     up past what the workers keep in the reply stream); replies free the slots."""
     grant = await Raw(redis, settings.prefix, keys).grant()
-    async with Client.from_url(
-        settings.redis_url, kid=keys.service.kid, prefix=settings.prefix
-    ) as client:
+    async with open_client(settings, keys) as client:
         async with client.session(grant, max_in_flight=3) as session:
             mids = {await session.submit("echo", {"i": i}) for i in range(3)}
             with anyio.move_on_after(0.5) as blocked:  # no worker yet: no replies

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import anyio
 import pytest
 import redis.asyncio as aioredis
 
 from tests.cli import redis_env, sealstream, sealstream_json
-from tests.helpers import Raw, open_ok
+from tests.helpers import Raw, open_ok, wait_until
 from worker import revoke_session
 from worker.demo import app
 from worker.errors import InvalidArgument
@@ -112,9 +111,8 @@ async def test_a_running_handler_still_answers_after_revoke(
     async with running_worker(app, settings, keys):
         out = raw.seal(grant, {"ms": 800}, type_="sleep")
         await raw.send(out.request)
-        with anyio.fail_after(10):
-            while not await redis.exists(raw.names.seen(grant.sid, out.request.mid)):
-                await anyio.sleep(0.01)
+        seen = raw.names.seen(grant.sid, out.request.mid)
+        await wait_until(lambda: redis.exists(seen), timeout=10, interval=0.01)
         assert await revoke_session(redis, grant.sid, prefix=settings.prefix)
         reply = await raw.reply(grant.sid, out.request.mid)
     assert {"slept": 800} == open_ok(reply, out)

@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.cli import sealstream
-from tests.helpers import Raw
+from tests.helpers import Raw, wait_until
 from tests.procs import WorkerProcs, wait_answered, wait_started
 from worker.settings import Settings
 from worker.supervisor import child_environment
@@ -41,10 +41,11 @@ def _events(log: Path, event: str) -> list[dict[str, Any]]:
 
 
 async def _wait_events(log: Path, event: str, n: int, timeout: float = 30.0) -> list[Any]:
-    with anyio.fail_after(timeout):
-        while len(rows := _events(log, event)) < n:
-            await anyio.sleep(0.05)
-    return rows
+    def enough() -> list[Any] | None:
+        rows = _events(log, event)
+        return rows if len(rows) >= n else None
+
+    return await wait_until(enough, timeout=timeout, interval=0.05)
 
 
 def _sample(text: str, series: str) -> float:
@@ -111,9 +112,11 @@ async def test_a_killed_child_comes_back_and_nothing_is_lost(
         await wait_started(redis, settings.prefix, 2)
         for out in outs:
             await raw.send(out.request)
-        with anyio.fail_after(60):
-            while len(await raw.replies(grants[0].sid)) < 10:
-                await anyio.sleep(0.02)
+
+        async def ten_replies() -> bool:
+            return len(await raw.replies(grants[0].sid)) >= 10
+
+        await wait_until(ten_replies, timeout=60, interval=0.02)
         victim = started[0]["pid"]
         os.kill(victim, signal.SIGKILL)
         died = await _wait_events(log, "child_died", 1)
@@ -145,9 +148,11 @@ async def test_readyz_of_the_supervisor(
     log = tmp_path / "supervisor.log"
     with _supervisor(procs, log, "--processes", "2", "--metrics-port", str(port)) as sup:
         await wait_started(redis, settings.prefix, 2)
-        with anyio.fail_after(30):
-            while (await anyio.to_thread.run_sync(_get, port, "/readyz"))[0] != 200:
-                await anyio.sleep(0.1)
+
+        async def ready() -> bool:
+            return (await anyio.to_thread.run_sync(_get, port, "/readyz"))[0] == 200
+
+        await wait_until(ready, timeout=30, interval=0.1)
         assert 200 == (await anyio.to_thread.run_sync(_get, port, "/healthz"))[0]
         sup.send_signal(signal.SIGINT)
         assert 0 == await _exit_code(sup)
@@ -221,9 +226,11 @@ async def test_sigterm_mid_work_drains_every_child(
         await wait_started(redis, settings.prefix, 2)
         for out in outs:
             await raw.send(out.request)
-        with anyio.fail_after(60):
-            while await raw.pending() < 10:
-                await anyio.sleep(0.01)
+
+        async def ten_pending() -> bool:
+            return await raw.pending() >= 10
+
+        await wait_until(ten_pending, timeout=60, interval=0.01)
         sup.send_signal(signal.SIGTERM)
         assert 0 == await _exit_code(sup), log.read_text()[-3000:]
     assert 0 == await raw.pending()
@@ -276,9 +283,9 @@ async def test_children_stop_when_the_supervisor_is_killed(
         await wait_started(redis, settings.prefix, 2)
         sup.kill()
         sup.wait()
-        with anyio.fail_after(30):
-            while any(_running(pid) for pid in children):
-                await anyio.sleep(0.1)
+        await wait_until(
+            lambda: not any(_running(pid) for pid in children), timeout=30, interval=0.1
+        )
     assert 2 == len(_events(log, "supervisor_gone"))
     assert 2 == len(_events(log, "worker_stopped"))
 
