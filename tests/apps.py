@@ -49,3 +49,18 @@ async def flaky(payload: Any, ctx: Context) -> Any:
     if ctx.attempt == 1:
         raise ConnectionError("the database is away")
     return {"attempt": ctx.attempt}
+
+
+broken_startup = App()
+
+
+@broken_startup.on_startup
+async def open_database() -> None:
+    """A startup hook that cannot reach its database."""
+    raise OSError("database at db.internal:5432 refused the connection")
+
+
+@broken_startup.handler("echo")
+async def echo_too(payload: Any) -> Any:
+    """Never reached: the worker does not start."""
+    return payload

@@ -33,7 +33,7 @@ from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
 from worker import cli_ops
-from worker.errors import ConfigError, InvalidArgument, SealstreamError
+from worker.errors import ConfigError, InvalidArgument, SealstreamError, StartupFailed
 from worker.handlers import App
 from worker.logging import configure, get_logger
 from worker.settings import Settings, redacted_url
@@ -56,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, InvalidArgument) as exc:
         _error(f"sealstream: error: {exc}", args)
         return 2
+    except StartupFailed as exc:
+        _error(f"sealstream: error: {exc}", args)
+        return 3
     except SealstreamError as exc:
         _error(f"sealstream: {type(exc).__name__}: {exc}", args)
         return 1

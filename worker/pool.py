@@ -27,6 +27,7 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.exceptions import ResponseError
 
+from worker import lifespan
 from worker.errors import ConfigError
 from worker.handlers import App
 from worker.health import Readiness
@@ -139,50 +140,60 @@ class Worker:
             if startup.cancel_called:
                 log.info("worker_stopped_before_start")
                 return
-            log.info(
-                "worker_started",
-                consumer=self.consumer,
-                shards=s.shards,
-                concurrency=s.concurrency,
-                kid=self.service_key.kid,
-                handlers=self.app.names,
-            )
-            async with anyio.create_task_group() as outer:
-                # The handlers, writers and the heartbeat outlive the feeders: in-flight
-                # entries still need them during the grace period.
-                await outer.start(self.processor.run)
-                outer.start_soon(
-                    partial(self._supervised, after_stop=True),
-                    store,
-                    partial(self._heartbeat_loop, store),
-                )
-                async with anyio.create_task_group() as feeders:
-                    loops = [partial(self._read_loop, store, n) for n in range(s.shards)]
-                    loops += [partial(self._reclaim_loop, store), partial(self._trim_loop, store)]
-                    if s.burst:
-                        loops.append(partial(self._burst_watch, store))
-                    for loop in loops:
-                        feeders.start_soon(self._supervised, store, loop)
-                    task_status.started()
-                    await self._stopping.wait()
-                    # Every feeder returns on its own once it sees the flag (a reader
-                    # within one blocking read), so no read is cut off after Redis
-                    # delivered to us; the deadline is a safety net.
-                    feeders.cancel_scope.deadline = anyio.current_time() + 2.0
-                log.info("worker_stopping", in_flight=self._count_in_flight())
-                with anyio.move_on_after(s.grace_s) as grace:
-                    while self._count_in_flight():
-                        self._idle = anyio.Event()
-                        await self._idle.wait()
-                outer.cancel_scope.cancel()
-            if grace.cancel_called:
-                log.warning("worker_grace_expired", left=self._count_in_flight())
+            await lifespan.start(self.app)
+            try:
+                await self._serve(store, task_status=task_status)
+            finally:
+                await lifespan.stop(self.app, timeout_s=s.grace_s)
             log.info("worker_stopped", **self.stats)
         finally:
             with anyio.move_on_after(2, shield=True):
                 await client.aclose()
             if exporter is not None:
                 exporter.close()
+
+    async def _serve(self, store: Store, *, task_status: TaskStatus[None]) -> None:
+        """Read and process until stopped, then drain within the grace period."""
+        s = self.settings
+        assert self.processor is not None
+        log.info(
+            "worker_started",
+            consumer=self.consumer,
+            shards=s.shards,
+            concurrency=s.concurrency,
+            kid=self.service_key.kid,
+            handlers=self.app.names,
+        )
+        async with anyio.create_task_group() as outer:
+            # The handlers, writers and the heartbeat outlive the feeders: in-flight
+            # entries still need them during the grace period.
+            await outer.start(self.processor.run)
+            outer.start_soon(
+                partial(self._supervised, after_stop=True),
+                store,
+                partial(self._heartbeat_loop, store),
+            )
+            async with anyio.create_task_group() as feeders:
+                loops = [partial(self._read_loop, store, n) for n in range(s.shards)]
+                loops += [partial(self._reclaim_loop, store), partial(self._trim_loop, store)]
+                if s.burst:
+                    loops.append(partial(self._burst_watch, store))
+                for loop in loops:
+                    feeders.start_soon(self._supervised, store, loop)
+                task_status.started()
+                await self._stopping.wait()
+                # Every feeder returns on its own once it sees the flag (a reader
+                # within one blocking read), so no read is cut off after Redis
+                # delivered to us; the deadline is a safety net.
+                feeders.cancel_scope.deadline = anyio.current_time() + 2.0
+            log.info("worker_stopping", in_flight=self._count_in_flight())
+            with anyio.move_on_after(s.grace_s) as grace:
+                while self._count_in_flight():
+                    self._idle = anyio.Event()
+                    await self._idle.wait()
+            outer.cancel_scope.cancel()
+        if grace.cancel_called:
+            log.warning("worker_grace_expired", left=self._count_in_flight())
 
     async def _start_up(self, store: Store) -> None:
         """Check the server, create the groups, publish ``P:config``."""
@@ -338,9 +349,7 @@ class Worker:
 
     async def _process(self, shard: int, entries: list[Entry], counts: dict[str, int]) -> None:
         assert self.processor is not None
-        batch = [
-            Delivery(shard=shard, entry=e, attempts=counts.get(e.id, 1)) for e in entries
-        ]
+        batch = [Delivery(shard=shard, entry=e, attempts=counts.get(e.id, 1)) for e in entries]
         for d in batch:
             self._in_flight[shard].add(d.entry.id)
         self.metrics.in_flight.inc(len(batch))
