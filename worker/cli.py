@@ -261,11 +261,13 @@ def _worker(args: argparse.Namespace) -> int:
         settings,
         service_key=settings.load_service_key(),
         master_keys=settings.load_master_keys(),
+        older_service_keys=settings.load_old_service_keys(),
     )
 
     async def run() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, worker, tg.cancel_scope)
+            tg.start_soon(_watch_reload, worker, settings)
             supervisor = os.environ.get(SUPERVISOR_PID, "")
             if supervisor.isdigit():
                 tg.start_soon(_watch_supervisor, worker, int(supervisor))
@@ -334,6 +336,28 @@ async def _watch_signals(worker: Any, scope: anyio.CancelScope) -> None:
             else:
                 scope.cancel()
                 return
+
+
+def _load_keys(settings: Settings) -> tuple[Any, Any, Any]:
+    return (
+        settings.load_service_key(),
+        settings.load_old_service_keys(),
+        settings.load_master_keys(),
+    )
+
+
+async def _watch_reload(worker: Any, settings: Settings) -> None:
+    """SIGHUP: re-read the service and master key files and swap them in; a file that
+    does not load is logged and the keys in use are kept."""
+    with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            try:
+                # Parsing an RSA key checks it: milliseconds, off the event loop.
+                service, older, master = await anyio.to_thread.run_sync(_load_keys, settings)
+            except ConfigError as exc:
+                get_logger("sealstream.worker").error("keys_reload_failed", error=str(exc))
+                continue
+            await worker.reload_keys(service, master, older_service_keys=older)
 
 
 def _send(args: argparse.Namespace) -> int:

@@ -216,7 +216,6 @@ def _policy(
     )
 
 
-
 def _require_async(fn: Callable[..., Any], what: str) -> None:
     if not inspect.iscoroutinefunction(fn):
         raise TypeError(what)

@@ -78,6 +78,7 @@ class Worker:
         self.metrics = metrics or Metrics()
         self._redis = Retrier(on_outage=self.metrics.redis_outages.inc)
         self.processor: Processor | None = None
+        self._store: Store | None = None
         self._startup: anyio.CancelScope | None = None
         # Health hook (worker/health.py): the read loop reports each completed read.
         self.health = Readiness(on_read=self.metrics.last_read.set_to_current_time)
@@ -93,6 +94,36 @@ class Worker:
     def ready(self) -> bool:
         """For ``/readyz``: not stopping, and a shard read completed recently."""
         return not self._stopping.is_set() and self.health.ready()
+
+    async def reload_keys(
+        self,
+        service_key: ServiceKey,
+        master_keys: MasterKeys,
+        *,
+        older_service_keys: tuple[ServiceKey, ...] = (),
+    ) -> None:
+        """Swap in new keys without dropping work (SIGHUP in the CLI).
+
+        Handshakes pinned to any of the service keys are accepted from now on;
+        ``service_key`` is published in ``P:config`` for new clients. Session records
+        are sealed under the new active master key and open under any in the ring.
+        Work in flight goes on: the key maps are replaced in place, between messages.
+        """
+        keys = {k.kid: k for k in (*older_service_keys, service_key)}
+        self._keys.clear()
+        self._keys.update(keys)  # the processor's handshake lane holds this dict
+        self.service_key = service_key
+        self._master_keys = master_keys
+        if self.processor is not None:
+            self.processor.master_keys = master_keys
+        log.info(
+            "keys_reloaded",
+            kid=service_key.kid,
+            kids=sorted(keys),
+            master_key_ids=list(master_keys.ids),
+        )
+        if self._store is not None:
+            await self._publish_config(self._store)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -117,6 +148,7 @@ class Worker:
                 dlq_maxlen=s.dlq_maxlen,
                 fallback_ttl_ms=2 * s.replay_window_ms,
             )
+            self._store = store
             self.processor = Processor(
                 store=store,
                 app=self.app,

@@ -34,6 +34,8 @@ class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     prefix: str = "sealstream"
     service_key_file: Path | None = None
+    #: Older service keys still accepted for handshakes (a key rotation's overlap).
+    old_service_key_files: tuple[Path, ...] = ()
     master_key_file: Path | None = None
     master_key: str | None = field(default=None, repr=False)
     shards: int = 1
@@ -74,6 +76,11 @@ class Settings:
             redis_url=_redis_url(env),
             prefix=text("PREFIX", "sealstream"),
             service_key_file=path("SERVICE_KEY_FILE"),
+            old_service_key_files=tuple(
+                Path(p.strip())
+                for p in env.get("SEALSTREAM_OLD_SERVICE_KEY_FILES", "").split(",")
+                if p.strip()
+            ),
             master_key_file=path("MASTER_KEY_FILE"),
             master_key=env.get("SEALSTREAM_MASTER_KEY") or None,
             shards=_int(env, "SHARDS", 1, low=1, high=1024),
@@ -126,6 +133,13 @@ class Settings:
         if self.service_key_file is None:
             raise ConfigError("SEALSTREAM_SERVICE_KEY_FILE is not set (see `sealstream keygen`)")
         return load_service_key(self.service_key_file)
+
+    def load_old_service_keys(self) -> tuple[ServiceKey, ...]:
+        """The older service keys from ``old_service_key_files`` (each must load)."""
+        return tuple(
+            load_service_key(path, setting="SEALSTREAM_OLD_SERVICE_KEY_FILES")
+            for path in self.old_service_key_files
+        )
 
     def load_master_keys(self) -> MasterKeys:
         """The KEK ring from ``master_key`` (base64) or ``master_key_file``."""
