@@ -27,7 +27,7 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.exceptions import ResponseError
 
-from worker import lifespan
+from worker import lifespan, tracing
 from worker.errors import ConfigError
 from worker.handlers import App
 from worker.health import Readiness
@@ -62,6 +62,7 @@ class Worker:
         clock: Clock = wall_clock_ms,
         consumer: str | None = None,
         metrics: Metrics | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -78,6 +79,8 @@ class Worker:
         self.metrics = metrics or Metrics()
         self._redis = Retrier(on_outage=self.metrics.redis_outages.inc)
         self.processor: Processor | None = None
+        # Checked now: SEALSTREAM_OTEL=1 without OpenTelemetry installed is a ConfigError.
+        self._tracing = tracing.create(settings.otel, tracer_provider)
         self._store: Store | None = None
         self._startup: anyio.CancelScope | None = None
         # Health hook (worker/health.py): the read loop reports each completed read.
@@ -160,6 +163,7 @@ class Worker:
                 clock=self._clock,
                 retry=self._redis,
                 metrics=self.metrics,
+                tracing=self._tracing,
             )
             log.info("worker_connecting", redis=redacted_url(s.redis_url))
             # Startup waits out an unreachable Redis, but a stop request ends the wait.

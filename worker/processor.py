@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.exceptions import ResponseError
 
 from worker import messages, wire
+from worker import tracing as _tracing
 from worker.attempts import AttemptLog, start_attempt
 from worker.dispatch import Dispatcher, Outcome, Runner, Work, error, resume
 from worker.envelope import (
@@ -131,6 +132,8 @@ class _Job:
     first_attempt: int = 1
     #: ``time.monotonic()`` before its replay record was set.
     claimed_at: float = 0.0
+    #: Its OpenTelemetry span, when tracing is on.
+    span: Any = None
 
 
 @dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
@@ -199,8 +202,10 @@ class Processor:
         clock: Clock = wall_clock_ms,
         retry: Retrier | None = None,
         metrics: Metrics | None = None,
+        tracing: _tracing.Tracing | None = None,
     ) -> None:
         self.store = store
+        self.tracing = tracing
         self.retry = retry or Retrier()
         self.metrics = metrics or Metrics()
         self.app = app
@@ -399,6 +404,9 @@ class Processor:
                     claimed_at=claimed_at,
                 )
             )
+            if self.tracing is not None:
+                stream = self.store.names.request_stream(d.shard)
+                jobs[-1].span = self.tracing.start(stream, r.mid, r.type)
             if prev is not None and self._retried(r.type):
                 resumed.append(jobs[-1])
         if resumed:
@@ -567,6 +575,8 @@ class Processor:
         self._finish_job(job, outcome)
 
     def _finish_job(self, job: _Job, outcome: Outcome) -> None:
+        if job.span is not None and self.tracing is not None:
+            self.tracing.end(job.span, outcome.status, outcome.code)
         self._reply(job.delivery, job.request, job.reply_key, outcome, seen_ttl_ms=job.seen_ttl_ms)
 
     def _reply(

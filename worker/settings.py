@@ -59,6 +59,8 @@ class Settings:
     metrics_addr: str = "127.0.0.1"
     log_level: str = "info"
     log_format: str = "auto"
+    #: One OpenTelemetry span per processed message (the extra ``sealstream[otel]``).
+    otel: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -106,6 +108,7 @@ class Settings:
             session_key_bits=_int(env, "SESSION_KEY_BITS", 2048),
             log_level=text("LOG_LEVEL", "info").lower(),
             log_format=text("LOG_FORMAT", "auto").lower(),
+            otel=_flag(env, "OTEL"),
         ).validated()
 
     def validated(self) -> Settings:
@@ -192,6 +195,15 @@ def _int(
         bound = f"{low}..{high}" if high is not None else f">= {low}"
         raise ConfigError(f"SEALSTREAM_{name}: expected {bound}, got {value}")
     return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(f"SEALSTREAM_{name}", "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"SEALSTREAM_{name}: expected 1 or 0, got {raw!r}")
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
