@@ -135,7 +135,8 @@ async def test_replay_record_and_attempt_record_cover_the_backoff(
 
     raw = Raw(redis, settings.prefix, keys)
     grant = await raw.grant()
-    async with running_worker(app, settings, keys):
+    # A stopping worker does not cut a backoff short: the grace period ends the wait.
+    async with running_worker(app, dataclasses.replace(settings, grace_s=0.2), keys):
         out = raw.seal(grant, {}, type_="slow_retry")
         await raw.send(out.request)
         with anyio.fail_after(10):

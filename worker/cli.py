@@ -255,6 +255,9 @@ def _worker(args: argparse.Namespace) -> int:
     configure(settings.log_level, settings.log_format)
     if args.processes is not None:
         return _supervise(args, settings)
+    # Until the reload watcher listens, a SIGHUP (a supervisor forwarding one to a child
+    # still starting, say) must not end the process, as its default action would.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     app = load_app(args.app)
     worker = Worker(
         app,
