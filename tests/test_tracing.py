@@ -22,8 +22,15 @@ from worker.testing import ThrowawayKeys
 SECRET = "payload-secret-7f3a"
 
 
-def _app() -> App:
+def _app(provider: TracerProvider | None = None) -> App:
     app = App()
+
+    @app.handler("nested")
+    async def nested(payload: Any) -> Any:
+        assert provider is not None
+        with provider.get_tracer("test").start_as_current_span("query the database"):
+            await anyio.sleep(0.01)
+        return "done"
 
     @app.handler("echo")
     async def echo(payload: Any) -> Any:
@@ -43,7 +50,7 @@ async def _traced_worker(
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     worker = Worker(
-        _app(),
+        _app(provider),
         settings,
         service_key=keys.service,
         master_keys=keys.master,
@@ -98,6 +105,24 @@ async def test_one_span_per_processed_message_by_the_messaging_conventions(
     assert StatusCode.UNSET == spans[ok].status.status_code
     assert StatusCode.ERROR == spans[bad].status.status_code
     assert "handler_error" == (spans[bad].attributes or {})["error.type"]
+
+
+async def test_spans_a_handler_starts_are_children_of_the_message_span(
+    settings: Settings, keys: ThrowawayKeys
+) -> None:
+    """A span the handler starts (across an await) has the message's span as parent."""
+    exporter = InMemorySpanExporter()
+    traced = dataclasses.replace(settings, otel=True)
+    async with _traced_worker(traced, keys, exporter):
+        async with (
+            Client.from_url(traced.redis_url, kid=keys.service.kid, prefix=traced.prefix) as client,
+            client.session() as session,
+        ):
+            assert "done" == await session.request("nested", {}, timeout=20)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    child, parent = spans["query the database"], spans[f"process {traced.prefix}:req:{{0}}"]
+    assert child.parent is not None and parent.context is not None
+    assert parent.context.span_id == child.parent.span_id
 
 
 async def test_no_spans_when_tracing_is_off(settings: Settings, keys: ThrowawayKeys) -> None:

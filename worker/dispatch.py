@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from worker import wire
+from worker import tracing, wire
 from worker.errors import BadPayload, HandlerEscaped
 from worker.handlers import App, CallNext, Context, HandlerSpec, Middleware
 from worker.logging import get_logger
@@ -77,6 +77,8 @@ class Work:
     #: When the replay record expires at the latest (``time.monotonic()``): the
     #: attempt record must not outlive it.
     expires_at: float = math.inf
+    #: The message's OpenTelemetry span (tracing on): current while the handler runs.
+    span: Any = None
 
 
 class Dispatcher:
@@ -149,7 +151,8 @@ class Dispatcher:
             runner.deadline = time.monotonic() + timeout
             try:
                 try:
-                    result = await _call(spec, work.payload, _attempt(ctx, work.attempt), chain)
+                    call = _call(spec, work.payload, _attempt(ctx, work.attempt), chain)
+                    result = await (call if work.span is None else tracing.within(work.span, call))
                 finally:
                     runner.deadline = math.inf
                     timer.observe(time.perf_counter() - started)

@@ -554,6 +554,7 @@ class Processor:
             self._finish_job(job, prepared)
             return None
         prepared.expires_at = job.claimed_at + job.seen_ttl_ms / 1000
+        prepared.span = job.span
         if job.first_attempt > 1:
             prepared.attempt = start_attempt(job.first_attempt, prepared.spec.policy)
             log.info("retry_resumed", attempt=prepared.attempt, session_id=r.sid, message_id=r.mid)

@@ -7,16 +7,21 @@ CONSUMER, with ``messaging.system=redis``, ``messaging.operation=process``,
 and ``messaging.destination.name`` (the request shard). They carry no payload data:
 only ids, the handler type, the reply status and error code. A span starts once
 the request is authenticated and its replay record is this entry's, and ends when
-its reply is queued. Disabled (the default), nothing here is imported and the worker
-pays one ``is None`` test per message.
+its reply is queued; it is the current span while the handler (and its middleware)
+runs, so spans the handler starts are its children. Disabled (the default),
+OpenTelemetry is not imported and the worker pays a few ``is None`` tests per
+message.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from worker.errors import ConfigError
 from worker.names import GROUP
+
+T = TypeVar("T")
 
 
 class Tracing:
@@ -68,3 +73,14 @@ class Tracing:
 def create(enabled: bool, tracer_provider: Any = None) -> Tracing | None:
     """Tracing when ``enabled`` (ConfigError if OpenTelemetry is missing), else None."""
     return Tracing(tracer_provider) if enabled else None
+
+
+async def within(span: Any, call: Awaitable[T]) -> T:
+    """Await ``call`` with ``span`` as the current span (its context is this task's)."""
+    from opentelemetry import context, trace
+
+    token = context.attach(trace.set_span_in_context(span))
+    try:
+        return await call
+    finally:
+        context.detach(token)
