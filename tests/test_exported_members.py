@@ -9,6 +9,7 @@ def test_exported_members() -> None:
     """``worker.__all__`` is exactly the documented API, sorted, and every name exists."""
     expected = [
         "App",
+        "Backoff",
         "BadPayload",
         "Client",
         "ClientSession",
@@ -18,6 +19,7 @@ def test_exported_members() -> None:
         "ReplyTimeout",
         "RequestRejected",
         "Result",
+        "RetryPolicy",
         "SealstreamError",
         "SessionGrant",
         "Settings",

@@ -301,3 +301,21 @@ async def test_sigterm_while_children_start_is_a_clean_stop(
         await _wait_events(log, "child_started", 2)
         sup.send_signal(signal.SIGTERM)
         assert 0 == await _exit_code(sup), log.read_text()[-3000:]
+
+
+async def test_sighup_to_the_supervisor_reloads_every_childs_keys(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """SIGHUP to the supervisor is forwarded: each child re-reads its key files and
+    logs ``keys_reloaded``; all go on serving and none is restarted."""
+    procs = WorkerProcs(settings, keys, tmp_path)
+    log = tmp_path / "supervisor.log"
+    with _supervisor(procs, log, "--processes", "2", "--concurrency", "4") as sup:
+        await _wait_events(log, "child_started", 2)
+        await wait_started(redis, settings.prefix, 2)
+        sup.send_signal(signal.SIGHUP)
+        reloaded = await _wait_events(log, "keys_reloaded", 2)
+        assert {keys.service.kid} == {row["kid"] for row in reloaded}
+        assert [] == _events(log, "child_died")
+        sup.send_signal(signal.SIGTERM)
+        assert 0 == await _exit_code(sup), log.read_text()[-3000:]

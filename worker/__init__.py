@@ -12,11 +12,13 @@ from worker.errors import (
 )
 from worker.handlers import App, Context
 from worker.pool import Worker
+from worker.retries import Backoff, RetryPolicy
 from worker.session_admin import revoke_session
 from worker.settings import Settings
 
 __all__ = [
     "App",
+    "Backoff",
     "BadPayload",
     "Client",
     "ClientSession",
@@ -26,6 +28,7 @@ __all__ = [
     "ReplyTimeout",
     "RequestRejected",
     "Result",
+    "RetryPolicy",
     "SealstreamError",
     "SessionGrant",
     "Settings",

@@ -33,7 +33,7 @@ from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
 from worker import cli_ops
-from worker.errors import ConfigError, InvalidArgument, SealstreamError
+from worker.errors import ConfigError, InvalidArgument, SealstreamError, StartupFailed
 from worker.handlers import App
 from worker.logging import configure, get_logger
 from worker.settings import Settings, redacted_url
@@ -56,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, InvalidArgument) as exc:
         _error(f"sealstream: error: {exc}", args)
         return 2
+    except StartupFailed as exc:
+        _error(f"sealstream: error: {exc}", args)
+        return 3
     except SealstreamError as exc:
         _error(f"sealstream: {type(exc).__name__}: {exc}", args)
         return 1
@@ -252,17 +255,22 @@ def _worker(args: argparse.Namespace) -> int:
     configure(settings.log_level, settings.log_format)
     if args.processes is not None:
         return _supervise(args, settings)
+    # Until the reload watcher listens, a SIGHUP (a supervisor forwarding one to a child
+    # still starting, say) must not end the process, as its default action would.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     app = load_app(args.app)
     worker = Worker(
         app,
         settings,
         service_key=settings.load_service_key(),
         master_keys=settings.load_master_keys(),
+        older_service_keys=settings.load_old_service_keys(),
     )
 
     async def run() -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, worker, tg.cancel_scope)
+            tg.start_soon(_watch_reload, worker, settings)
             supervisor = os.environ.get(SUPERVISOR_PID, "")
             if supervisor.isdigit():
                 tg.start_soon(_watch_supervisor, worker, int(supervisor))
@@ -331,6 +339,28 @@ async def _watch_signals(worker: Any, scope: anyio.CancelScope) -> None:
             else:
                 scope.cancel()
                 return
+
+
+def _load_keys(settings: Settings) -> tuple[Any, Any, Any]:
+    return (
+        settings.load_service_key(),
+        settings.load_old_service_keys(),
+        settings.load_master_keys(),
+    )
+
+
+async def _watch_reload(worker: Any, settings: Settings) -> None:
+    """SIGHUP: re-read the service and master key files and swap them in; a file that
+    does not load is logged and the keys in use are kept."""
+    with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            try:
+                # Parsing an RSA key checks it: milliseconds, off the event loop.
+                service, older, master = await anyio.to_thread.run_sync(_load_keys, settings)
+            except ConfigError as exc:
+                get_logger("sealstream.worker").error("keys_reload_failed", error=str(exc))
+                continue
+            await worker.reload_keys(service, master, older_service_keys=older)
 
 
 def _send(args: argparse.Namespace) -> int:

@@ -1,5 +1,9 @@
 """Running a request's handler: payload decoding, time limit, retries, the outcome.
 
+Retries follow the handler's :class:`~worker.retries.RetryPolicy`; the wait between
+attempts is slept in the handler task for now (the entry stays in flight, so the
+heartbeat covers it; a task of the pool is held meanwhile).
+
 Pure of Redis: takes an authenticated plaintext, returns an :class:`Outcome` (a
 status, the reply plaintext, maybe a dead-letter reason). Nothing here raises for
 what a handler does.
@@ -8,17 +12,19 @@ what a handler does.
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 import time
 import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
 
-from worker import wire
+from worker import tracing, wire
 from worker.errors import BadPayload, HandlerEscaped
-from worker.handlers import App, Context, HandlerSpec
+from worker.handlers import App, CallNext, Context, HandlerSpec, Middleware
 from worker.logging import get_logger
 from worker.metrics import Metrics
 from worker.payloads import to_value
@@ -53,6 +59,14 @@ class Work:
     payload: Any
     attempt: int = 1
     outcome: Outcome | None = None
+    #: Set when another attempt is scheduled: wait ``wait_s``, persist the attempt.
+    retrying: bool = False
+    wait_s: float = 0.0
+    #: When the replay record expires at the latest (``time.monotonic()``): the
+    #: attempt record must not outlive it.
+    expires_at: float = math.inf
+    #: The message's OpenTelemetry span (tracing on): current while the handler runs.
+    span: Any = None
 
 
 class Dispatcher:
@@ -65,19 +79,22 @@ class Dispatcher:
         #: the cancel scope of every attempt running now, with its deadline
         self._deadlines: dict[anyio.CancelScope, float] = {}
         self._decode_lane = anyio.CapacityLimiter(1)
-        self._timers: dict[str, Any] = {}
+        self._timers: dict[str, tuple[Any, CallNext | None]] = {}
         self._budgets: dict[str, int] = {}
+        #: Called before a retry waits (the processor persists the attempt number).
+        self.on_retry: Callable[[Work], Awaitable[None]] | None = None
 
     def timeout_s(self, spec: HandlerSpec) -> float:
         """The handler's time limit per attempt."""
         return spec.timeout_s if spec.timeout_s is not None else self.default_timeout_s
 
     def budget_ms(self, type_: str) -> int:
-        """The longest a request of ``type_`` may run: its timeout x attempts (ms)."""
+        """The longest a request of ``type_`` may run: its timeout x attempts plus the
+        longest waits between them (ms)."""
         budget = self._budgets.get(type_)
         if budget is None:
             spec = self.app.get(type_)
-            budget = 0 if spec is None else int(self.timeout_s(spec) * (spec.retries + 1) * 1000)
+            budget = 0 if spec is None else int(spec.policy.budget_s(self.timeout_s(spec)) * 1000)
             if len(self._budgets) < 10_000:  # types come from requests: bounded
                 self._budgets[type_] = budget
         return budget
@@ -108,11 +125,16 @@ class Dispatcher:
         stays within its attempt even if the handler swallows it.
         """
         spec, field, ctx = work.spec, work.field, work.ctx
-        timer = self._timers.get(spec.name)
-        if timer is None:
-            timer = self._timers[spec.name] = self.metrics.handler_seconds.labels(type=spec.name)
+        cached = self._timers.get(spec.name)
+        if cached is None:
+            chain = _chain(spec, self.app.middlewares) if self.app.middlewares else None
+            cached = (self.metrics.handler_seconds.labels(type=spec.name), chain)
+            self._timers[spec.name] = cached
+        timer, chain = cached
         timeout = self.timeout_s(spec)
-        while work.attempt <= spec.retries + 1:
+        while work.attempt <= spec.policy.retries + 1:
+            if work.retrying:
+                await self._wait(work)
             started = time.perf_counter()
             scope = anyio.CancelScope()
             # loop.time() of asyncio is time.monotonic(): the watchdog compares to it.
@@ -120,7 +142,10 @@ class Dispatcher:
             try:
                 try:
                     with scope:
-                        result = await _call(spec, work.payload, _attempt(ctx, work.attempt))
+                        call = _call(spec, work.payload, _attempt(ctx, work.attempt), chain)
+                        result = await (
+                            call if work.span is None else tracing.within(work.span, call)
+                        )
                 finally:
                     self._deadlines.pop(scope, None)
                     timer.observe(time.perf_counter() - started)
@@ -139,7 +164,9 @@ class Dispatcher:
                 work.outcome = error(
                     "handler_error", "the handler failed", field, dead_letter="handler_error"
                 )
-                work.attempt += 1
+                if not spec.policy.retries_on(exc):
+                    return work.outcome
+                self._schedule(work)
                 continue
             if scope.cancelled_caught:
                 log.warning(
@@ -155,7 +182,7 @@ class Dispatcher:
                     field,
                     dead_letter="timeout",
                 )
-                work.attempt += 1
+                self._schedule(work)  # timeouts retry while attempts remain
                 continue
             try:
                 body = wire.dumps(result, field)
@@ -171,6 +198,33 @@ class Dispatcher:
             return Outcome(status="ok", plaintext=body)
         assert work.outcome is not None  # every attempt failed, the last one said how
         return work.outcome
+
+    def _schedule(self, work: Work) -> bool:
+        """Count the failed attempt; True when another one is due (then set its wait)."""
+        work.attempt += 1
+        policy = work.spec.policy
+        if work.attempt > policy.retries + 1:
+            return False
+        work.retrying = True
+        work.wait_s = policy.backoff.delay_s(work.attempt - 1)
+        self.metrics.retries.labels(type=work.spec.name).inc()
+        return True
+
+    async def _wait(self, work: Work) -> None:
+        """Before a retry: persist its attempt number (a redelivery after a crash goes
+        on from it), then wait out its backoff."""
+        work.retrying = False
+        if self.on_retry is not None:
+            await self.on_retry(work)
+        if work.wait_s > 0:
+            log.info(
+                "handler_retry_wait",
+                attempt=work.attempt,
+                wait_s=round(work.wait_s, 3),
+                session_id=work.ctx.session_id,
+                message_id=work.ctx.message_id,
+            )
+            await anyio.sleep(work.wait_s)
 
     async def watchdog(self, *, tick_s: float = 0.01) -> None:
         """Cancel every attempt running past its deadline, until cancelled."""
@@ -216,18 +270,39 @@ def _attempt(ctx: Context, attempt: int) -> Context:
     )
 
 
-async def _call(spec: HandlerSpec, payload: Any, ctx: Context) -> Any:
+def _chain(spec: HandlerSpec, middlewares: tuple[Middleware, ...]) -> CallNext:
+    """The handler wrapped in ``middlewares``, the first registered outermost."""
+
+    async def handler(payload: Any, ctx: Context) -> Any:
+        if spec.convert is not None:
+            payload = spec.convert(payload)
+        args = (payload, ctx) if spec.takes_context else (payload,)
+        if spec.is_async:
+            return await spec.fn(*args)
+        return await anyio.to_thread.run_sync(lambda: spec.fn(*args), abandon_on_cancel=True)
+
+    call: CallNext = handler
+    for mw in reversed(middlewares):
+        call = functools.partial(mw, call)
+    return call
+
+
+async def _call(spec: HandlerSpec, payload: Any, ctx: Context, chain: CallNext | None) -> Any:
     """Run the handler; what it raises is its own failure, never the worker's.
 
     ``SystemExit``/``KeyboardInterrupt`` raised by handler code, and a cancellation
     that nobody asked of this task (a handler awaiting a future someone cancelled),
     would otherwise stop the whole worker; they become :class:`HandlerEscaped`
     (a ``handler_error``). A real cancellation (timeout, shutdown) goes through.
+    ``chain`` is the handler in its middleware, when there is any (the common case,
+    none, stays one call without an extra coroutine).
     """
-    if spec.convert is not None:
-        payload = spec.convert(payload)  # BadPayload when it does not fit
-    args = (payload, ctx) if spec.takes_context else (payload,)
     try:
+        if chain is not None:
+            return to_value(await chain(payload, ctx))
+        if spec.convert is not None:
+            payload = spec.convert(payload)  # BadPayload when it does not fit
+        args = (payload, ctx) if spec.takes_context else (payload,)
         if spec.is_async:
             return to_value(await spec.fn(*args))
         return to_value(

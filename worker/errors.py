@@ -4,6 +4,7 @@
 
     SealstreamError
     ├── ConfigError                 bad settings or key files: refuse to start
+    ├── StartupFailed               an app's startup hook raised: the worker stops (exit 3)
     ├── InvalidArgument             a bad argument to an operations call: nothing changed
     ├── ProtocolError               an entry the worker refuses; dead-lettered, never retried
     │   ├── Malformed                 reason ``malformed`` (format, size, fields, encoding)
@@ -36,6 +37,14 @@ class SealstreamError(Exception):
 
 class ConfigError(SealstreamError):
     """A setting or key file is missing or malformed; the message names the setting."""
+
+
+class StartupFailed(SealstreamError):
+    """An app's startup hook raised: the worker stops before reading (CLI exit code 3).
+
+    The message names the hook and the exception's type and text (the operator's own
+    code; never a payload).
+    """
 
 
 class InvalidArgument(SealstreamError, ValueError):

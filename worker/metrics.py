@@ -72,6 +72,12 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.retries = Counter(
+            "sealstream_retries",
+            "Handler attempts scheduled again after a failure or timeout, by handler type.",
+            ["type"],
+            registry=r,
+        )
         self.redis_outages = Counter(
             "sealstream_redis_outages", "Redis outages ridden out.", registry=r
         )

@@ -49,6 +49,11 @@ class Names:
         """``P:{sid}:seen:<mid>``: the replay/idempotency record of one request."""
         return f"{self.prefix}:{{{sid}}}:seen:{mid}"
 
+    def attempt(self, sid: str, mid: str) -> str:
+        """``P:{sid}:attempt:<mid>``: the attempt a retried request is on (same slot as
+        its replay record, and no longer lived), so a redelivery goes on from it."""
+        return f"{self.prefix}:{{{sid}}}:attempt:{mid}"
+
     @property
     def request_stream_pattern(self) -> str:
         """SCAN MATCH pattern of every request shard ``P:req:{*}``."""

@@ -27,6 +27,7 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.exceptions import ResponseError
 
+from worker import lifespan, tracing
 from worker.errors import ConfigError
 from worker.handlers import App
 from worker.health import Readiness
@@ -61,6 +62,7 @@ class Worker:
         clock: Clock = wall_clock_ms,
         consumer: str | None = None,
         metrics: Metrics | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.app = app
         self.settings = settings
@@ -77,6 +79,9 @@ class Worker:
         self.metrics = metrics or Metrics()
         self._redis = Retrier(on_outage=self.metrics.redis_outages.inc)
         self.processor: Processor | None = None
+        # Checked now: SEALSTREAM_OTEL=1 without OpenTelemetry installed is a ConfigError.
+        self._tracing = tracing.create(settings.otel, tracer_provider)
+        self._store: Store | None = None
         self._startup: anyio.CancelScope | None = None
         # Health hook (worker/health.py): the read loop reports each completed read.
         self.health = Readiness(on_read=self.metrics.last_read.set_to_current_time)
@@ -92,6 +97,36 @@ class Worker:
     def ready(self) -> bool:
         """For ``/readyz``: not stopping, and a shard read completed recently."""
         return not self._stopping.is_set() and self.health.ready()
+
+    async def reload_keys(
+        self,
+        service_key: ServiceKey,
+        master_keys: MasterKeys,
+        *,
+        older_service_keys: tuple[ServiceKey, ...] = (),
+    ) -> None:
+        """Swap in new keys without dropping work (SIGHUP in the CLI).
+
+        Handshakes pinned to any of the service keys are accepted from now on;
+        ``service_key`` is published in ``P:config`` for new clients. Session records
+        are sealed under the new active master key and open under any in the ring.
+        Work in flight goes on: the key maps are replaced in place, between messages.
+        """
+        keys = {k.kid: k for k in (*older_service_keys, service_key)}
+        self._keys.clear()
+        self._keys.update(keys)  # the processor's handshake lane holds this dict
+        self.service_key = service_key
+        self._master_keys = master_keys
+        if self.processor is not None:
+            self.processor.master_keys = master_keys
+        log.info(
+            "keys_reloaded",
+            kid=service_key.kid,
+            kids=sorted(keys),
+            master_key_ids=list(master_keys.ids),
+        )
+        if self._store is not None:
+            await self._publish_config(self._store)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -116,6 +151,7 @@ class Worker:
                 dlq_maxlen=s.dlq_maxlen,
                 fallback_ttl_ms=2 * s.replay_window_ms,
             )
+            self._store = store
             self.processor = Processor(
                 store=store,
                 app=self.app,
@@ -127,6 +163,7 @@ class Worker:
                 clock=self._clock,
                 retry=self._redis,
                 metrics=self.metrics,
+                tracing=self._tracing,
             )
             log.info("worker_connecting", redis=redacted_url(s.redis_url))
             # Startup waits out an unreachable Redis, but a stop request ends the wait.
@@ -139,50 +176,60 @@ class Worker:
             if startup.cancel_called:
                 log.info("worker_stopped_before_start")
                 return
-            log.info(
-                "worker_started",
-                consumer=self.consumer,
-                shards=s.shards,
-                concurrency=s.concurrency,
-                kid=self.service_key.kid,
-                handlers=self.app.names,
-            )
-            async with anyio.create_task_group() as outer:
-                # The handlers, writers and the heartbeat outlive the feeders: in-flight
-                # entries still need them during the grace period.
-                await outer.start(self.processor.run)
-                outer.start_soon(
-                    partial(self._supervised, after_stop=True),
-                    store,
-                    partial(self._heartbeat_loop, store),
-                )
-                async with anyio.create_task_group() as feeders:
-                    loops = [partial(self._read_loop, store, n) for n in range(s.shards)]
-                    loops += [partial(self._reclaim_loop, store), partial(self._trim_loop, store)]
-                    if s.burst:
-                        loops.append(partial(self._burst_watch, store))
-                    for loop in loops:
-                        feeders.start_soon(self._supervised, store, loop)
-                    task_status.started()
-                    await self._stopping.wait()
-                    # Every feeder returns on its own once it sees the flag (a reader
-                    # within one blocking read), so no read is cut off after Redis
-                    # delivered to us; the deadline is a safety net.
-                    feeders.cancel_scope.deadline = anyio.current_time() + 2.0
-                log.info("worker_stopping", in_flight=self._count_in_flight())
-                with anyio.move_on_after(s.grace_s) as grace:
-                    while self._count_in_flight():
-                        self._idle = anyio.Event()
-                        await self._idle.wait()
-                outer.cancel_scope.cancel()
-            if grace.cancel_called:
-                log.warning("worker_grace_expired", left=self._count_in_flight())
+            await lifespan.start(self.app)
+            try:
+                await self._serve(store, task_status=task_status)
+            finally:
+                await lifespan.stop(self.app, timeout_s=s.grace_s)
             log.info("worker_stopped", **self.stats)
         finally:
             with anyio.move_on_after(2, shield=True):
                 await client.aclose()
             if exporter is not None:
                 exporter.close()
+
+    async def _serve(self, store: Store, *, task_status: TaskStatus[None]) -> None:
+        """Read and process until stopped, then drain within the grace period."""
+        s = self.settings
+        assert self.processor is not None
+        log.info(
+            "worker_started",
+            consumer=self.consumer,
+            shards=s.shards,
+            concurrency=s.concurrency,
+            kid=self.service_key.kid,
+            handlers=self.app.names,
+        )
+        async with anyio.create_task_group() as outer:
+            # The handlers, writers and the heartbeat outlive the feeders: in-flight
+            # entries still need them during the grace period.
+            await outer.start(self.processor.run)
+            outer.start_soon(
+                partial(self._supervised, after_stop=True),
+                store,
+                partial(self._heartbeat_loop, store),
+            )
+            async with anyio.create_task_group() as feeders:
+                loops = [partial(self._read_loop, store, n) for n in range(s.shards)]
+                loops += [partial(self._reclaim_loop, store), partial(self._trim_loop, store)]
+                if s.burst:
+                    loops.append(partial(self._burst_watch, store))
+                for loop in loops:
+                    feeders.start_soon(self._supervised, store, loop)
+                task_status.started()
+                await self._stopping.wait()
+                # Every feeder returns on its own once it sees the flag (a reader
+                # within one blocking read), so no read is cut off after Redis
+                # delivered to us; the deadline is a safety net.
+                feeders.cancel_scope.deadline = anyio.current_time() + 2.0
+            log.info("worker_stopping", in_flight=self._count_in_flight())
+            with anyio.move_on_after(s.grace_s) as grace:
+                while self._count_in_flight():
+                    self._idle = anyio.Event()
+                    await self._idle.wait()
+            outer.cancel_scope.cancel()
+        if grace.cancel_called:
+            log.warning("worker_grace_expired", left=self._count_in_flight())
 
     async def _start_up(self, store: Store) -> None:
         """Check the server, create the groups, publish ``P:config``."""
@@ -338,9 +385,7 @@ class Worker:
 
     async def _process(self, shard: int, entries: list[Entry], counts: dict[str, int]) -> None:
         assert self.processor is not None
-        batch = [
-            Delivery(shard=shard, entry=e, attempts=counts.get(e.id, 1)) for e in entries
-        ]
+        batch = [Delivery(shard=shard, entry=e, attempts=counts.get(e.id, 1)) for e in entries]
         for d in batch:
             self._in_flight[shard].add(d.entry.id)
         self.metrics.in_flight.inc(len(batch))

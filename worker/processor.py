@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.exceptions import ResponseError
 
 from worker import messages, wire
+from worker import tracing as _tracing
+from worker.attempts import AttemptLog, start_attempt
 from worker.dispatch import Dispatcher, Outcome, Work, error, resume
 from worker.envelope import (
     ALG_RSA,
@@ -132,6 +134,12 @@ class _Job:
     reply_key: bytes = field(repr=False)
     seen_ttl_ms: int
     work: Work | None = None
+    #: The attempt to start at (a redelivery of a request that was being retried).
+    first_attempt: int = 1
+    #: ``time.monotonic()`` before its replay record was set.
+    claimed_at: float = 0.0
+    #: Its OpenTelemetry span, when tracing is on.
+    span: Any = None
 
 
 @dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
@@ -200,8 +208,10 @@ class Processor:
         clock: Clock = wall_clock_ms,
         retry: Retrier | None = None,
         metrics: Metrics | None = None,
+        tracing: _tracing.Tracing | None = None,
     ) -> None:
         self.store = store
+        self.tracing = tracing
         self.retry = retry or Retrier()
         self.metrics = metrics or Metrics()
         self.app = app
@@ -220,6 +230,8 @@ class Processor:
         self.dispatcher = Dispatcher(
             app, default_timeout_s=settings.handler_timeout_s, metrics=self.metrics
         )
+        self.attempts = AttemptLog(store, self.retry)
+        self.dispatcher.on_retry = self._save_attempt
         self._rsa = anyio.CapacityLimiter(os.cpu_count() or 2)
         self.keys = KeyPool(
             bits=settings.session_key_bits, size=4, threads=settings.handshake_concurrency
@@ -380,13 +392,14 @@ class Processor:
     async def _claim(self, batch: list[_Authed]) -> None:
         """Set the replay records (after authentication: a forgery cannot burn a mid)."""
         batch = self._still_fresh(batch)
-        now = self.clock()
+        now, claimed_at = self.clock(), time.monotonic()
         claims = [
             Claim(sid=r.sid, mid=r.mid, owner=d.owner, ttl_ms=self._seen_ttl(r, now))
             for d, r, _ in batch
         ]
         prevs = await self.retry(lambda: self.store.claim(claims))
         jobs: list[_Job] = []
+        resumed: list[_Job] = []
         for (d, r, o), claim, prev in zip(batch, claims, prevs, strict=True):
             try:
                 if not self._claimed(d, prev):
@@ -401,8 +414,19 @@ class Processor:
                     plaintext=o.plaintext,
                     reply_key=o.reply_key,
                     seen_ttl_ms=claim.ttl_ms,
+                    claimed_at=claimed_at,
                 )
             )
+            if self.tracing is not None:
+                stream = self.store.names.request_stream(d.shard)
+                jobs[-1].span = self.tracing.start(stream, r.mid, r.type)
+            if prev is not None and self._retried(r.type):
+                resumed.append(jobs[-1])
+        if resumed:
+            # Redeliveries of requests with retries: go on from their recorded attempt.
+            ids = [(j.request.sid, j.request.mid) for j in resumed]
+            for job, attempt in zip(resumed, await self.attempts.load(ids), strict=True):
+                job.first_attempt = attempt
         if jobs:
             await self._run_here(jobs)
 
@@ -420,6 +444,16 @@ class Processor:
             else:
                 fresh.append(item)
         return fresh
+
+    def _retried(self, type_: str) -> bool:
+        spec = self.app.get(type_)
+        return spec is not None and spec.policy.retries > 0
+
+    async def _save_attempt(self, work: Work) -> None:
+        ttl_ms = int((work.expires_at - time.monotonic()) * 1000)
+        await self.attempts.save(
+            work.ctx.session_id, work.ctx.message_id, work.attempt, ttl_ms=ttl_ms
+        )
 
     def _claimed(self, d: Delivery, prev: str | None) -> bool:
         """Whether to run the entry given its record's previous value; Replay if not ours."""
@@ -519,6 +553,11 @@ class Processor:
         if isinstance(prepared, Outcome):
             self._finish_job(job, prepared)
             return None
+        prepared.expires_at = job.claimed_at + job.seen_ttl_ms / 1000
+        prepared.span = job.span
+        if job.first_attempt > 1:
+            prepared.attempt = start_attempt(job.first_attempt, prepared.spec.policy)
+            log.info("retry_resumed", attempt=prepared.attempt, session_id=r.sid, message_id=r.mid)
         job.work = prepared
         return prepared
 
@@ -528,6 +567,8 @@ class Processor:
             self._finish_job(job, await self.dispatcher.run(work))
 
     def _finish_job(self, job: _Job, outcome: Outcome) -> None:
+        if job.span is not None and self.tracing is not None:
+            self.tracing.end(job.span, outcome.status, outcome.code)
         self._reply(job.delivery, job.request, job.reply_key, outcome, seen_ttl_ms=job.seen_ttl_ms)
 
     def _reply(

@@ -34,6 +34,8 @@ class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     prefix: str = "sealstream"
     service_key_file: Path | None = None
+    #: Older service keys still accepted for handshakes (a key rotation's overlap).
+    old_service_key_files: tuple[Path, ...] = ()
     master_key_file: Path | None = None
     master_key: str | None = field(default=None, repr=False)
     shards: int = 1
@@ -57,6 +59,8 @@ class Settings:
     metrics_addr: str = "127.0.0.1"
     log_level: str = "info"
     log_format: str = "auto"
+    #: One OpenTelemetry span per processed message (the extra ``sealstream[otel]``).
+    otel: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -74,6 +78,11 @@ class Settings:
             redis_url=_redis_url(env),
             prefix=text("PREFIX", "sealstream"),
             service_key_file=path("SERVICE_KEY_FILE"),
+            old_service_key_files=tuple(
+                Path(p.strip())
+                for p in env.get("SEALSTREAM_OLD_SERVICE_KEY_FILES", "").split(",")
+                if p.strip()
+            ),
             master_key_file=path("MASTER_KEY_FILE"),
             master_key=env.get("SEALSTREAM_MASTER_KEY") or None,
             shards=_int(env, "SHARDS", 1, low=1, high=1024),
@@ -99,6 +108,7 @@ class Settings:
             session_key_bits=_int(env, "SESSION_KEY_BITS", 2048),
             log_level=text("LOG_LEVEL", "info").lower(),
             log_format=text("LOG_FORMAT", "auto").lower(),
+            otel=_flag(env, "OTEL"),
         ).validated()
 
     def validated(self) -> Settings:
@@ -126,6 +136,13 @@ class Settings:
         if self.service_key_file is None:
             raise ConfigError("SEALSTREAM_SERVICE_KEY_FILE is not set (see `sealstream keygen`)")
         return load_service_key(self.service_key_file)
+
+    def load_old_service_keys(self) -> tuple[ServiceKey, ...]:
+        """The older service keys from ``old_service_key_files`` (each must load)."""
+        return tuple(
+            load_service_key(path, setting="SEALSTREAM_OLD_SERVICE_KEY_FILES")
+            for path in self.old_service_key_files
+        )
 
     def load_master_keys(self) -> MasterKeys:
         """The KEK ring from ``master_key`` (base64) or ``master_key_file``."""
@@ -178,6 +195,15 @@ def _int(
         bound = f"{low}..{high}" if high is not None else f">= {low}"
         raise ConfigError(f"SEALSTREAM_{name}: expected {bound}, got {value}")
     return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(f"SEALSTREAM_{name}", "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"SEALSTREAM_{name}: expected 1 or 0, got {raw!r}")
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:

@@ -7,6 +7,7 @@ variables (so a Redis password never shows in a process list). The supervisor:
   back to 0.5 s once a child has run a minute), and logs it;
 - gives up and exits 2 when a child exits 2 (a configuration error: restarting
   cannot fix it);
+- forwards SIGHUP (reload the key files) to every child;
 - forwards SIGTERM/SIGINT to every child (a second signal too: children then stop at
   once) and exits 0 once all have drained and exited 0 (1 otherwise);
 - with a metrics port, serves one ``/metrics`` for all children (prometheus-client's
@@ -201,11 +202,15 @@ class Supervisor:
             delay = min(delay * 2, self.backoff.cap_s)
 
     async def _watch_signals(self, tg: TaskGroup) -> None:
-        """SIGTERM/SIGINT: stop and forward; again: forward again (children stop now).
+        """SIGHUP: forward. SIGTERM/SIGINT: stop and forward; again: forward again
+        (children stop now).
         Children still running ``stop_timeout_s`` after the first are SIGKILLed."""
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
-                if self._stopping.is_set():
+                if signum == signal.SIGHUP:
+                    log.info("supervisor_reload_forwarded")
+                    self._signal_children(signal.SIGHUP)
+                elif self._stopping.is_set():
                     log.warning("supervisor_second_signal", signal=int(signum))
                     self._signal_children(signal.SIGTERM)
                 else:
