@@ -30,11 +30,13 @@ from functools import partial
 from typing import Any
 
 import anyio
-import redis.asyncio as aioredis
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from cryptography.hazmat.primitives.asymmetric import rsa
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import messages, wire
+from worker.cluster import initial_client, probe, store_for
 from worker.envelope import (
     ALG_RSA,
     ALG_SK,
@@ -51,13 +53,15 @@ from worker.keys import load_public_key
 from worker.logging import get_logger
 from worker.names import Names
 from worker.replies import Result, batch, copy_refused, resolve
-from worker.streams import Retrier, Store, connect
+from worker.streams import AnyRedis, Retrier
 
 log = get_logger("sealstream.client")
 
 __all__ = ["MAX_SHARDS", "Client", "ClientSession", "Result", "SessionGrant", "new_id"]
 
 MAX_SHARDS = 1024  # as SEALSTREAM_SHARDS allows
+#: How often a client reads ``P:config`` ``shards`` again (shards may be added).
+SHARDS_REFRESH_S = 5.0
 
 
 def _now_ms() -> int:
@@ -98,7 +102,7 @@ class Client:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         *,
         kid: str | None = None,
         service_public_key: str | bytes | None = None,
@@ -110,23 +114,39 @@ class Client:
             raise ConfigError("Client needs the pinned service kid or service public key")
         if shards is not None and not 1 <= shards <= MAX_SHARDS:
             raise ConfigError(f"Client shards: expected 1..{MAX_SHARDS}, got {shards}")
-        self.store = Store(redis, Names(prefix))
+        self.store = store_for(redis, Names(prefix))
         self._retry = Retrier()
         self.kid = kid
         self.encoding = encoding
         self._service_pem = service_public_key
         self._service_key: rsa.RSAPublicKey | None = None
         self._shards = shards
+        self._pinned_shards = shards is not None
+        self._shards_read_at = -math.inf
         self._owned = False
+        self._probe: tuple[str, str] | None = None
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> Client:
-        """A client with its own connection pool (closed by ``async with``)."""
-        client = cls(connect(url), **kwargs)
+    def from_url(cls, url: str, *, cluster: str = "auto", **kwargs: Any) -> Client:
+        """A client with its own connection pool (closed by ``async with``).
+
+        ``url`` may name one server, any node of a Redis Cluster (``async with``
+        asks the node; ``cluster="yes"`` or ``"no"`` forces the choice) or a
+        Sentinel-watched primary (``redis+sentinel://host:port[,host:port]/service``).
+        """
+        client = cls(initial_client(url, cluster=cluster), **kwargs)
         client._owned = True
+        client._probe = (url, cluster)
         return client
 
     async def __aenter__(self) -> Client:
+        if self._probe is not None:
+            url, mode = self._probe
+            self._probe = None
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+                # Unreachable now: stay on the plain client, whose sends are retried.
+                redis = await probe(self.store.redis, url, cluster=mode)
+                self.store = store_for(redis, self.store.names)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -153,17 +173,30 @@ class Client:
             raise ConfigError("the service public key does not match the pinned kid")
         if self._shards is None:
             self._shards = self._shards_of(config)
+            self._shards_read_at = time.monotonic()
         self._service_key = key
         return key
 
     async def shards(self) -> int:
         """The number of request shards (from ``P:config`` unless given).
 
-        Raises :class:`ConfigError` when ``P:config`` holds anything but an integer
-        1..1024 (Redis may be written by anyone; a bad value must not reach ``%``).
+        Read again every ``SHARDS_REFRESH_S`` seconds, so a client sees shards
+        added while it runs (``sealstream shards set``). Raises :class:`ConfigError`
+        when ``P:config`` holds anything but an integer 1..1024 (Redis may be
+        written by anyone; a bad value must not reach ``%``).
         """
-        if self._shards is None:
+        stale = time.monotonic() - self._shards_read_at > SHARDS_REFRESH_S
+        if self._shards is None or (stale and not self._pinned_shards):
+            await self.refresh_shards()
+        assert self._shards is not None
+        return self._shards
+
+    async def refresh_shards(self) -> int:
+        """Read ``shards`` from ``P:config`` now (a pinned count is kept)."""
+        if not self._pinned_shards:
             self._shards = self._shards_of(await self.store.read_config())
+            self._shards_read_at = time.monotonic()
+        assert self._shards is not None
         return self._shards
 
     def _shards_of(self, config: dict[str, str]) -> int:

@@ -27,6 +27,7 @@ import anyio
 from anyio.abc import TaskStatus
 from redis.exceptions import ResponseError
 
+from worker.cluster import open_redis, store_for
 from worker.errors import ConfigError
 from worker.handlers import App
 from worker.health import Readiness
@@ -37,7 +38,7 @@ from worker.metrics import serve as serve_metrics
 from worker.names import Names
 from worker.processor import Clock, Delivery, Processor, wall_clock_ms
 from worker.settings import Settings, redacted_url
-from worker.streams import Entry, Retrier, Store, connect
+from worker.streams import AnyRedis, Entry, Retrier, Store
 
 log = get_logger("sealstream.worker")
 _READ_BLOCK_MS = 500
@@ -107,33 +108,42 @@ class Worker:
                 self.metrics, port=s.metrics_port, addr=s.metrics_addr, ready=self.ready
             )
             log.info("metrics_serving", addr=s.metrics_addr, port=exporter.port)
-        client = connect(s.redis_url, name=f"sealstream-worker:{self.consumer}")
+        client: AnyRedis | None = None
         try:
-            store = Store(
-                client,
-                Names(s.prefix),
-                reply_maxlen=s.reply_maxlen,
-                dlq_maxlen=s.dlq_maxlen,
-                fallback_ttl_ms=2 * s.replay_window_ms,
-            )
-            self.processor = Processor(
-                store=store,
-                app=self.app,
-                settings=s,
-                service_keys=self._keys,
-                master_keys=self._master_keys,
-                consumer=self.consumer,
-                tracker=self,
-                clock=self._clock,
-                retry=self._redis,
-                metrics=self.metrics,
-            )
             log.info("worker_connecting", redis=redacted_url(s.redis_url))
             # Startup waits out an unreachable Redis, but a stop request ends the wait.
             with anyio.CancelScope() as startup:
                 self._startup = startup
                 if self._stopping.is_set():
                     startup.cancel()
+                # A cluster or a single server: the node says which (SEALSTREAM_CLUSTER).
+                client = await self._redis(
+                    partial(
+                        open_redis,
+                        s.redis_url,
+                        name=f"sealstream-worker:{self.consumer}",
+                        cluster=s.cluster,
+                    )
+                )
+                store = store_for(
+                    client,
+                    Names(s.prefix),
+                    reply_maxlen=s.reply_maxlen,
+                    dlq_maxlen=s.dlq_maxlen,
+                    fallback_ttl_ms=2 * s.replay_window_ms,
+                )
+                self.processor = Processor(
+                    store=store,
+                    app=self.app,
+                    settings=s,
+                    service_keys=self._keys,
+                    master_keys=self._master_keys,
+                    consumer=self.consumer,
+                    tracker=self,
+                    clock=self._clock,
+                    retry=self._redis,
+                    metrics=self.metrics,
+                )
                 await self._start_up(store)
             self._startup = None
             if startup.cancel_called:
@@ -150,6 +160,7 @@ class Worker:
             async with anyio.create_task_group() as outer:
                 # The handlers, writers and the heartbeat outlive the feeders: in-flight
                 # entries still need them during the grace period.
+                assert self.processor is not None
                 await outer.start(self.processor.run)
                 outer.start_soon(
                     partial(self._supervised, after_stop=True),
@@ -179,8 +190,9 @@ class Worker:
                 log.warning("worker_grace_expired", left=self._count_in_flight())
             log.info("worker_stopped", **self.stats)
         finally:
-            with anyio.move_on_after(2, shield=True):
-                await client.aclose()
+            if client is not None:
+                with anyio.move_on_after(2, shield=True):
+                    await client.aclose()
             if exporter is not None:
                 exporter.close()
 
