@@ -130,7 +130,15 @@ class _Procs:
 
 
 def _common() -> list[str]:
-    return ["--save", "", "--appendonly", "no"]
+    # No delay before a replica's first full sync: a replica never synced cannot
+    # take over, and the tests kill primaries a second after start.
+    return ["--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0"]
+
+
+def _synced(port: int) -> bool:
+    """Whether ``port`` is a primary, or a replica whose link to its primary is up."""
+    info = _info(port, "replication")
+    return info.get("role") == "master" or info.get("master_link_status") == "up"
 
 
 @dataclass(slots=True)
@@ -190,7 +198,8 @@ class ClusterServers:
             servers.stop()
 
     def wait_ok(self, timeout: float = 60.0) -> None:
-        """Wait until every live node reports ``cluster_state:ok`` and agrees on the slots."""
+        """Wait until every live node reports ``cluster_state:ok`` with every slot served,
+        and every replica has synced with its primary."""
 
         def ok() -> bool:
             live = list(self.procs.procs)
@@ -198,7 +207,9 @@ class ClusterServers:
             if not all(s.get("cluster_enabled") == "1" for s in states):
                 return False
             clusters = [_cli(p, "CLUSTER", "INFO", timeout=2) for p in live]
-            return all("cluster_state:ok" in c and "cluster_slots_ok:16384" in c for c in clusters)
+            if not all("cluster_state:ok" in c and "cluster_slots_ok:16384" in c for c in clusters):
+                return False
+            return all(_synced(p) for p in live)
 
         _wait("cluster_state:ok", ok, timeout)
 
@@ -284,7 +295,8 @@ class SentinelServers:
                     and _after(out, "num-slaves") == "1"
                     and _after(out, "num-other-sentinels") == "2"
                     for p in sentinels
-                ),
+                )
+                and _synced(replica),
                 timeout,
             )
         except BaseException:
