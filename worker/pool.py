@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from redis.exceptions import ResponseError
 
 from worker.cluster import open_redis, store_for
@@ -72,7 +72,10 @@ class Worker:
         self._clock = clock
         self._stopping = anyio.Event()
         self._slots = anyio.Semaphore(settings.in_flight_limit)
+        #: Shards read now: settings.shards, or more once P:config says so.
+        self.shards = settings.shards
         self._in_flight: dict[int, set[str]] = {s: set() for s in range(settings.shards)}
+        self._feeders: TaskGroup | None = None
         self._parked: set[tuple[int, str]] = set()
         self._idle = anyio.Event()
         self.metrics = metrics or Metrics()
@@ -152,7 +155,7 @@ class Worker:
             log.info(
                 "worker_started",
                 consumer=self.consumer,
-                shards=s.shards,
+                shards=self.shards,
                 concurrency=s.concurrency,
                 kid=self.service_key.kid,
                 handlers=self.app.names,
@@ -168,7 +171,8 @@ class Worker:
                     partial(self._heartbeat_loop, store),
                 )
                 async with anyio.create_task_group() as feeders:
-                    loops = [partial(self._read_loop, store, n) for n in range(s.shards)]
+                    self._feeders = feeders
+                    loops = [partial(self._read_loop, store, n) for n in range(self.shards)]
                     loops += [partial(self._reclaim_loop, store), partial(self._trim_loop, store)]
                     if s.burst:
                         loops.append(partial(self._burst_watch, store))
@@ -198,20 +202,32 @@ class Worker:
 
     async def _start_up(self, store: Store) -> None:
         """Check the server, create the groups, publish ``P:config``."""
-        s = self.settings
         version = await self._redis(store.server_version)
         if version < MIN_REDIS:
             raise ConfigError(
                 f"SEALSTREAM_REDIS_URL: Redis {'.'.join(map(str, version))} is too old;"
                 f" sealstream needs {'.'.join(map(str, MIN_REDIS))} or newer"
             )
-        await self._redis(lambda: store.ensure_groups(s.shards))
+        # Never fewer shards than P:config has (`sealstream shards set` grew them).
+        self._grow(await self._redis(store.read_config))
+        await self._redis(lambda: store.ensure_groups(self.shards))
         await self._publish_config(store)
+
+    def _grow(self, config: dict[str, str]) -> bool:
+        """Take ``P:config`` ``shards`` when it is more than this worker reads."""
+        raw = config.get("shards", "")
+        wanted = int(raw) if raw.isdigit() and 0 < len(raw) <= 4 else 0
+        if not self.shards < wanted <= 1024:
+            return False
+        for shard in range(self.shards, wanted):
+            self._in_flight.setdefault(shard, set())
+        self.shards = wanted
+        return True
 
     async def _publish_config(self, store: Store) -> None:
         await self._redis(
             lambda: store.publish_config(
-                shards=self.settings.shards,
+                shards=self.shards,
                 public_pem=self.service_key.public_pem,
                 kid=self.service_key.kid,
             )
@@ -238,7 +254,7 @@ class Worker:
                 name = getattr(getattr(loop, "func", loop), "__name__", "loop")
                 log.exception("loop_failed", loop=name)
                 if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
-                    await self._redis(partial(store.ensure_groups, self.settings.shards))
+                    await self._redis(partial(store.ensure_groups, self.shards))
                     log.warning("group_recreated")
             with anyio.move_on_after(delay):
                 await self._stopping.wait()
@@ -248,7 +264,7 @@ class Worker:
 
     async def _read_loop(self, store: Store, shard: int) -> None:
         # A reader blocked on a quiet shard must not hold every free slot.
-        share = max(1, self.settings.in_flight_limit // self.settings.shards)
+        share = max(1, self.settings.in_flight_limit // self.shards)
         while not self._stopping.is_set():
             slots = await self._take_slots(share)
             try:
@@ -267,7 +283,7 @@ class Worker:
         s = self.settings
         interval = max(0.05, min(s.claim_idle_ms / 4000, 5.0))
         while not self._stopping.is_set():
-            for shard in range(s.shards):
+            for shard in range(self.shards):
                 start = "0-0"
                 while not self._stopping.is_set():
                     slots = await self._take_slots()
@@ -314,11 +330,14 @@ class Worker:
         while not self._stopping.is_set():
             # Passes start every interval (the protocol's "at least every 10 s").
             next_pass = anyio.current_time() + self.settings.trim_interval_s
-            if not await self._redis(store.read_config):
+            config = await self._redis(store.read_config)
+            if not config:
                 # Redis lost it (restarted empty, or flushed): clients need it.
                 await self._publish_config(store)
                 log.warning("config_republished")
-            for shard in range(self.settings.shards):
+            else:
+                await self._add_shards(store, config)
+            for shard in range(self.shards):
                 trimmed = await self._redis(partial(store.trim, shard))
                 if trimmed:
                     log.debug("shard_trimmed", shard=shard, entries=trimmed)
@@ -327,6 +346,17 @@ class Worker:
                 await self._stopping.wait()
             if self._stopping.is_set():
                 return
+
+    async def _add_shards(self, store: Store, config: dict[str, str]) -> None:
+        """Start readers for shards ``P:config`` gained (``sealstream shards set``)."""
+        before = self.shards
+        if self._feeders is None or not self._grow(config):
+            return
+        await self._redis(lambda: store.ensure_groups(self.shards))
+        for shard in range(before, self.shards):
+            reader = partial(self._read_loop, store, shard)
+            self._feeders.start_soon(self._supervised, store, reader)
+        log.info("shards_added", before=before, shards=self.shards)
 
     async def _burst_watch(self, store: Store) -> None:
         """In burst mode, stop once nothing is pending, in flight or unread."""
@@ -337,7 +367,7 @@ class Worker:
                 quiet = 0
                 continue
             drained = True
-            for shard in range(self.settings.shards):
+            for shard in range(self.shards):
                 pending = await self._redis(partial(store.pending, shard))
                 lag = await self._redis(partial(_lag, store, shard))
                 drained = drained and pending.count == 0 and lag == 0
