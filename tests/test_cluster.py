@@ -7,14 +7,25 @@ from dataclasses import replace
 import anyio
 import pytest
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import (
+    ClusterDownError,
+    MovedError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 
 from worker import Client, RemoteError
-from worker.cluster import ClusterStore, open_redis
+from worker.cluster import ClusterStore, open_redis, parse_sentinel_url, store_for
 from worker.demo import app
 from worker.envelope import ALG_RSA, ALG_SK
+from worker.errors import ConfigError
 from worker.names import Names
+from worker.retrier import Retrier, transient
 from worker.settings import Settings
-from worker.testing import ThrowawayKeys, running_worker
+from worker.testing import RedisServer, ThrowawayKeys, running_worker
 from worker.testservers import ClusterServers
 
 
@@ -75,3 +86,91 @@ async def test_handler_error_on_a_cluster(cluster_settings: Settings, keys: Thro
             redis = client.store.redis
             letters = await redis.xrange(Names(cluster_settings.prefix).dlq)
             assert [b"handler_error"] == [fields[b"reason"] for _, fields in letters]
+
+
+async def test_cluster_no_keeps_a_plain_client(redis_cluster: ClusterServers) -> None:
+    """``SEALSTREAM_CLUSTER=no`` gives a single-server client even on a cluster node."""
+    client = await open_redis(redis_cluster.url, cluster="no")
+    try:
+        assert not isinstance(client, RedisCluster)
+    finally:
+        await client.aclose()
+
+
+async def test_a_single_server_url_stays_single(redis_server: RedisServer) -> None:
+    """On a server without cluster mode, ``auto`` keeps the plain client."""
+    client = await open_redis(redis_server.url)
+    try:
+        assert not isinstance(client, RedisCluster)
+        assert not isinstance(store_for(client, Names("t")), ClusterStore)
+    finally:
+        await client.aclose()
+
+
+def test_cluster_setting_is_validated() -> None:
+    """``SEALSTREAM_CLUSTER`` is auto, yes or no (any case); anything else is refused."""
+    assert "yes" == Settings.from_env({"SEALSTREAM_CLUSTER": "YES"}).cluster
+    with pytest.raises(ConfigError, match="SEALSTREAM_CLUSTER"):
+        Settings.from_env({"SEALSTREAM_CLUSTER": "maybe"})
+
+
+def test_sentinel_url_is_parsed() -> None:
+    """Hosts, service, password and db come out of a ``redis+sentinel://`` URL."""
+    assert (
+        [("127.0.0.1", 26379), ("127.0.0.2", 26380)],
+        "mymaster",
+        "s3cret",
+        2,
+    ) == parse_sentinel_url("redis+sentinel://:s3cret@127.0.0.1:26379,127.0.0.2:26380/mymaster/2")
+    assert ([("h", 1)], "svc", None, 0) == parse_sentinel_url("redis+sentinel://h:1/svc")
+
+
+@pytest.mark.parametrize(
+    "url", ["redis+sentinel://h:1/", "redis+sentinel://h/svc", "redis+sentinel://h:1/svc/x"]
+)
+def test_bad_sentinel_urls_are_config_errors(url: str) -> None:
+    """A Sentinel URL without a service, a port, or with a bad db is refused."""
+    with pytest.raises(ConfigError, match="Sentinel URL"):
+        parse_sentinel_url(url)
+
+
+def test_a_sentinel_url_is_an_accepted_setting() -> None:
+    """``SEALSTREAM_REDIS_URL`` may be a Sentinel URL."""
+    url = "redis+sentinel://127.0.0.1:26379/sealstream"
+    assert url == Settings.from_env({"SEALSTREAM_REDIS_URL": url}).redis_url
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ClusterDownError("The cluster is down"),
+        TryAgainError("Multiple keys request during rehashing of slot"),
+        MovedError("3999 127.0.0.1:6381"),
+        ReadOnlyError("You can't write against a read only replica."),
+    ],
+)
+def test_cluster_refusals_are_transient(exc: ResponseError) -> None:
+    """Errors a cluster or a failover gives for now are waited out, not dead-lettered."""
+    assert transient(exc)
+
+
+async def test_the_retrier_waits_out_a_cluster_down() -> None:
+    """An operation failing with CLUSTERDOWN, then an uncovered slot, is run again."""
+    errors: list[Exception] = [ClusterDownError("down"), SlotNotCoveredError("slot 1")]
+
+    async def op() -> str:
+        if errors:
+            raise errors.pop(0)
+        return "done"
+
+    assert "done" == await Retrier(cap_s=0.01)(op)
+
+
+async def test_the_retrier_raises_a_cluster_client_bug() -> None:
+    """A command the cluster client cannot route is a bug: raised, never retried."""
+
+    async def op() -> None:
+        raise RedisClusterException("No way to dispatch this command to Redis Cluster")
+
+    with pytest.raises(RedisClusterException):
+        await Retrier(cap_s=0.01)(op)
