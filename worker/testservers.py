@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from worker.errors import ConfigError
@@ -82,6 +83,10 @@ def _wait(what: str, ok: Callable[[], bool], timeout: float) -> None:
             return
         time.sleep(0.05)
     raise ConfigError(f"timed out waiting for {what}")
+
+
+def _knows(port: int, node_id: str) -> bool:
+    return node_id in _cli(port, "CLUSTER", "NODES")
 
 
 def _info(port: int, section: str) -> dict[str, str]:
@@ -168,11 +173,9 @@ class ClusterServers:
                     "--cluster-config-file", f"nodes-{port}.conf",
                     "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
                 )  # fmt: skip
-            if primaries == 1:
+            if primaries < 3:
                 # redis-cli --cluster create wants 3 primaries: assign the slots by hand.
-                _cli(ports[0], "CLUSTER", "ADDSLOTSRANGE", "0", "16383")
-                for port in ports[1:]:
-                    _cli(port, "CLUSTER", "MEET", "127.0.0.1", str(ports[0]))
+                servers._assign(primaries, replicas)
             else:
                 nodes = [f"127.0.0.1:{p}" for p in ports]
                 done = subprocess.run(  # noqa: S603
@@ -196,6 +199,22 @@ class ClusterServers:
             yield servers
         finally:
             servers.stop()
+
+    def _assign(self, primaries: int, replicas: int) -> None:
+        """Split the slots evenly over the first ``primaries`` nodes, join every node,
+        and make the rest replicas, ``replicas`` per primary in turn."""
+        first = self.ports[0]
+        for i, port in enumerate(self.ports[:primaries]):
+            low, high = 16384 * i // primaries, 16384 * (i + 1) // primaries - 1
+            _cli(port, "CLUSTER", "ADDSLOTSRANGE", str(low), str(high))
+            _cli(port, "CLUSTER", "SET-CONFIG-EPOCH", str(i + 1))
+        for port in self.ports[1:]:
+            _cli(port, "CLUSTER", "MEET", "127.0.0.1", str(first))
+        for j, port in enumerate(self.ports[primaries:]):
+            primary = self.ports[j % primaries]
+            node_id = _cli(primary, "CLUSTER", "MYID").strip()
+            _wait(f"node {port} to know {primary}", partial(_knows, port, node_id), 30)
+            _cli(port, "CLUSTER", "REPLICATE", node_id)
 
     def wait_ok(self, timeout: float = 60.0) -> None:
         """Wait until every live node reports ``cluster_state:ok`` with every slot served,
