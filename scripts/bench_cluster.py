@@ -136,16 +136,17 @@ async def measure(url: str, keys: ThrowawayKeys, args: argparse.Namespace, tmp: 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every deployment; the result as a dict (``rates`` by label)."""
     keys = ThrowawayKeys.generate()
-    rates: dict[str, float] = {}
+    labels = {p: "single server" if p == 0 else f"cluster, {p} primaries" for p in (0, 1, 2, 3)}
+    runs: dict[str, list[float]] = {label: [] for label in labels.values()}
+    load = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="sealstream-bench-cluster-") as tmp:
-        for primaries in (0, 1, 2, 3):
-            label = "single server" if primaries == 0 else f"cluster, {primaries} primaries"
-            runs = []
-            for _ in range(args.repeat):
+        # Round-robin over the deployments: the machine's drift spreads over all of them.
+        for _ in range(args.repeat):
+            for primaries, label in labels.items():
                 with servers(primaries) as url:
-                    runs.append(anyio.run(measure, url, keys, args, Path(tmp)))
-            rates[label] = sorted(runs)[len(runs) // 2]
-            print(f"  {label}: {rates[label]:,.0f} req/s", file=sys.stderr)
+                    runs[label].append(anyio.run(measure, url, keys, args, Path(tmp)))
+                print(f"  {label}: {runs[label][-1]:,.0f} req/s", file=sys.stderr)
+    rates = {label: sorted(r)[len(r) // 2] for label, r in runs.items()}
     one = rates["cluster, 1 primaries"]
     return {
         "machine": f"{os.cpu_count()} cores",
@@ -154,6 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f" {SESSIONS} sessions, {args.processes} worker processes --concurrency"
             f" {args.concurrency}; clusters without replicas; median of {args.repeat}"
         ),
+        "load_average_start_end": [load, [round(x, 2) for x in os.getloadavg()]],
+        "runs": {k: [round(v) for v in r] for k, r in runs.items()},
         "rates": {k: round(v) for k, v in rates.items()},
         "scaling_vs_1_primary": {
             k: round(v / one, 2) for k, v in rates.items() if k.startswith("cluster")
@@ -163,9 +166,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def summary(out: dict[str, Any]) -> str:
     """The result as a small table."""
-    lines = [f"Redis Cluster drain ({out['machine']}; {out['setup']})", ""]
-    lines.append(f"{'deployment':<26} {'req/s':>8} {'vs 1 primary':>13}")
+    lines = [f"Redis Cluster drain ({out['machine']}; {out['setup']})"]
+    lines += [f"load average at start, end: {out['load_average_start_end']}", ""]
+    lines.append(f"{'deployment':<26} {'req/s':>8} {'vs 1 primary':>13}  runs")
     for label, rate in out["rates"].items():
         ratio = out["scaling_vs_1_primary"].get(label)
-        lines.append(f"{label:<26} {rate:>8,} {'' if ratio is None else f'{ratio:.2f}x':>13}")
+        shown = "" if ratio is None else f"{ratio:.2f}x"
+        runs = ", ".join(f"{r:,}" for r in out["runs"][label])
+        lines.append(f"{label:<26} {rate:>8,} {shown:>13}  {runs}")
     return "\n".join(lines)

@@ -368,6 +368,8 @@ class ClusterStore(Store):
             if isinstance(item, ReplyWrite) and status < 0:
                 continue  # not answered: the caller refuses it, or it stays pending
             acks.setdefault(self.names.request_stream(item.shard), []).append(item.entry_id)
+        if not acks:
+            return
         async with self.redis.pipeline() as pipe:
             for stream, entry_ids in acks.items():
                 pipe.xack(stream, GROUP, *entry_ids)
