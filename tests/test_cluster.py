@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import anyio
 import pytest
@@ -17,15 +18,24 @@ from redis.exceptions import (
     SlotNotCoveredError,
     TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from worker import Client, RemoteError
-from worker.cluster import ClusterStore, open_redis, parse_sentinel_url, store_for
+from worker import Client, RemoteError, scripts
+from worker.client import new_id
+from worker.cluster import (
+    ClusterStore,
+    cluster_client,
+    open_redis,
+    parse_sentinel_url,
+    store_for,
+)
 from worker.demo import app
 from worker.envelope import ALG_RSA, ALG_SK
 from worker.errors import ConfigError
 from worker.names import Names
 from worker.retrier import Retrier, transient
 from worker.settings import Settings
+from worker.streams import Claim, ReplyWrite
 from worker.testing import RedisServer, ThrowawayKeys, running_worker
 from worker.testservers import ClusterServers
 
@@ -177,3 +187,39 @@ async def test_the_retrier_raises_a_cluster_client_bug() -> None:
 
     with pytest.raises(RedisClusterException):
         await Retrier(cap_s=0.01)(op)
+
+
+async def test_a_retried_finish_writes_its_dead_letter_once(
+    redis_cluster: ClusterServers, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose reply step fails after its dead letter was written, retried, writes
+    the dead letter once, the reply once, and acknowledges the entry."""
+    client = cluster_client(redis_cluster.url)
+    names = Names(prefix)
+    store = ClusterStore(client, names)
+    try:
+        await store.ensure_groups(1)
+        await client.xadd(names.request_stream(0), {"e": b"x"})
+        (entry,) = await store.read(0, "c", count=1, block_ms=100)
+        sid, mid, owner = new_id(), new_id(), f"0|{entry.id}"
+        assert [None] == await store.claim([Claim(sid=sid, mid=mid, owner=owner, ttl_ms=60_000)])
+        write = ReplyWrite(
+            shard=0, entry_id=entry.id, sid=sid, mid=mid, owner=owner,
+            entry={"e": b"sealed"}, seen_ttl_ms=60_000,
+            letter={"reason": "handler_error", "id": entry.id},
+        )  # fmt: skip
+        real, dropped = store._scripts, list[str]()
+
+        async def drops_the_first_reply_step(script: str, calls: Any) -> list[Any]:
+            if script == scripts.SLOT_FINISH and not dropped:
+                dropped.append(script)
+                raise RedisConnectionError("connection dropped")
+            return await real(script, calls)
+
+        monkeypatch.setattr(store, "_scripts", drops_the_first_reply_step)
+        assert [1] == await Retrier(cap_s=0.01)(lambda: store.finish([write]))
+        assert (1, 1) == (await client.xlen(names.dlq), await client.xlen(names.reply_stream(sid)))
+        assert 0 == (await store.pending(0)).count
+        assert f"{owner}|done".encode() == await client.get(names.seen(sid, mid))
+    finally:
+        await client.aclose()
