@@ -322,7 +322,8 @@ class Worker:
         interval = max(0.05, self.settings.claim_idle_ms / 3000)
         while True:
             await anyio.sleep(interval)
-            for shard, ids in self._in_flight.items():
+            # A copy: shards may be added (by the trimmer) while this loop awaits.
+            for shard, ids in list(self._in_flight.items()):
                 if ids:
                     await self._redis(partial(store.touch, shard, self.consumer, list(ids)))
 
