@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import anyio
@@ -100,19 +101,19 @@ async def test_cli_refuses_shrinking_in_one_line(
 async def test_cli_commands_on_a_cluster(
     redis_cluster: ClusterServers, settings: Settings, keys: ThrowawayKeys
 ) -> None:
-    """``shards set``, ``stats``, ``session list`` and ``dlq stats`` work given a
-    cluster node's plain URL."""
+    """``shards set``, ``send``, ``stats``, ``session list``, ``keys status`` and
+    ``dlq stats`` work given a cluster node's plain URL."""
     on_cluster = replace(settings, redis_url=redis_cluster.url)
     env = redis_env(on_cluster)
     assert {"shards": 3, "before": 1} == await sealstream_json("shards", "set", "3", env=env)
     async with running_worker(app, on_cluster, keys):
-        async with Client.from_url(
-            on_cluster.redis_url, kid=keys.service.kid, prefix=on_cluster.prefix
-        ) as client:
-            async with client.session() as session:
-                assert {"a": 1} == await session.request("echo", {"a": 1}, timeout=20)
+        code, out, err = await sealstream(
+            "send", "echo", '{"a": 1}', env={**env, "SEALSTREAM_KID": keys.service.kid}
+        )
+        assert (0, {"a": 1}) == (code, json.loads(out)), err
     stats = await sealstream_json("stats", env=env)
     assert 3 == len(stats["shards"])
     sessions = await sealstream_json("session", "list", env=env)
     assert 1 == sessions["live"]
+    assert 1 == (await sealstream_json("keys", "status", env=env))["live"]
     assert isinstance(await sealstream_json("dlq", "stats", env=env), dict)
