@@ -6,7 +6,8 @@ pointing at a 3-primary cluster. A representative subset, chosen for the batch
 steps a cluster splits per slot: replies (with their dead letters first), notices,
 dead letters alone, replay records, handshakes (the session record in the reply's
 slot), and keys of the wrong type in each of those places; and the operations that
-SCAN every node or pipeline per slot (stats, dlq, sessions, master-key rotation).
+SCAN every node or pipeline per slot (stats, dlq, sessions, master-key rotation),
+and the gateway (its ``grant`` and ``http`` fixtures come along).
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from tests.test_dlq import test_purge_by_reason, test_stats_counts_by_reason
+from tests.test_gateway import (
+    grant,
+    http,
+    test_request_goes_to_its_default_shard,
+    test_round_trip_through_the_gateway,
+)
 from tests.test_hardening import (
     test_a_dead_letter_stream_of_another_type_still_ends_in_an_ack,
     test_a_refusal_whose_notice_redis_refuses_is_dead_lettered_and_acked,
@@ -52,6 +59,8 @@ from worker.settings import Settings
 from worker.testservers import ClusterServers
 
 __all__ = [
+    "grant",
+    "http",
     "test_a_dead_letter_stream_of_another_type_still_ends_in_an_ack",
     "test_a_refusal_whose_notice_redis_refuses_is_dead_lettered_and_acked",
     "test_a_replay_record_of_another_type_is_refused_as_a_replay",
@@ -65,7 +74,9 @@ __all__ = [
     "test_list_counts_sessions_by_time_left",
     "test_purge_by_reason",
     "test_replayed_entry_is_refused_and_not_run",
+    "test_request_goes_to_its_default_shard",
     "test_revoked_session_gets_session_unknown",
+    "test_round_trip_through_the_gateway",
     "test_sleep_and_fail_handlers",
     "test_stats_counts_by_reason",
     "test_stats_json_reports_every_figure",
