@@ -11,8 +11,9 @@ import redis.asyncio as aioredis
 
 from tests.cli import redis_env, sealstream, sealstream_json
 from worker import Client
+from worker import client as client_module
 from worker.demo import app
-from worker.errors import InvalidArgument
+from worker.errors import ConfigError, InvalidArgument
 from worker.names import Names
 from worker.settings import Settings
 from worker.shards import current_shards, set_shards
@@ -117,3 +118,18 @@ async def test_cli_commands_on_a_cluster(
     assert 1 == sessions["live"]
     assert 1 == (await sealstream_json("keys", "status", env=env))["live"]
     assert isinstance(await sealstream_json("dlq", "stats", env=env), dict)
+
+
+async def test_a_client_keeps_its_count_when_a_refresh_fails(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh that reads a bad ``shards`` keeps the count the client had (its sends go
+    on); asking for a refresh outright raises the ConfigError."""
+    monkeypatch.setattr(client_module, "SHARDS_REFRESH_S", 0.0)
+    await set_shards(redis, 2, prefix=settings.prefix)
+    client = Client(redis, kid=keys.service.kid, prefix=settings.prefix)
+    assert 2 == await client.shards()
+    await redis.hset(Names(settings.prefix).config, "shards", "many")
+    assert 2 == await client.shards()
+    with pytest.raises(ConfigError, match="P:config shards"):
+        await client.refresh_shards()

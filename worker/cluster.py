@@ -19,6 +19,7 @@ down, a failover in progress) is waited out by :class:`~worker.streams.Retrier`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -28,7 +29,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.cluster import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import scripts
@@ -142,6 +143,18 @@ async def open_redis(url: str, *, name: str | None = None, cluster: str = "auto"
     except BaseException:
         await client.aclose()
         raise
+
+
+async def probed(store: Store, url: str, cluster: str = "auto") -> Store:
+    """``store``, or a cluster store in its place when the node says it is in a cluster.
+
+    A node unreachable now leaves ``store`` as it is: its commands are retried.
+    """
+    with contextlib.suppress(RedisError, OSError):
+        client = await probe(store.redis, url, cluster=cluster)
+        if client is not store.redis:
+            return store_for(client, store.names)
+    return store
 
 
 def store_for(client: AnyRedis, *args: Any, **kwargs: Any) -> Store:

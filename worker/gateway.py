@@ -26,7 +26,7 @@ import re
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from worker import wire
-from worker.cluster import initial_client, probe, store_for
+from worker.cluster import initial_client, probed, store_for
 from worker.errors import ProtocolError, Unsupported
 from worker.gatelimits import GatewayMetrics, RateLimiter, StreamSlots
 from worker.gatewayconf import GatewaySettings
@@ -125,9 +125,7 @@ class Gateway:
         if self._probe is not None:
             url, mode = self._probe
             self._probe = None
-            with suppress(RedisError, OSError):  # unreachable now: the plain client retries
-                client = await probe(self.store.redis, url, cluster=mode)
-                self.store = store_for(client, self.store.names)
+            self.store = await probed(self.store, url, mode)
 
     async def aclose(self) -> None:
         """Close the Redis pool if the gateway made it."""

@@ -16,11 +16,28 @@ import re
 
 from redis.exceptions import ResponseError
 
-from worker.errors import InvalidArgument
+from worker.errors import ConfigError, InvalidArgument
 from worker.names import GROUP, Names
 from worker.streams import AnyRedis
 
 MAX_SHARDS = 1024  # as SEALSTREAM_SHARDS allows
+#: How often a client reads ``P:config`` ``shards`` again (shards may be added).
+SHARDS_REFRESH_S = 5.0
+
+
+def parse_shards(config: dict[str, str], names: Names) -> int:
+    """``shards`` of a ``P:config`` read as text (1 when absent).
+
+    Raises :class:`ConfigError` for anything but an integer 1..1024: Redis may be
+    written by anyone, and a bad value must not reach ``%``.
+    """
+    raw = config.get("shards", "1")
+    if re.fullmatch(r"[1-9][0-9]{0,3}", raw) is None or int(raw) > MAX_SHARDS:
+        raise ConfigError(
+            f"P:config shards ({names.config}): expected an integer"
+            f" 1..{MAX_SHARDS}, got {raw[:20]!r}"
+        )
+    return int(raw)
 
 
 async def current_shards(redis: AnyRedis, *, prefix: str = "sealstream") -> int:
