@@ -11,7 +11,9 @@ For each algorithm and payload size (echo handler, 20 sessions, MessagePack):
    then the same during a burst of handshakes;
 5. peak worker RSS and Redis memory per session and per replay record;
 6. the drain rate of several worker processes and its ratio to one;
-7. (``--peers``) the same echo work with AES-GCM in taskiq-redis, arq and SAQ.
+7. (``--peers``) the same echo work with AES-GCM in taskiq-redis, arq and SAQ;
+8. (``--cluster``, alone) the drain on one server and on clusters of 1, 2 and 3
+   primaries (``scripts/bench_cluster.py``).
 
 Every measurement starts its own private ``redis-server``. Uses only the stable
 APIs (``create_session``, ``messages.seal_request``, ``wire.encode_request`` /
@@ -1286,7 +1288,20 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="only the Redis Cluster drain: one server, then 1, 2 and 3 primaries",
+    )
     args = parser.parse_args()
+    if args.cluster:
+        import bench_cluster  # scripts/ is on sys.path: this file runs as a script
+
+        if args.requests is None:
+            args.requests = 2000 if args.quick else 10000
+        result = bench_cluster.run(args)
+        print(json.dumps(result, indent=2) if args.json else bench_cluster.summary(result))
+        return 0
     if args.requests is None:
         args.requests = 2000 if args.quick else 20000
     if args.latency_seconds is None:

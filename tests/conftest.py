@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from worker.settings import Settings
 from worker.streams import connect
 from worker.testing import RedisServer, ThrowawayKeys
+from worker.testservers import ClusterServers
 
 # Timing is measured by scripts/bench, never asserted: no per-example deadline, which
 # would only flake on a loaded 2-core CI machine.
@@ -27,6 +28,20 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[ClusterServers]:
+    """A Redis Cluster of 3 primaries with a replica each, for the whole test session.
+
+    Fault tests kill primaries: they wait for the replica's promotion, so the
+    cluster stays whole (3 primaries) for the tests after them.
+    """
+    cluster = ClusterServers.launch(primaries=3, replicas=1)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

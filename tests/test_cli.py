@@ -293,6 +293,18 @@ _SECRET_CASES: list[tuple[str, list[str], dict[str, str], str | None]] = [
         None,
     ),
     ("send-bad-scheme", ["send", "echo", "{}", "--redis-url", "http://u:hunter2@h/0"], {}, None),
+    (
+        "send-sentinel-refused",
+        ["send", "echo", "{}", "--kid", "0" * 64],
+        {"SEALSTREAM_REDIS_URL": "redis+sentinel://:hunter2@127.0.0.1:1/svc"},
+        None,
+    ),
+    (
+        "stats-sentinel-no-port",
+        ["stats"],
+        {"SEALSTREAM_REDIS_URL": "redis+sentinel://:hunter2@127.0.0.1/svc"},
+        None,
+    ),
     ("send-no-pin", ["send", "echo", "{}", "--redis-url", "{url}"], {}, None),
     (
         "send-bad-json",

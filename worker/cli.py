@@ -241,6 +241,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _check_redis_url(url: str) -> None:
     """Refuse a URL redis-py cannot parse (bad port, query value) in one line."""
+    from worker.cluster import is_sentinel_url, parse_sentinel_url
+
+    if is_sentinel_url(url):
+        parse_sentinel_url(url)  # ConfigError naming the part, never the URL
+        return
     try:
         parse_url(url)
     except ValueError as exc:
@@ -390,6 +395,7 @@ def _send(args: argparse.Namespace) -> int:
         async with (
             Client.from_url(
                 settings.redis_url,
+                cluster=settings.cluster,
                 kid=kid,
                 service_public_key=pem,
                 prefix=settings.prefix,

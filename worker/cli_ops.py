@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker import dlq, rotation, session_admin, stats
+from worker import dlq, rotation, session_admin, shards, stats
+from worker.cluster import open_redis
 from worker.errors import ConfigError
 from worker.keys import MasterKeys
 from worker.settings import Settings
-from worker.streams import connect
+from worker.streams import AnyRedis
 
 T = TypeVar("T")
 SubParsers = Any  # argparse's private _SubParsersAction
@@ -81,6 +81,13 @@ def add_commands(sub: SubParsers) -> None:
     )
     _common(rot)
     rot.set_defaults(run=_keys_rotate)
+    sh = sub.add_parser("shards", help="request shards: grow them while workers run")
+    shsub = sh.add_subparsers(dest="shards_command", required=True)
+    sset = shsub.add_parser("set", help="set P:config shards (refused below a shard in use)")
+    _common(sset)
+    sset.add_argument("n", type=positive_int, help="the number of request shards")
+    sset.set_defaults(run=_shards_set)
+
     new = ksub.add_parser("new-master", help="write a new master key file (one line, 0600)")
     new.add_argument("--out", required=True, type=Path, help="the file to create")
     new.set_defaults(run=_keys_new)
@@ -131,12 +138,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return replace(base, **overrides).validated()
 
 
-def with_redis(args: argparse.Namespace, body: Callable[[aioredis.Redis, str], Awaitable[T]]) -> T:
+def with_redis(args: argparse.Namespace, body: Callable[[AnyRedis, str], Awaitable[T]]) -> T:
     """Run ``body(redis, prefix)`` on a connection named ``sealstream-admin``."""
     settings = settings_from(args)
 
     async def run() -> T:
-        redis = connect(settings.redis_url, name="sealstream-admin")
+        redis = await open_redis(
+            settings.redis_url, name="sealstream-admin", cluster=settings.cluster
+        )
         try:
             return await body(redis, settings.prefix)
         finally:
@@ -173,7 +182,7 @@ def _where(args: argparse.Namespace, now_ms: int) -> dlq.Filter:
 def _stats(args: argparse.Namespace) -> int:
     tty = sys.stdout.isatty()
 
-    async def body(redis: aioredis.Redis, prefix: str) -> int:
+    async def body(redis: AnyRedis, prefix: str) -> int:
         while True:
             try:
                 snapshot = await stats.collect(redis, prefix=prefix)
@@ -231,7 +240,7 @@ def _when(ms: int) -> str:
 
 
 def _dlq_list(args: argparse.Namespace) -> int:
-    async def body(redis: aioredis.Redis, prefix: str) -> int:
+    async def body(redis: AnyRedis, prefix: str) -> int:
         where = _where(args, await dlq.server_time_ms(redis))
         letters = await dlq.list_letters(redis, prefix=prefix, limit=args.limit, where=where)
         if args.json:
@@ -255,7 +264,7 @@ def _dlq_list(args: argparse.Namespace) -> int:
 def _dlq_show(args: argparse.Namespace) -> int:
     dlq.check_id(args.id)
 
-    async def body(redis: aioredis.Redis, prefix: str) -> int:
+    async def body(redis: AnyRedis, prefix: str) -> int:
         letter = await dlq.show_letter(redis, args.id, prefix=prefix)
         if letter is None:
             print(f"sealstream: no dead letter {args.id}", file=sys.stderr)
@@ -270,7 +279,7 @@ def _dlq_show(args: argparse.Namespace) -> int:
 
 
 def _dlq_stats(args: argparse.Namespace) -> int:
-    async def body(redis: aioredis.Redis, prefix: str) -> int:
+    async def body(redis: AnyRedis, prefix: str) -> int:
         where = _where(args, await dlq.server_time_ms(redis))
         counts = await dlq.count_letters(redis, prefix=prefix, where=where)
         doc = {"total": counts.total, "by_reason": counts.by_reason}
@@ -281,7 +290,7 @@ def _dlq_stats(args: argparse.Namespace) -> int:
 
 
 def _dlq_purge(args: argparse.Namespace) -> int:
-    async def body(redis: aioredis.Redis, prefix: str) -> int:
+    async def body(redis: AnyRedis, prefix: str) -> int:
         where = _where(args, await dlq.server_time_ms(redis))
         if args.yes:
             counts = await dlq.purge_letters(redis, prefix=prefix, where=where)
@@ -299,7 +308,7 @@ def _dlq_purge(args: argparse.Namespace) -> int:
 
 
 def _session_list(args: argparse.Namespace) -> int:
-    async def body(redis: aioredis.Redis, prefix: str) -> int:
+    async def body(redis: AnyRedis, prefix: str) -> int:
         counts = await session_admin.count_sessions(redis, prefix=prefix)
         doc = {"live": counts.total, "by_expiry": counts.by_expiry}
         _emit(
@@ -313,7 +322,7 @@ def _session_list(args: argparse.Namespace) -> int:
 def _session_revoke(args: argparse.Namespace) -> int:
     session_admin.check_sid(args.sid)
 
-    async def body(redis: aioredis.Redis, prefix: str) -> int:
+    async def body(redis: AnyRedis, prefix: str) -> int:
         found = await session_admin.revoke_session(redis, args.sid, prefix=prefix)
         if args.json:
             _print_json({"sid": args.sid, "revoked": found})
@@ -347,7 +356,7 @@ def _keys_status(args: argparse.Namespace) -> int:
             return "active"
         return "older" if ring.get(kek) is not None else "not in ring"
 
-    async def body(redis: aioredis.Redis, prefix: str) -> int:
+    async def body(redis: AnyRedis, prefix: str) -> int:
         counts = await rotation.kek_status(redis, prefix=prefix)
         if args.json:
             _print_json(
@@ -385,7 +394,7 @@ def _keys_rotate(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    async def body(redis: aioredis.Redis, prefix: str) -> int:
+    async def body(redis: AnyRedis, prefix: str) -> int:
         report = await rotation.rotate_master(redis, ring, prefix=prefix, progress=progress)
         if bar:
             print(file=sys.stderr)
@@ -413,3 +422,18 @@ def _keys_new(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}; key id:", file=sys.stderr)
     print(key.id)
     return 0
+
+
+# -- shards ------------------------------------------------------------------------
+
+
+def _shards_set(args: argparse.Namespace) -> int:
+    async def body(redis: AnyRedis, prefix: str) -> int:
+        before = await shards.set_shards(redis, args.n, prefix=prefix)
+        if args.json:
+            _print_json({"shards": args.n, "before": before})
+        else:
+            print(f"shards: {before} -> {args.n}")
+        return 0
+
+    return with_redis(args, body)

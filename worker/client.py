@@ -22,7 +22,6 @@ import contextlib
 import heapq
 import math
 import os
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -30,11 +29,12 @@ from functools import partial
 from typing import Any
 
 import anyio
-import redis.asyncio as aioredis
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from cryptography.hazmat.primitives.asymmetric import rsa
+from redis.exceptions import RedisError
 
 from worker import messages, wire
+from worker.cluster import initial_client, probed, store_for
 from worker.envelope import (
     ALG_RSA,
     ALG_SK,
@@ -51,13 +51,13 @@ from worker.keys import load_public_key
 from worker.logging import get_logger
 from worker.names import Names
 from worker.replies import Result, batch, copy_refused, resolve
-from worker.streams import Retrier, Store, connect
+from worker.shards import MAX_SHARDS, SHARDS_REFRESH_S, parse_shards
+from worker.streams import AnyRedis, Retrier
 
 log = get_logger("sealstream.client")
 
 __all__ = ["MAX_SHARDS", "Client", "ClientSession", "Result", "SessionGrant", "new_id"]
 
-MAX_SHARDS = 1024  # as SEALSTREAM_SHARDS allows
 
 
 def _now_ms() -> int:
@@ -98,7 +98,7 @@ class Client:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         *,
         kid: str | None = None,
         service_public_key: str | bytes | None = None,
@@ -110,23 +110,33 @@ class Client:
             raise ConfigError("Client needs the pinned service kid or service public key")
         if shards is not None and not 1 <= shards <= MAX_SHARDS:
             raise ConfigError(f"Client shards: expected 1..{MAX_SHARDS}, got {shards}")
-        self.store = Store(redis, Names(prefix))
+        self.store = store_for(redis, Names(prefix))
         self._retry = Retrier()
         self.kid = kid
         self.encoding = encoding
         self._service_pem = service_public_key
         self._service_key: rsa.RSAPublicKey | None = None
         self._shards = shards
+        self._pinned_shards = shards is not None
+        self._read_at = -math.inf
         self._owned = False
+        self._probe: tuple[str, str] | None = None
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> Client:
-        """A client with its own connection pool (closed by ``async with``)."""
-        client = cls(connect(url), **kwargs)
+    def from_url(cls, url: str, *, cluster: str = "auto", **kwargs: Any) -> Client:
+        """A client with its own connection pool (closed by ``async with``): one server,
+        any node of a Redis Cluster (``async with`` asks it; ``cluster="yes"|"no"``
+        forces it) or a Sentinel URL (``redis+sentinel://host:port[,...]/service``)."""
+        client = cls(initial_client(url, cluster=cluster), **kwargs)
         client._owned = True
+        client._probe = (url, cluster)
         return client
 
     async def __aenter__(self) -> Client:
+        if self._probe is not None:
+            url, mode = self._probe
+            self._probe = None
+            self.store = await probed(self.store, url, mode)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -152,28 +162,33 @@ class Client:
         if self.kid is not None and kid_of(key) != self.kid:
             raise ConfigError("the service public key does not match the pinned kid")
         if self._shards is None:
-            self._shards = self._shards_of(config)
+            self._shards = parse_shards(config, self.store.names)
+            self._read_at = time.monotonic()
         self._service_key = key
         return key
 
     async def shards(self) -> int:
-        """The number of request shards (from ``P:config`` unless given).
+        """The number of request shards (from ``P:config`` unless given), read again
+        every ``SHARDS_REFRESH_S`` s to see shards added (``sealstream shards set``).
 
         Raises :class:`ConfigError` when ``P:config`` holds anything but an integer
         1..1024 (Redis may be written by anyone; a bad value must not reach ``%``).
         """
         if self._shards is None:
-            self._shards = self._shards_of(await self.store.read_config())
+            return await self.refresh_shards()
+        if not self._pinned_shards and time.monotonic() - self._read_at > SHARDS_REFRESH_S:
+            # Best effort: through an outage (or a bad value) the count we have is
+            # used, and the send itself is retried.
+            with anyio.move_on_after(1.0), contextlib.suppress(RedisError, OSError, ConfigError):
+                await self.refresh_shards()
         return self._shards
 
-    def _shards_of(self, config: dict[str, str]) -> int:
-        raw = config.get("shards", "1")
-        if re.fullmatch(r"[1-9][0-9]{0,3}", raw) is None or int(raw) > MAX_SHARDS:
-            raise ConfigError(
-                f"P:config shards ({self.store.names.config}): expected an integer"
-                f" 1..{MAX_SHARDS}, got {raw[:20]!r}"
-            )
-        return int(raw)
+    async def refresh_shards(self) -> int:
+        """Read ``shards`` from ``P:config`` now (a count given to the client is kept)."""
+        if self._shards is None or not self._pinned_shards:
+            self._shards = parse_shards(await self.store.read_config(), self.store.names)
+            self._read_at = time.monotonic()
+        return self._shards
 
     async def handshake(self, *, ttl_s: int = 3600, timeout: float = 30.0) -> SessionGrant:
         """Run the protocol's handshake and return the new session's grant."""

@@ -43,6 +43,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from worker import wire
+from worker.cluster import initial_client, probed, store_for
 from worker.errors import ProtocolError, Unsupported
 from worker.gatelimits import GatewayMetrics, RateLimiter, StreamSlots
 from worker.gatewayconf import GatewaySettings
@@ -51,7 +52,7 @@ from worker.health import serve as serve_http
 from worker.logging import get_logger
 from worker.names import Names
 from worker.settings import Settings, redacted_url
-from worker.streams import Entry, Store, connect
+from worker.streams import Entry
 
 log = get_logger("sealstream.gateway")
 
@@ -89,9 +90,12 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.demo_js_dir = demo_js_dir
-        client = redis or connect(worker_settings.redis_url)
-        self.store = Store(client, Names(worker_settings.prefix))
+        client = redis or initial_client(worker_settings.redis_url, cluster=worker_settings.cluster)
+        self.store = store_for(client, Names(worker_settings.prefix))
         self._owned = redis is None
+        self._probe = (
+            None if redis is not None else (worker_settings.redis_url, worker_settings.cluster)
+        )
         # The entry is the field name "j" plus the body.
         self.max_body = settings.max_body or worker_settings.max_entry_size - 1
         self.max_entry_size = worker_settings.max_entry_size
@@ -115,6 +119,13 @@ class Gateway:
         while not self.should_exit():  # noqa: ASYNC110 - a flag, not an event, is what there is
             await anyio.sleep(0.1)
         self.stop()
+
+    async def _open(self) -> None:
+        """Ask the node whether it is in a cluster (a plain URL may name any node)."""
+        if self._probe is not None:
+            url, mode = self._probe
+            self._probe = None
+            self.store = await probed(self.store, url, mode)
 
     async def aclose(self) -> None:
         """Close the Redis pool if the gateway made it."""
@@ -148,6 +159,7 @@ class Gateway:
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             try:
+                await self._open()
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._watch_exit)
                     yield

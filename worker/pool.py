@@ -24,10 +24,11 @@ from functools import partial
 from typing import Any
 
 import anyio
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from redis.exceptions import ResponseError
 
 from worker import lifespan, tracing
+from worker.cluster import open_redis, store_for
 from worker.errors import ConfigError
 from worker.handlers import App
 from worker.health import Readiness
@@ -38,7 +39,7 @@ from worker.metrics import serve as serve_metrics
 from worker.names import Names
 from worker.processor import Clock, Delivery, Processor, wall_clock_ms
 from worker.settings import Settings, redacted_url
-from worker.streams import Entry, Retrier, Store, connect
+from worker.streams import AnyRedis, Entry, Retrier, Store
 
 log = get_logger("sealstream.worker")
 _READ_BLOCK_MS = 500
@@ -73,7 +74,10 @@ class Worker:
         self._clock = clock
         self._stopping = anyio.Event()
         self._slots = anyio.Semaphore(settings.in_flight_limit)
+        #: Shards read now: settings.shards, or more once P:config says so.
+        self.shards = settings.shards
         self._in_flight: dict[int, set[str]] = {s: set() for s in range(settings.shards)}
+        self._feeders: TaskGroup | None = None
         self._parked: set[tuple[int, str]] = set()
         self._idle = anyio.Event()
         self.metrics = metrics or Metrics()
@@ -142,35 +146,44 @@ class Worker:
                 self.metrics, port=s.metrics_port, addr=s.metrics_addr, ready=self.ready
             )
             log.info("metrics_serving", addr=s.metrics_addr, port=exporter.port)
-        client = connect(s.redis_url, name=f"sealstream-worker:{self.consumer}")
+        client: AnyRedis | None = None
         try:
-            store = Store(
-                client,
-                Names(s.prefix),
-                reply_maxlen=s.reply_maxlen,
-                dlq_maxlen=s.dlq_maxlen,
-                fallback_ttl_ms=2 * s.replay_window_ms,
-            )
-            self._store = store
-            self.processor = Processor(
-                store=store,
-                app=self.app,
-                settings=s,
-                service_keys=self._keys,
-                master_keys=self._master_keys,
-                consumer=self.consumer,
-                tracker=self,
-                clock=self._clock,
-                retry=self._redis,
-                metrics=self.metrics,
-                tracing=self._tracing,
-            )
             log.info("worker_connecting", redis=redacted_url(s.redis_url))
             # Startup waits out an unreachable Redis, but a stop request ends the wait.
             with anyio.CancelScope() as startup:
                 self._startup = startup
                 if self._stopping.is_set():
                     startup.cancel()
+                # A cluster or a single server: the node says which (SEALSTREAM_CLUSTER).
+                client = await self._redis(
+                    partial(
+                        open_redis,
+                        s.redis_url,
+                        name=f"sealstream-worker:{self.consumer}",
+                        cluster=s.cluster,
+                    )
+                )
+                store = store_for(
+                    client,
+                    Names(s.prefix),
+                    reply_maxlen=s.reply_maxlen,
+                    dlq_maxlen=s.dlq_maxlen,
+                    fallback_ttl_ms=2 * s.replay_window_ms,
+                )
+                self.processor = Processor(
+                    store=store,
+                    app=self.app,
+                    settings=s,
+                    service_keys=self._keys,
+                    master_keys=self._master_keys,
+                    consumer=self.consumer,
+                    tracker=self,
+                    clock=self._clock,
+                    retry=self._redis,
+                    metrics=self.metrics,
+                    tracing=self._tracing,
+                )
+                self._store = store
                 await self._start_up(store)
             self._startup = None
             if startup.cancel_called:
@@ -183,8 +196,9 @@ class Worker:
                 await lifespan.stop(self.app, timeout_s=s.grace_s)
             log.info("worker_stopped", **self.stats)
         finally:
-            with anyio.move_on_after(2, shield=True):
-                await client.aclose()
+            if client is not None:
+                with anyio.move_on_after(2, shield=True):
+                    await client.aclose()
             if exporter is not None:
                 exporter.close()
 
@@ -195,7 +209,7 @@ class Worker:
         log.info(
             "worker_started",
             consumer=self.consumer,
-            shards=s.shards,
+            shards=self.shards,
             concurrency=s.concurrency,
             kid=self.service_key.kid,
             handlers=self.app.names,
@@ -210,7 +224,8 @@ class Worker:
                 partial(self._heartbeat_loop, store),
             )
             async with anyio.create_task_group() as feeders:
-                loops = [partial(self._read_loop, store, n) for n in range(s.shards)]
+                self._feeders = feeders
+                loops = [partial(self._read_loop, store, n) for n in range(self.shards)]
                 loops += [partial(self._reclaim_loop, store), partial(self._trim_loop, store)]
                 if s.burst:
                     loops.append(partial(self._burst_watch, store))
@@ -233,20 +248,32 @@ class Worker:
 
     async def _start_up(self, store: Store) -> None:
         """Check the server, create the groups, publish ``P:config``."""
-        s = self.settings
         version = await self._redis(store.server_version)
         if version < MIN_REDIS:
             raise ConfigError(
                 f"SEALSTREAM_REDIS_URL: Redis {'.'.join(map(str, version))} is too old;"
                 f" sealstream needs {'.'.join(map(str, MIN_REDIS))} or newer"
             )
-        await self._redis(lambda: store.ensure_groups(s.shards))
+        # Never fewer shards than P:config has (`sealstream shards set` grew them).
+        self._grow(await self._redis(store.read_config))
+        await self._redis(lambda: store.ensure_groups(self.shards))
         await self._publish_config(store)
+
+    def _grow(self, config: dict[str, str]) -> bool:
+        """Take ``P:config`` ``shards`` when it is more than this worker reads."""
+        raw = config.get("shards", "")
+        wanted = int(raw) if raw.isdigit() and 0 < len(raw) <= 4 else 0
+        if not self.shards < wanted <= 1024:
+            return False
+        for shard in range(self.shards, wanted):
+            self._in_flight.setdefault(shard, set())
+        self.shards = wanted
+        return True
 
     async def _publish_config(self, store: Store) -> None:
         await self._redis(
             lambda: store.publish_config(
-                shards=self.settings.shards,
+                shards=self.shards,
                 public_pem=self.service_key.public_pem,
                 kid=self.service_key.kid,
             )
@@ -273,7 +300,7 @@ class Worker:
                 name = getattr(getattr(loop, "func", loop), "__name__", "loop")
                 log.exception("loop_failed", loop=name)
                 if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
-                    await self._redis(partial(store.ensure_groups, self.settings.shards))
+                    await self._redis(partial(store.ensure_groups, self.shards))
                     log.warning("group_recreated")
             with anyio.move_on_after(delay):
                 await self._stopping.wait()
@@ -283,7 +310,7 @@ class Worker:
 
     async def _read_loop(self, store: Store, shard: int) -> None:
         # A reader blocked on a quiet shard must not hold every free slot.
-        share = max(1, self.settings.in_flight_limit // self.settings.shards)
+        share = max(1, self.settings.in_flight_limit // self.shards)
         while not self._stopping.is_set():
             slots = await self._take_slots(share)
             try:
@@ -302,7 +329,7 @@ class Worker:
         s = self.settings
         interval = max(0.05, min(s.claim_idle_ms / 4000, 5.0))
         while not self._stopping.is_set():
-            for shard in range(s.shards):
+            for shard in range(self.shards):
                 start = "0-0"
                 while not self._stopping.is_set():
                     slots = await self._take_slots()
@@ -341,7 +368,8 @@ class Worker:
         interval = max(0.05, self.settings.claim_idle_ms / 3000)
         while True:
             await anyio.sleep(interval)
-            for shard, ids in self._in_flight.items():
+            # A copy: shards may be added (by the trimmer) while this loop awaits.
+            for shard, ids in list(self._in_flight.items()):
                 if ids:
                     await self._redis(partial(store.touch, shard, self.consumer, list(ids)))
 
@@ -349,11 +377,14 @@ class Worker:
         while not self._stopping.is_set():
             # Passes start every interval (the protocol's "at least every 10 s").
             next_pass = anyio.current_time() + self.settings.trim_interval_s
-            if not await self._redis(store.read_config):
+            config = await self._redis(store.read_config)
+            if not config:
                 # Redis lost it (restarted empty, or flushed): clients need it.
                 await self._publish_config(store)
                 log.warning("config_republished")
-            for shard in range(self.settings.shards):
+            else:
+                await self._add_shards(store, config)
+            for shard in range(self.shards):
                 trimmed = await self._redis(partial(store.trim, shard))
                 if trimmed:
                     log.debug("shard_trimmed", shard=shard, entries=trimmed)
@@ -362,6 +393,17 @@ class Worker:
                 await self._stopping.wait()
             if self._stopping.is_set():
                 return
+
+    async def _add_shards(self, store: Store, config: dict[str, str]) -> None:
+        """Start readers for shards ``P:config`` gained (``sealstream shards set``)."""
+        before = self.shards
+        if self._feeders is None or not self._grow(config):
+            return
+        await self._redis(lambda: store.ensure_groups(self.shards))
+        for shard in range(before, self.shards):
+            reader = partial(self._read_loop, store, shard)
+            self._feeders.start_soon(self._supervised, store, reader)
+        log.info("shards_added", before=before, shards=self.shards)
 
     async def _burst_watch(self, store: Store) -> None:
         """In burst mode, stop once nothing is pending, in flight or unread."""
@@ -372,7 +414,7 @@ class Worker:
                 quiet = 0
                 continue
             drained = True
-            for shard in range(self.settings.shards):
+            for shard in range(self.shards):
                 pending = await self._redis(partial(store.pending, shard))
                 lag = await self._redis(partial(_lag, store, shard))
                 drained = drained and pending.count == 0 and lag == 0

@@ -174,7 +174,8 @@ async def _rotate_batch(
     tally["failed"] += len(todo) - len(writes)
     async with redis.pipeline(transaction=False) as pipe:
         for key, raw, new in writes:
-            pipe.eval(_CAS, 1, key, raw, new)
+            # By name: a cluster pipeline refuses pipe.eval (its keys share the sid slot).
+            pipe.execute_command("EVAL", _CAS, 1, key, raw, new)
         written: list[Any] = await pipe.execute() if writes else []
     tally["resealed"] += sum(1 for ok in written if ok)
     return [key for (key, _, _), ok in zip(writes, written, strict=True) if not ok]

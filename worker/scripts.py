@@ -3,12 +3,15 @@
 Redis runs a script as one step, so each script below is the protocol's "one script
 or transaction" for every message in it. Per message they use ``redis.pcall``: a key
 holding the wrong type (a poison entry, say ``SET P:{sid}:reply x``) fails that
-message alone, reported in its status, never the batch. Out of memory aborts the
-whole call (the caller retries it like an outage); what ran before the abort is
+message alone, reported in its status, never the batch. An error by which Redis
+refuses writes *for now* (out of memory, a read-only replica) aborts the whole call
+(the caller retries it like an outage); what ran before the abort is
 safe to run again (a claim finds its own record, a written reply finds ``|done``).
 
-Both scripts name every key in KEYS. On one Redis server a batch spans slots; a
-cluster client sends one call per slot group (see :mod:`worker.streams`).
+Every script names every key in KEYS. On one Redis server a FINISH or CLAIM batch
+spans slots; on a Redis Cluster the batch is split by slot (CLAIM per slot group,
+SLOT_FINISH per slot group with dead letters and XACKs around it: see
+:mod:`worker.cluster`).
 """
 
 from __future__ import annotations
@@ -41,7 +44,60 @@ end
 return out
 """
 
-FINISH: Final = """
+#: Lua shared by FINISH and SLOT_FINISH (it needs ``maxlen`` and ``fallback`` set first):
+#: the protocol's reply step for one message, and a notice.
+_REPLY_STEP: Final = """
+local maxlen, fallback = ARGV[1], tonumber(ARGV[2])
+local FOR_NOW = {OOM = true, LOADING = true, READONLY = true, MASTERDOWN = true,
+  TRYAGAIN = true, CLUSTERDOWN = true, BUSY = true}
+local function failed(r)
+  if type(r) == 'table' and r.err then
+    -- Cannot write *for now*: abort the call (the caller waits and retries it).
+    if FOR_NOW[string.match(r.err, '^%u+')] then error(r) end
+    return true
+  end
+  return false
+end
+local expired = {}
+local function expire_with_session(reply, session)
+  -- Once per reply stream and call: a batch often holds many replies of one session.
+  if expired[reply] then return end
+  expired[reply] = true
+  local pt = redis.call('PTTL', session)
+  if pt > 0 then redis.pcall('PEXPIRE', reply, pt)
+  elseif redis.call('PTTL', reply) < fallback then redis.pcall('PEXPIRE', reply, fallback) end
+end
+-- 1 written, 0 the record is not this entry's, -1 the session exists, -2 unanswerable.
+local function reply_step(seen, reply, session, owner, field, payload, ttl, record, expiry)
+  local cur = redis.pcall('GET', seen)
+  if failed(cur) then return -2 end
+  if cur and cur ~= owner then return 0 end
+  if not cur then
+    -- The record expired while the handler ran: no other entry holds the mid
+    -- (a copy would hold it, or be stale by now), so it is this entry's again.
+    redis.pcall('SET', seen, owner, 'PX', ttl)
+  end
+  if record ~= '' then
+    local made = redis.pcall('SET', session, record, 'NX', 'PXAT', expiry)
+    if failed(made) then return -2 elseif not made then return -1 end
+  end
+  if failed(redis.pcall('XADD', reply, 'MAXLEN', '~', maxlen, '*', field, payload)) then
+    return -2
+  end
+  expire_with_session(reply, session)
+  redis.pcall('SET', seen, owner .. '|done', 'KEEPTTL')
+  return 1
+end
+local function notify(reply, session, field, payload)
+  if failed(redis.pcall('XADD', reply, 'MAXLEN', '~', maxlen, '*', field, payload)) then
+    return false
+  end
+  expire_with_session(reply, session)
+  return true
+end
+"""
+
+FINISH: Final = _REPLY_STEP + """
 -- ARGV[1..4]: reply maxlen, reply-stream ttl without a session (ms), dlq maxlen, group.
 -- Then one item per message, its keys taken from KEYS in order:
 --   R (reply)   keys seen, reply, session, stream[, dlq]
@@ -56,19 +112,9 @@ FINISH: Final = """
 -- redelivery writes both; the delivery limit ends the attempts). N: 1, plus 2 if the
 -- notice failed, plus 4 if the dead letter failed.
 -- Acknowledged: every item but R's -1, -2 (which the caller refuses instead) and -3.
-local maxlen, fallback, dlqlen, group = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local dlqlen, group = ARGV[3], ARGV[4]
 local k, a = 1, 5
 local acks, out = {}, {}
-local FOR_NOW = {OOM = true, LOADING = true, READONLY = true, MASTERDOWN = true,
-  TRYAGAIN = true, CLUSTERDOWN = true, BUSY = true}
-local function failed(r)
-  if type(r) == 'table' and r.err then
-    -- Cannot write *for now*: abort the call (the caller waits and retries it).
-    if FOR_NOW[string.match(r.err, '^%u+')] then error(r) end
-    return true
-  end
-  return false
-end
 local function key() k = k + 1; return KEYS[k - 1] end
 local function arg() a = a + 1; return ARGV[a - 1] end
 local function ack(stream, id)
@@ -81,15 +127,6 @@ local function letter(dlq, n)
   for _ = 1, 2 * n do cmd[#cmd + 1] = arg() end
   return not failed(redis.pcall(unpack(cmd)))
 end
-local expired = {}
-local function expire_with_session(reply, session)
-  -- Once per reply stream and call: a batch often holds many replies of one session.
-  if expired[reply] then return end
-  expired[reply] = true
-  local pt = redis.call('PTTL', session)
-  if pt > 0 then redis.pcall('PEXPIRE', reply, pt)
-  elseif redis.call('PTTL', reply) < fallback then redis.pcall('PEXPIRE', reply, fallback) end
-end
 local i = 0
 while a <= #ARGV do
   i = i + 1
@@ -98,41 +135,20 @@ while a <= #ARGV do
     local seen, reply, session, stream = key(), key(), key(), key()
     local id, owner, field, payload, ttl = arg(), arg(), arg(), arg(), arg()
     local record, expiry, n = arg(), arg(), tonumber(arg())
-    local status = 1
-    local cur = redis.pcall('GET', seen)
-    local dlq = nil
-    if n > 0 then dlq = key() end
-    if n > 0 and not failed(cur) and (not cur or cur == owner) then
-      -- The dead letter only while the request is still this entry's to answer (a
-      -- retried call must not write it twice).
-      if not letter(dlq, n) then status = -3 end
-    else
-      a = a + 2 * n
+    local status = nil
+    if n > 0 then
+      local dlq, cur = key(), redis.pcall('GET', seen)
+      if not failed(cur) and (not cur or cur == owner) then
+        -- The dead letter only while the request is still this entry's to answer (a
+        -- retried call must not write it twice). If it cannot be added, nothing is:
+        -- the redelivery writes both (the delivery limit ends the attempts).
+        if not letter(dlq, n) then status = -3 end
+      else
+        a = a + 2 * n
+      end
     end
-    if status == -3 then
-      -- Not answered: the redelivery writes the dead letter (the delivery limit ends it).
-    elseif failed(cur) then
-      status = -2
-    elseif cur and cur ~= owner then
-      status = 0
-    else
-      if not cur then
-        -- The record expired while the handler ran: no other entry holds the mid
-        -- (a copy would hold it, or be stale by now), so it is this entry's again.
-        redis.pcall('SET', seen, owner, 'PX', ttl)
-      end
-      if record ~= '' then
-        local made = redis.pcall('SET', session, record, 'NX', 'PXAT', expiry)
-        if failed(made) then status = -2 elseif not made then status = -1 end
-      end
-      if status == 1 then
-        if failed(redis.pcall('XADD', reply, 'MAXLEN', '~', maxlen, '*', field, payload)) then
-          status = -2
-        else
-          expire_with_session(reply, session)
-          redis.pcall('SET', seen, owner .. '|done', 'KEEPTTL')
-        end
-      end
+    if status == nil then
+      status = reply_step(seen, reply, session, owner, field, payload, ttl, record, expiry)
     end
     if status >= 0 then ack(stream, id) end
     out[i] = status
@@ -142,11 +158,7 @@ while a <= #ARGV do
     if notice == '1' then
       local reply, session = key(), key()
       local field, payload = arg(), arg()
-      if failed(redis.pcall('XADD', reply, 'MAXLEN', '~', maxlen, '*', field, payload)) then
-        status = status + 2
-      else
-        expire_with_session(reply, session)
-      end
+      if not notify(reply, session, field, payload) then status = status + 2 end
     end
     local dlq, stream = key(), key()
     if not letter(dlq, tonumber(arg())) then status = status + 4 end
@@ -159,6 +171,35 @@ while a <= #ARGV do
   end
 end
 for stream, ids in pairs(acks) do redis.pcall('XACK', stream, group, unpack(ids)) end
+return out
+"""
+
+SLOT_FINISH: Final = _REPLY_STEP + """
+-- One slot's share of a FINISH on a Redis Cluster: the batch is split by the slot of
+-- each message's {sid}; its dead letters are added before this call and its XACKs
+-- after it, as commands of their own (they live in other slots).
+-- ARGV[1..2]: reply maxlen, reply-stream ttl without a session (ms). Then per item:
+--   R keys seen, reply, session; args owner, field, payload, seen ttl, record, expiry
+--   N keys reply, session; args field, payload
+-- Status per item. R: as FINISH's (1, 0, -1, -2). N: 1, or 3 if the notice failed.
+local k, a = 1, 3
+local out = {}
+local function key() k = k + 1; return KEYS[k - 1] end
+local function arg() a = a + 1; return ARGV[a - 1] end
+local i = 0
+while a <= #ARGV do
+  i = i + 1
+  if arg() == 'R' then
+    local seen, reply, session = key(), key(), key()
+    local owner, field, payload, ttl = arg(), arg(), arg(), arg()
+    local record, expiry = arg(), arg()
+    out[i] = reply_step(seen, reply, session, owner, field, payload, ttl, record, expiry)
+  else
+    local reply, session = key(), key()
+    local field, payload = arg(), arg()
+    out[i] = notify(reply, session, field, payload) and 1 or 3
+  end
+end
 return out
 """
 

@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from worker.errors import InvalidArgument
 from worker.names import Names
+from worker.streams import AnyRedis
 from worker.wire import is_id
 
 #: Expiry buckets of ``session list``: (upper bound in ms, label), then ``>=24h``.
@@ -41,9 +43,16 @@ class SessionCounts(NamedTuple):
 
 
 async def scan_keys(
-    redis: aioredis.Redis, pattern: str, *, count: int = 1000
+    redis: AnyRedis, pattern: str, *, count: int = 1000
 ) -> AsyncIterator[str]:
-    """Every key matching ``pattern`` (SCAN: never blocks Redis; a key may repeat)."""
+    """Every key matching ``pattern`` (SCAN: never blocks Redis; a key may repeat).
+
+    On a Redis Cluster every primary is scanned in turn.
+    """
+    if isinstance(redis, RedisCluster):
+        async for key in redis.scan_iter(match=pattern, count=count):
+            yield key.decode() if isinstance(key, bytes) else str(key)
+        return
     cursor = 0
     while True:
         cursor, keys = await redis.scan(cursor, match=pattern, count=count)

@@ -23,7 +23,8 @@ from worker.keys import (
 )
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+CLUSTER_MODES = ("auto", "yes", "no")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -32,6 +33,8 @@ class Settings:
     """Everything a worker is configured with. Secrets never appear in ``repr``."""
 
     redis_url: str = DEFAULT_REDIS_URL
+    #: Redis Cluster: ``auto`` asks the node (``INFO cluster``); ``yes``/``no`` force it.
+    cluster: str = "auto"
     prefix: str = "sealstream"
     service_key_file: Path | None = None
     #: Older service keys still accepted for handshakes (a key rotation's overlap).
@@ -76,6 +79,7 @@ class Settings:
 
         return cls(
             redis_url=_redis_url(env),
+            cluster=text("CLUSTER", "auto").lower(),
             prefix=text("PREFIX", "sealstream"),
             service_key_file=path("SERVICE_KEY_FILE"),
             old_service_key_files=tuple(
@@ -117,7 +121,12 @@ class Settings:
             raise ConfigError("SEALSTREAM_SESSION_KEY_BITS: expected 2048, 3072 or 4096")
         if urlsplit(self.redis_url).scheme not in REDIS_SCHEMES:
             # The URL itself is not echoed: it may carry a password.
-            raise ConfigError("SEALSTREAM_REDIS_URL: expected a redis://, rediss:// or unix:// URL")
+            raise ConfigError(
+                "SEALSTREAM_REDIS_URL: expected a redis://, rediss://, unix:// or"
+                " redis+sentinel:// URL"
+            )
+        if self.cluster not in CLUSTER_MODES:
+            raise ConfigError("SEALSTREAM_CLUSTER: expected auto, yes or no")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"SEALSTREAM_LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}")
         if self.log_format not in ("auto", "json", "console"):

@@ -8,35 +8,49 @@ a handshake, the session record is created). Each script touches one slot.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeAlias
 
 import anyio
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import (
-    ClusterDownError,
-    MasterDownError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    ResponseError,
-    TryAgainError,
-)
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    NoScriptError,
+    ResponseError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import scripts
-from worker.logging import get_logger
 from worker.names import GROUP, Names
+from worker.retrier import Retrier, transient
 
 Fields = dict[bytes, bytes]
-T = TypeVar("T")
-log = get_logger("sealstream.redis")
+__all__ = ["AnyRedis", "Retrier", "Store", "client_options", "connect", "transient"]
+
+
+#: The client a Store holds: one server (or a Sentinel-watched primary), or a cluster.
+AnyRedis: TypeAlias = aioredis.Redis | RedisCluster
+
+
+def client_options(url: str, *, name: str | None = None) -> dict[str, Any]:
+    """Connection options every sealstream client shares (see :func:`connect`)."""
+    # Keepalive is a TCP option: redis-py's Unix-socket connection refuses it.
+    tcp = {} if url.startswith("unix:") else {"socket_keepalive": True}
+    return {
+        "client_name": name,
+        "decode_responses": False,
+        **tcp,
+        "socket_connect_timeout": 5,
+        # Longer than any blocking read we issue, so a hung server cannot hang us.
+        "socket_timeout": 15,
+        "health_check_interval": 15,
+        "retry": Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.02), 2),
+    }
 
 
 def connect(url: str, *, name: str | None = None) -> aioredis.Redis:
@@ -44,102 +58,10 @@ def connect(url: str, *, name: str | None = None) -> aioredis.Redis:
 
     ``name`` is set on every connection (CLIENT SETNAME) so operators can tell
     workers apart in CLIENT LIST. Longer outages are ridden out by the worker's
-    own capped backoff, which logs once per outage.
+    own capped backoff, which logs once per outage. For a cluster or a Sentinel URL
+    use :func:`worker.cluster.open_redis`.
     """
-    # Keepalive is a TCP option: redis-py's Unix-socket connection refuses it.
-    tcp = {} if url.startswith("unix:") else {"socket_keepalive": True}
-    return aioredis.Redis.from_url(
-        url,
-        client_name=name,
-        decode_responses=False,
-        **tcp,
-        socket_connect_timeout=5,
-        # Longer than any blocking read we issue, so a hung server cannot hang us.
-        socket_timeout=15,
-        health_check_interval=15,
-        retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.02), 2),
-    )
-
-
-class Retrier:
-    """Runs one Redis operation until it succeeds, riding out outages.
-
-    Capped, jittered exponential backoff; logs ``redis_unavailable`` once when an
-    outage starts and ``redis_reconnected`` once when it ends. A failure within
-    ``flap_s`` of a reconnect (a command that was already on a dead connection)
-    belongs to the same outage and is not logged again. Only idempotent or
-    retry-safe operations are passed here (see :meth:`Store.mark_seen` and the
-    reply script); cancellation ends the wait.
-    """
-
-    def __init__(
-        self,
-        *,
-        cap_s: float = 2.0,
-        flap_s: float = 5.0,
-        on_outage: Callable[[], object] | None = None,
-    ) -> None:
-        self.cap_s = cap_s
-        self._on_outage = on_outage
-        self.flap_s = flap_s
-        self.in_outage = False
-        self.outages = 0
-        self._announced = False
-        self._recovered_at = -flap_s
-
-    async def __call__(self, op: Callable[[], Awaitable[T]]) -> T:
-        delay = 0.05
-        while True:
-            try:
-                result = await op()
-            except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
-                if isinstance(exc, ResponseError) and not transient(exc):
-                    raise
-                if not self.in_outage:
-                    self.in_outage = True
-                    if anyio.current_time() - self._recovered_at > self.flap_s:
-                        self._announced = True
-                        self.outages += 1
-                        if self._on_outage is not None:
-                            self._on_outage()
-                        log.warning("redis_unavailable", error_type=type(exc).__name__)
-                await anyio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter
-                delay = min(delay * 2, self.cap_s)
-                continue
-            if self.in_outage:
-                self.in_outage = False
-                if self._announced:
-                    self._announced = False
-                    self._recovered_at = anyio.current_time()
-                    log.info("redis_reconnected")
-            return result
-
-
-#: Errors a server gives while it cannot take writes *for now*: waited out like an
-#: outage. redis-py raises them as these classes (the code itself is stripped from
-#: the text); an aborted script's error keeps the code in its text.
-_TRANSIENT_CLASSES = (
-    OutOfMemoryError,
-    ReadOnlyError,
-    TryAgainError,
-    ClusterDownError,
-    MasterDownError,
-)
-_TRANSIENT_CODES = ("OOM", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY")
-
-
-def transient(exc: ResponseError) -> bool:
-    """Whether Redis refused for now (out of memory, loading, a replica, failing over).
-
-    Any other error (WRONGTYPE, say) is permanent: retrying cannot help, and the
-    worker dead-letters what it was writing instead.
-    """
-    if isinstance(exc, _TRANSIENT_CLASSES):
-        return True
-    text = str(exc)
-    # "user_script:12: OOM command not allowed ..." from a script that aborted
-    head = text.split(": ", 1)[1] if text.startswith("user_script:") and ": " in text else text
-    return head.startswith(_TRANSIENT_CODES)
+    return aioredis.Redis.from_url(url, **client_options(url, name=name))
 
 
 @dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
