@@ -7,7 +7,8 @@ steps a cluster splits per slot: replies (with their dead letters first), notice
 dead letters alone, replay records, handshakes (the session record in the reply's
 slot), and keys of the wrong type in each of those places; and the operations that
 SCAN every node or pipeline per slot (stats, dlq, sessions, master-key rotation),
-and the gateway (its ``grant`` and ``http`` fixtures come along).
+and the gateway (its ``grant`` and ``http`` fixtures come along, as does the
+rejection tests' ``rig``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tests.test_hardening import (
     test_a_session_key_of_another_type_is_session_unknown,
 )
 from tests.test_rejections import (
+    rig,
     test_delivery_limit_is_refused_without_running,
     test_garbage_entry_is_malformed_without_notice,
     test_handler_exception_is_handler_error_and_dead_letter,
@@ -61,6 +63,7 @@ from worker.testservers import ClusterServers
 __all__ = [
     "grant",
     "http",
+    "rig",
     "test_a_dead_letter_stream_of_another_type_still_ends_in_an_ack",
     "test_a_refusal_whose_notice_redis_refuses_is_dead_lettered_and_acked",
     "test_a_replay_record_of_another_type_is_refused_as_a_replay",
