@@ -171,3 +171,20 @@ async def test_ctx_log_is_bound_to_the_request_and_never_the_payload(
     assert {"session_id", "message_id", "type"} <= set(line)
     assert "noted" == line["type"]
     assert "s3cr3t" not in repr(lines)
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1, float("inf"), float("nan"), 1e12, True])
+def test_a_time_limit_that_is_not_a_finite_positive_number_is_refused(timeout_s: Any) -> None:
+    """A handler's (or the app's) time limit must be a finite number of seconds in
+    (0, a week]: anything else is a ValueError at registration, not a failing batch."""
+    app = App()
+
+    async def handler(payload: Any) -> Any:
+        return payload
+
+    with pytest.raises(ValueError, match="timeout_s"):
+        app.add("h", handler, timeout_s=timeout_s)
+    with pytest.raises(ValueError, match="timeout_s"):
+        App(timeout_s=timeout_s)
+    app.add("h", handler, timeout_s=2)
+    assert 2.0 == app.get("h").timeout_s  # type: ignore[union-attr]

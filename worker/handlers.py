@@ -89,7 +89,7 @@ class App:
         retry_on: tuple[type[BaseException], ...] | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
-        self.timeout_s = timeout_s
+        self.timeout_s = _timeout(timeout_s)
         self.retry = _policy(retry or RetryPolicy(), retries, backoff, retry_on)
         self._handlers: dict[str, HandlerSpec] = {}
         self.middlewares: tuple[Middleware, ...] = ()
@@ -182,7 +182,7 @@ class App:
         self._handlers[name] = HandlerSpec(
             name=name,
             fn=fn,
-            timeout_s=timeout_s if timeout_s is not None else self.timeout_s,
+            timeout_s=_timeout(timeout_s) if timeout_s is not None else self.timeout_s,
             policy=_policy(retry or self.retry, retries, backoff, retry_on),
             takes_context=len(params) == 2,
             is_async=inspect.iscoroutinefunction(fn),
@@ -219,3 +219,22 @@ def _policy(
 def _require_async(fn: Callable[..., Any], what: str) -> None:
     if not inspect.iscoroutinefunction(fn):
         raise TypeError(what)
+
+
+#: The longest a handler may be given (a week): the replay record must outlive it.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def _timeout(timeout_s: float | None) -> float | None:
+    """``timeout_s`` if it is a finite number of seconds in (0, a week]; else ValueError.
+
+    An infinite or huge time limit would make the replay record's lifetime overflow
+    and every batch holding the handler's requests fail.
+    """
+    if timeout_s is None:
+        return None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
+        raise ValueError("timeout_s must be a number of seconds")  # noqa: TRY004 - one error for a bad setting, as App.add documents
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(f"timeout_s must be more than 0 and at most {MAX_TIMEOUT_S:g} s")
+    return float(timeout_s)
