@@ -1425,3 +1425,68 @@ def test_bytes_cannot_be_written_as_json() -> None:
     """JSON has no binary type: bytes are a TypeError, not silently base64."""
     with pytest.raises(TypeError):
         wire.dumps({"blob": b"\x00"}, "j")
+
+
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=40),
+    st.binary(max_size=40),
+    st.sampled_from([ALG_SK, ALG_RSA, HANDSHAKE_TYPE, SID, "echo", bytes(12), bytes(16)]),
+)
+
+
+@st.composite
+def near_requests(draw: st.DrawFn) -> dict[bytes, bytes]:
+    """MessagePack entries close to a valid request: a member's value replaced, a
+    member dropped, duplicated or added, or the members reordered."""
+    items = pairs(draw(st.sampled_from([ALG_SK, ALG_RSA])), handshake=draw(st.booleans()))
+    for _ in range(draw(st.integers(min_value=0, max_value=2))):
+        i = draw(st.integers(min_value=0, max_value=len(items) - 1))
+        change = draw(st.sampled_from(["value", "drop", "duplicate", "add"]))
+        if change == "value":
+            items[i] = (items[i][0], draw(_SCALARS))
+        elif change == "drop":
+            del items[i]
+        elif change == "duplicate":
+            items.append((items[i][0], draw(_SCALARS)))
+        else:
+            items.append((draw(st.text(max_size=8) | st.binary(max_size=8)), draw(_SCALARS)))
+    return entry(draw(st.permutations(items)), "e")
+
+
+@settings(max_examples=2000)
+@given(fields=near_requests())
+def test_fast_path_decodes_exactly_what_the_full_path_does(fields: dict[bytes, bytes]) -> None:
+    """The fast path of the common request either declines (None) or returns the
+    very request the full decoder returns; it never accepts what the full one refuses."""
+    fast = wire._fast_request(fields, wire.DEFAULT_MAX_SIZE)
+    try:
+        full: Request | None = wire._decode_request(fields, wire.DEFAULT_MAX_SIZE)
+    except ProtocolError:
+        full = None
+    if fast is not None:
+        assert fast == full
+
+
+def test_fast_path_takes_the_plain_requests() -> None:
+    """The common SK and RSA requests take the fast path (the property above would
+    pass with a fast path that always declines)."""
+    for alg in (ALG_SK, ALG_RSA):
+        fields = entry(pairs(alg), "e")
+        assert wire._fast_request(fields, wire.DEFAULT_MAX_SIZE) == wire._decode_request(
+            fields, wire.DEFAULT_MAX_SIZE
+        )
+    assert wire._fast_request(entry(pairs(ALG_RSA, handshake=True), "e"), 1 << 20) is None
+
+
+def test_fast_path_respects_the_size_limit() -> None:
+    """An entry over the configured limit is refused, fast path or not."""
+    fields = entry(pairs(), "e")
+    size = wire.entry_size(fields)
+    assert wire._fast_request(fields, size) is not None
+    assert wire._fast_request(fields, size - 1) is None
+    with pytest.raises(Malformed, match="over the size limit"):
+        wire.decode_request(fields, max_size=size - 1)
