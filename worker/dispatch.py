@@ -119,10 +119,9 @@ class Dispatcher:
     async def run(self, work: Work) -> Outcome:
         """Run the remaining attempts; never raises for what the handler does.
 
-        Each attempt runs in a cancel scope of its own, without a deadline: the
-        :meth:`watchdog` cancels it once the attempt's time is up (a scope with a
-        deadline costs about as much as an echo handler, measured). A cancellation
-        stays within its attempt even if the handler swallows it.
+        An attempt's first step runs as a plain call: most handlers compute and
+        return without suspending, and there is nothing to time out then. One that
+        suspends goes on in a cancel scope of its own (:meth:`_limited`).
         """
         spec, field, ctx = work.spec, work.field, work.ctx
         cached = self._timers.get(spec.name)
@@ -136,18 +135,19 @@ class Dispatcher:
             if work.retrying:
                 await self._wait(work)
             started = time.perf_counter()
-            scope = anyio.CancelScope()
-            # loop.time() of asyncio is time.monotonic(): the watchdog compares to it.
-            self._deadlines[scope] = time.monotonic() + timeout
+            timed_out = False
             try:
+                call = _call(spec, work.payload, _attempt(ctx, work.attempt), chain)
+                if work.span is not None:
+                    call = tracing.within(work.span, call)
                 try:
-                    with scope:
-                        call = _call(spec, work.payload, _attempt(ctx, work.attempt), chain)
-                        result = await (
-                            call if work.span is None else tracing.within(work.span, call)
-                        )
+                    try:
+                        yielded = call.send(None)
+                    except StopIteration as done:
+                        result = done.value  # it never suspended: no time limit to enforce
+                    else:
+                        result, timed_out = await self._limited(call, yielded, started, timeout)
                 finally:
-                    self._deadlines.pop(scope, None)
                     timer.observe(time.perf_counter() - started)
             except BadPayload as exc:
                 return error("bad_payload", exc.message, field)
@@ -168,7 +168,7 @@ class Dispatcher:
                     return work.outcome
                 self._schedule(work)
                 continue
-            if scope.cancelled_caught:
+            if timed_out:
                 log.warning(
                     "handler_timeout",
                     attempt=work.attempt,
@@ -194,10 +194,31 @@ class Dispatcher:
                     field,
                     dead_letter="handler_error",
                 )
-            log.debug("handler_done", ms=round((time.perf_counter() - started) * 1000, 2))
             return Outcome(status="ok", plaintext=body)
         assert work.outcome is not None  # every attempt failed, the last one said how
         return work.outcome
+
+    async def _limited(
+        self, call: Coroutine[Any, Any, Any], yielded: Any, started: float, timeout: float
+    ) -> tuple[Any, bool]:
+        """Go on with an attempt that suspended, within its time limit: its result,
+        and whether it timed out.
+
+        The scope has no deadline of its own: the :meth:`watchdog` cancels it once
+        the attempt's time (from ``started``) is up; a scope with a deadline costs
+        about as much as an echo handler, measured. A cancellation stays within its
+        attempt even if the handler swallows it.
+        """
+        scope = anyio.CancelScope()
+        # loop.time() of asyncio is time.monotonic(): the watchdog compares to it.
+        self._deadlines[scope] = time.monotonic() + timeout - (time.perf_counter() - started)
+        result = None
+        try:
+            with scope:
+                result = await resume(call, yielded)
+        finally:
+            self._deadlines.pop(scope, None)
+        return result, scope.cancelled_caught
 
     def _schedule(self, work: Work) -> bool:
         """Count the failed attempt; True when another one is due (then set its wait)."""
