@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -61,19 +61,27 @@ def hkdf_sha256(ikm: bytes, info: bytes, length: int = KEY_SIZE) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=b"", info=info).derive(ikm)
 
 
+_IPAD: Final = bytes(x ^ 0x36 for x in range(256))
+_OPAD: Final = bytes(x ^ 0x5C for x in range(256))
+
+
 @functools.lru_cache(maxsize=16_384)
-def _expander(ks: bytes) -> hmac.HMAC:
+def _expander(ks: bytes) -> tuple[Any, Any]:
     # HKDF-Extract with an empty salt (HashLen zero bytes) is the same for every message
-    # of a session: PRK, and an HMAC keyed with it, are made once per session key.
-    prk = hmac.digest(bytes(32), ks, "sha256")
-    return hmac.new(prk, digestmod=hashlib.sha256)
+    # of a session: PRK, and HMAC-SHA256 keyed with it (its inner and outer hashes with
+    # the padded key absorbed, RFC 2104), are made once per session key.
+    prk = hmac.digest(bytes(32), ks, "sha256").ljust(64, b"\0")
+    return hashlib.sha256(prk.translate(_IPAD)), hashlib.sha256(prk.translate(_OPAD))
 
 
 def _expand32(ks: bytes, info: bytes) -> bytes:
     # HKDF-Expand for L = 32 (one SHA-256 block): T(1) = HMAC(PRK, info || 0x01).
-    h = _expander(ks).copy()
+    inner, outer = _expander(ks)
+    h = inner.copy()
     h.update(info + b"\x01")
-    return h.digest()
+    o = outer.copy()
+    o.update(h.digest())
+    return o.digest()  # type: ignore[no-any-return]
 
 
 def sk_request_key(ks: bytes, mid: str) -> bytes:
