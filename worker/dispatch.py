@@ -25,6 +25,7 @@ import anyio
 from worker import tracing, wire
 from worker.errors import BadPayload, HandlerEscaped
 from worker.handlers import App, CallNext, Context, HandlerSpec, Middleware
+from worker.logging import enabled as log_enabled
 from worker.logging import get_logger
 from worker.metrics import Metrics
 from worker.payloads import to_value
@@ -76,6 +77,7 @@ class Dispatcher:
         self.app = app
         self.default_timeout_s = default_timeout_s
         self.metrics = metrics
+        self._debug = log_enabled("debug")
         #: the cancel scope of every attempt running now, with its deadline
         self._deadlines: dict[anyio.CancelScope, float] = {}
         self._decode_lane = anyio.CapacityLimiter(1)
@@ -194,6 +196,8 @@ class Dispatcher:
                     field,
                     dead_letter="handler_error",
                 )
+            if self._debug:
+                log.debug("handler_done", ms=round((time.perf_counter() - started) * 1000, 2))
             return Outcome(status="ok", plaintext=body)
         assert work.outcome is not None  # every attempt failed, the last one said how
         return work.outcome

@@ -38,3 +38,11 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
 def get_logger(name: str) -> Any:
     """A lazy logger with ``component=name``: it takes the configuration in force when used."""
     return structlog.get_logger(component=name)
+
+
+def enabled(level: str) -> bool:
+    """Whether lines at ``level`` pass the configured filter (hot paths skip building
+    the arguments of a line that would be dropped)."""
+    bound = structlog.get_logger().bind()
+    is_enabled = getattr(bound, "is_enabled_for", None)
+    return True if is_enabled is None else bool(is_enabled(_LEVELS[level]))

@@ -20,7 +20,7 @@ import contextlib
 import math
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -57,6 +57,7 @@ from worker.errors import (
 from worker.handlers import App, Context
 from worker.keypool import KeyPool
 from worker.keys import MasterKeys, ServiceKey
+from worker.logging import enabled as log_enabled
 from worker.logging import get_logger
 from worker.metrics import Metrics
 from worker.sessions import DEFAULT_TTL_S, Session, clamp_ttl, new_session, open_record, seal_record
@@ -118,6 +119,9 @@ class Tracker(Protocol):
 
     def done(self, d: Delivery) -> None:
         """``d`` is finished (acknowledged, or left pending to be reclaimed)."""
+
+    def done_many(self, ds: Sequence[Delivery]) -> None:
+        """Each of ``ds`` is finished (the writer's flush, in one call)."""
 
 
 @dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
@@ -224,6 +228,9 @@ class Processor:
         self.sessions = SessionCache()
         self.stats = Stats()
         self._counters: dict[tuple[str, str], Any] = {}
+        #: whether info lines are logged (a request_done line per reply is skipped,
+        #: arguments and all, when they are not)
+        self._info = log_enabled("info")
         #: handlers running at once (inline in a batch task, or in the pool)
         self._running = anyio.Semaphore(settings.concurrency)
         self._tick = time.perf_counter()
@@ -240,12 +247,13 @@ class Processor:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the handler pool, the handshake lane and the writers until cancelled."""
         self._jobs = anyio.create_memory_object_stream[_Job](math.inf)
-        self._writes = anyio.create_memory_object_stream[_Pending](math.inf)
+        self._writes: deque[_Pending] = deque()
+        self._written_any = anyio.Event()
         self._handshakes = anyio.create_memory_object_stream[tuple[Delivery, wire.Request]](
             HANDSHAKE_BACKLOG
         )
         with contextlib.ExitStack() as streams:
-            for stream in (*self._jobs, *self._writes, *self._handshakes):
+            for stream in (*self._jobs, *self._handshakes):
                 streams.enter_context(stream)
             async with anyio.create_task_group() as tg:
                 self._batches = tg
@@ -695,26 +703,36 @@ class Processor:
 
     def _write(self, pending: _Pending) -> None:
         pending.delivery.handed = True
-        self._writes[0].send_nowait(pending)
+        self._writes.append(pending)
+        if len(self._writes) == 1:
+            self._written_any.set()
 
     async def _write_loop(self) -> None:
-        recv = self._writes[1]
         while True:
-            batch = [await recv.receive()]
-            while len(batch) < _WRITE_BATCH:
-                try:
-                    batch.append(recv.receive_nowait())
-                except anyio.WouldBlock:
-                    break
+            batch = await self._take_writes()
             statuses = await self._finish(batch)
+            finished: list[Delivery] = []
+            replies: dict[tuple[str, str], int] = {}
             for pending, status in zip(batch, statuses, strict=True):
                 try:
-                    self._written(pending, status)
+                    if self._written(pending, status, replies):
+                        finished.append(pending.delivery)
                 except Exception:
                     # Bookkeeping (a log line, a metric) must never stop the writer.
                     with contextlib.suppress(Exception):
                         log.exception("write_bookkeeping_failed")
-                    self.tracker.done(pending.delivery)
+                    finished.append(pending.delivery)
+            self._count_replies(replies)
+            self.tracker.done_many(finished)
+
+    async def _take_writes(self) -> list[_Pending]:
+        """Up to ``_WRITE_BATCH`` queued writes, once there is one."""
+        queue = self._writes
+        while not queue:
+            if self._written_any.is_set():
+                self._written_any = anyio.Event()
+            await self._written_any.wait()
+        return [queue.popleft() for _ in range(min(len(queue), _WRITE_BATCH))]
 
     async def _finish(self, batch: list[_Pending]) -> list[int | None]:
         """One script call for the batch; a call Redis refuses is split to find the cause."""
@@ -742,25 +760,30 @@ class Processor:
                     await self.retry(lambda: self.store.ack(d.shard, d.entry.id))
             return [None]
 
-    def _written(self, p: _Pending, status: int | None) -> None:
+    def _written(
+        self, p: _Pending, status: int | None, replies: dict[tuple[str, str], int]
+    ) -> bool:
+        """Log and count a finished write; False when the entry goes on (a refusal
+        queued in its place), True when it is done. ``replies`` counts the replies
+        by (type, status), for :meth:`_count_replies`."""
         d, w = p.delivery, p.write
         if isinstance(w, ReplyWrite) and p.request is not None and p.outcome is not None:
             r = p.request
             if status == -1:
                 self._refuse(d, _fill_context(SessionExists("a session already exists"), r))
-                return
+                return False
             if status == -2:
                 log.error("reply_unanswerable", session_id=r.sid, message_id=r.mid)
                 letter = self._letter(d, "unanswerable", request=r)
                 write = RefusalWrite(shard=d.shard, entry_id=d.entry.id, letter=letter)
                 self._write(_Pending(delivery=d, write=write))
-                return
+                return False
             if status == -3:
                 log.error("dead_letter_refused", session_id=r.sid, message_id=r.mid)
             elif status == 0:
                 log.info("reply_already_written", session_id=r.sid, message_id=r.mid)
             elif status == 1:
-                self._count_reply(d, r, p.outcome)
+                self._count_reply(d, r, p.outcome, replies)
         elif isinstance(w, RefusalWrite) and p.refusal is not None:
             exc = p.refusal
             self.stats.refused += 1
@@ -778,30 +801,38 @@ class Processor:
                 shard=d.shard,
                 write_failed=status if status not in (1, None) else None,
             )
-        self.tracker.done(d)
+        return True
 
-    def _count_reply(self, d: Delivery, r: wire.Request, outcome: Outcome) -> None:
+    def _count_reply(
+        self, d: Delivery, r: wire.Request, outcome: Outcome, replies: dict[tuple[str, str], int]
+    ) -> None:
         known = r.is_handshake or self.app.get(r.type) is not None
         label = (r.type if known else "unknown", outcome.status)
-        counter = self._counters.get(label)
-        if counter is None:
-            counter = self._counters[label] = self.metrics.requests.labels(*label)
-        counter.inc()
+        replies[label] = replies.get(label, 0) + 1
         if r.is_handshake:
             self.metrics.handshakes.labels(outcome=outcome.code or outcome.status).inc()
-        if outcome.status == "ok":
-            self.stats.ok += 1
-        else:
-            self.stats.error += 1
-        log.info(
-            "request_done",
-            status=outcome.status,
-            code=outcome.code,
-            attempts=d.attempts,
-            session_id=r.sid,
-            message_id=r.mid,
-            type=r.type,
-        )
+        if self._info:
+            log.info(
+                "request_done",
+                status=outcome.status,
+                code=outcome.code,
+                attempts=d.attempts,
+                session_id=r.sid,
+                message_id=r.mid,
+                type=r.type,
+            )
+
+    def _count_replies(self, replies: dict[tuple[str, str], int]) -> None:
+        """Add a flush's replies to the counters (one increment per label)."""
+        for label, n in replies.items():
+            counter = self._counters.get(label)
+            if counter is None:
+                counter = self._counters[label] = self.metrics.requests.labels(*label)
+            counter.inc(n)
+            if label[1] == "ok":
+                self.stats.ok += n
+            else:
+                self.stats.error += n
 
     def _letter(
         self,
