@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker import messages
+from worker import messages, wire
 from worker.envelope import (
     ALG_RSA,
     ALG_SK,
@@ -579,6 +579,20 @@ def test_seal_reply_then_open_reply_round_trips(
     assert reply.iv is not None
     assert out.request.iv != reply.iv
     assert b"result" == messages.open_reply(reply, reply_key=out.reply_key, request=out.request)
+
+
+@pytest.mark.parametrize("status", ["ok", "error"])
+@pytest.mark.parametrize("field", ["e", "j"])
+@pytest.mark.parametrize("alg", [ALG_RSA, ALG_SK])
+def test_seal_reply_entry_is_the_encoded_sealed_reply(
+    rsa_key: rsa.RSAPrivateKey, alg: str, field: Field, status: str
+) -> None:
+    """The worker's one-step reply entry is byte for byte the sealed reply, encoded."""
+    out = outgoing(alg, field, public_key=rsa_key.public_key(), ks=os.urandom(32))
+    iv = os.urandom(12)
+    sealed = messages.seal_reply(out.request, out.reply_key, status, b"result", iv=iv)
+    entry = messages.seal_reply_entry(out.request, out.reply_key, status, b"result", iv=iv)
+    assert wire.encode_reply(sealed) == entry
 
 
 @pytest.mark.parametrize("both", [False, True], ids=["reply-only", "reply-and-request"])

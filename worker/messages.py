@@ -25,7 +25,7 @@ from worker.envelope import (
     wrap_key,
 )
 from worker.errors import DecryptError
-from worker.wire import Field, Reply, Request
+from worker.wire import Field, Reply, Request, encode_reply_fields
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,11 +58,34 @@ def open_request(
     return Opened(plaintext=plaintext, reply_key=sk_reply_key(ks, request.mid))
 
 
-def seal_reply(request: Request, reply_key: bytes, status: str, plaintext: bytes) -> Reply:
-    """An ``ok``/``error`` reply to ``request``, sealed with a fresh iv."""
-    box = seal(reply_key, plaintext, reply_aad(request.alg, request.sid, request.mid, status))
+def seal_reply(
+    request: Request, reply_key: bytes, status: str, plaintext: bytes, *, iv: bytes | None = None
+) -> Reply:
+    """An ``ok``/``error`` reply to ``request``, sealed with a fresh iv (or ``iv``)."""
+    box = seal(
+        reply_key, plaintext, reply_aad(request.alg, request.sid, request.mid, status), iv=iv
+    )
     return Reply(
         field=request.field,
+        alg=request.alg,
+        sid=request.sid,
+        mid=request.mid,
+        status=status,
+        iv=box.iv,
+        encrypted_data=box.ciphertext,
+        auth_tag=box.tag,
+    )
+
+
+def seal_reply_entry(
+    request: Request, reply_key: bytes, status: str, plaintext: bytes, *, iv: bytes | None = None
+) -> dict[str, bytes]:
+    """``wire.encode_reply(seal_reply(...))`` in one step (the worker's hot path)."""
+    box = seal(
+        reply_key, plaintext, reply_aad(request.alg, request.sid, request.mid, status), iv=iv
+    )
+    return encode_reply_fields(
+        request.field,
         alg=request.alg,
         sid=request.sid,
         mid=request.mid,

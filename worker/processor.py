@@ -591,7 +591,7 @@ class Processor:
     ) -> None:
         """Seal the reply and queue it, with its dead letter first (a crash between the
         two cannot happen: they are one atomic step)."""
-        reply = messages.seal_reply(r, reply_key, outcome.status, outcome.plaintext)
+        entry = messages.seal_reply_entry(r, reply_key, outcome.status, outcome.plaintext)
         letter = None
         if outcome.dead_letter is not None:
             letter = self._letter(d, outcome.dead_letter, request=r)
@@ -601,7 +601,7 @@ class Processor:
             sid=r.sid,
             mid=r.mid,
             owner=d.owner,
-            entry=wire.encode_reply(reply),
+            entry=entry,
             seen_ttl_ms=seen_ttl_ms,
             letter=letter,
             session_record=seal_record(session, self.master_keys.active) if session else None,

@@ -776,19 +776,47 @@ def encode_request(request: Request) -> dict[str, bytes]:
 
 def encode_reply(reply: Reply) -> dict[str, bytes]:
     """A reply envelope as a stream entry ``{field: bytes}``."""
-    f = reply.field
-    env: dict[str, Any] = {"v": VERSION}
-    if reply.alg is not None:
-        env["alg"] = reply.alg
-    env.update(sid=reply.sid, mid=reply.mid, status=reply.status)
-    if reply.status == "rejected":
-        env["code"] = reply.code
-    else:
+    if reply.status != "rejected":
         assert reply.iv is not None and reply.encrypted_data is not None
         assert reply.auth_tag is not None
-        env["iv"] = to_wire_binary(reply.iv, f)
-        env["encryptedData"] = to_wire_binary(reply.encrypted_data, f)
-        env["authTag"] = to_wire_binary(reply.auth_tag, f)
+    return encode_reply_fields(
+        reply.field,
+        alg=reply.alg,
+        sid=reply.sid,
+        mid=reply.mid,
+        status=reply.status,
+        iv=reply.iv,
+        encrypted_data=reply.encrypted_data,
+        auth_tag=reply.auth_tag,
+        code=reply.code,
+    )
+
+
+def encode_reply_fields(
+    f: Field,
+    *,
+    alg: str | None,
+    sid: str,
+    mid: str,
+    status: str,
+    iv: bytes | None = None,
+    encrypted_data: bytes | None = None,
+    auth_tag: bytes | None = None,
+    code: str | None = None,
+) -> dict[str, bytes]:
+    """:func:`encode_reply` of the reply with these members, without building it."""
+    env: dict[str, Any] = {"v": VERSION}
+    if alg is not None:
+        env["alg"] = alg
+    env["sid"], env["mid"], env["status"] = sid, mid, status
+    if status == "rejected":
+        env["code"] = code
+    elif f == "e":
+        env["iv"], env["encryptedData"], env["authTag"] = iv, encrypted_data, auth_tag
+    else:
+        env["iv"] = b64encode(iv or b"")
+        env["encryptedData"] = b64encode(encrypted_data or b"")
+        env["authTag"] = b64encode(auth_tag or b"")
     return {f: _dumps_own(env, f)}
 
 
