@@ -490,13 +490,13 @@ class Processor:
         ``concurrency`` tokens, here as in the pool; with none free, the rest of the
         batch waits in the pool's queue.
         """
-        for i, job in enumerate(jobs):
-            try:
-                self._running.acquire_nowait()
-            except anyio.WouldBlock:
-                self._hand_on(jobs[i:])
-                return
-            try:
+        try:
+            self._running.acquire_nowait()  # one token: these handlers run one by one
+        except anyio.WouldBlock:
+            self._hand_on(jobs)
+            return
+        try:
+            for i, job in enumerate(jobs):
                 work = await self._prepare(job)
                 if work is None:
                     continue
@@ -509,8 +509,8 @@ class Processor:
                 self._hand_on(jobs[i + 1 :])
                 self._finish_job(job, await resume(run, yielded))
                 return
-            finally:
-                self._running.release()
+        finally:
+            self._running.release()
 
     def _hand_on(self, jobs: list[_Job]) -> None:
         send = self._jobs[0]
