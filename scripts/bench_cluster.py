@@ -27,10 +27,10 @@ import anyio
 
 from worker import messages, wire
 from worker.backend import create_session
-from worker.client import SessionGrant, new_id
+from worker.client import SessionGrant
 from worker.cluster import open_redis
-from worker.envelope import ALG_SK
 from worker.names import GROUP, Names
+from worker.protocol import ALG_SK, new_id, now_ms
 from worker.streams import AnyRedis
 from worker.testing import RedisServer, ThrowawayKeys
 from worker.testservers import ClusterServers
@@ -55,7 +55,7 @@ def servers(primaries: int) -> Iterator[str]:
 def seal(grants: list[SessionGrant], n: int) -> dict[int, list[dict[str, bytes]]]:
     """``n`` sealed 256-byte echo requests, by their default shard."""
     body = wire.dumps({"data": "x" * 240}, "e")
-    names, now = Names(), time.time_ns() // 1_000_000
+    names, now = Names(), now_ms()
     out: dict[int, list[dict[str, bytes]]] = {s: [] for s in range(SHARDS)}
     for i in range(n):
         g = grants[i % len(grants)]

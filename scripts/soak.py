@@ -26,8 +26,8 @@ from typing import Any
 import anyio
 
 from worker import messages, wire
-from worker.envelope import ALG_SK
 from worker.names import GROUP, Names
+from worker.protocol import ALG_SK, now_ms
 from worker.sessions import Session, seal_record
 from worker.streams import connect
 from worker.testing import RedisServer, ThrowawayKeys
@@ -51,7 +51,7 @@ async def soak(
     stream = names.request_stream(0)
     try:
         shared = keys.service.private_key  # one RSA pair for every session (see above)
-        now = time.time_ns() // 1_000_000
+        now = now_ms()
         grants: list[tuple[str, bytes]] = []
         async with redis.pipeline(transaction=False) as pipe:
             for _ in range(sessions):
@@ -79,7 +79,7 @@ async def soak(
                         sid, ks = grants[i % sessions]
                         out = messages.seal_request(
                             field="e", alg=ALG_SK, sid=sid, mid=os.urandom(16).hex(),
-                            ts=time.time_ns() // 1_000_000, type_="echo", plaintext=body, ks=ks,
+                            ts=now_ms(), type_="echo", plaintext=body, ks=ks,
                         )  # fmt: skip
                         pipe.xadd(stream, wire.encode_request(out.request))
                     await pipe.execute()

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import inspect
 import os
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -18,22 +17,18 @@ import redis.asyncio as aioredis
 
 from worker import messages, wire
 from worker.backend import create_session
-from worker.client import Client, SessionGrant, new_id
-from worker.envelope import ALG_RSA, ALG_SK, HANDSHAKE_TYPE, KEY_SIZE, x25519_keypair
+from worker.client import Client, SessionGrant
+from worker.envelope import x25519_keypair
 from worker.handlers import App
 from worker.keys import load_public_key
 from worker.names import Names
 from worker.pool import Worker
+from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE, KEY_SIZE, new_id, now_ms
 from worker.settings import Settings
 from worker.streams import Entry, Store
 from worker.testing import ThrowawayKeys, running_worker
 
 T = TypeVar("T")
-
-
-def now_ms() -> int:
-    """Milliseconds since the epoch."""
-    return time.time_ns() // 1_000_000
 
 
 @overload

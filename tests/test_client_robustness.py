@@ -15,8 +15,8 @@ from tests.helpers import Raw, open_client, wait_until
 from worker import Client, ConfigError, ReplyTimeout, messages, wire
 from worker.client import ClientSession, Result, SessionGrant
 from worker.demo import app
-from worker.envelope import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
 from worker.names import Names
+from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
 from worker.settings import Settings
 from worker.streams import Entry
 from worker.testing import ThrowawayKeys, running_worker

@@ -17,9 +17,6 @@ from hypothesis import strategies as st
 
 from worker import messages
 from worker.envelope import (
-    ALG_RSA,
-    ALG_SK,
-    HANDSHAKE_TYPE,
     Sealed,
     handshake_session_key,
     hkdf_sha256,
@@ -33,6 +30,7 @@ from worker.envelope import (
     wrap_key,
 )
 from worker.errors import DecryptError
+from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
 from worker.wire import Field, Reply, Request
 
 SID = "9f0c1e2d3c4b5a69788796a5b4c3d2e1"

@@ -18,7 +18,7 @@ from tests.procs import WorkerProcs, encode_all, outcomes, wait_answered, wait_s
 from worker import Client, RemoteError, ReplyTimeout, messages
 from worker.client import SessionGrant
 from worker.demo import app as demo_app
-from worker.envelope import ALG_RSA, ALG_SK
+from worker.protocol import ALG_RSA, ALG_SK
 from worker.settings import Settings
 from worker.streams import connect
 from worker.testing import RedisServer, ThrowawayKeys, running_worker

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -24,14 +23,14 @@ from tests.helpers import wait_until
 from worker import wire
 from worker.backend import create_session
 from worker.cli import main
-from worker.client import SessionGrant, new_id
+from worker.client import SessionGrant
 from worker.demo import app
-from worker.envelope import ALG_RSA, ALG_SK
 from worker.errors import ConfigError, Malformed
 from worker.gateway import Gateway
 from worker.gatewayconf import GatewaySettings
 from worker.keys import load_public_key
 from worker.messages import Outgoing, open_reply, seal_request
+from worker.protocol import ALG_RSA, ALG_SK, new_id, now_ms
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, free_port, running_worker
 
@@ -42,7 +41,7 @@ def _seal(grant: SessionGrant, payload: Any, *, alg: str = ALG_SK, type_: str = 
         alg=alg,
         sid=grant.sid,
         mid=new_id(),
-        ts=time.time_ns() // 1_000_000,
+        ts=now_ms(),
         type_=type_,
         plaintext=wire.dumps(payload, "j"),
         public_key=load_public_key(grant.public_key_pem) if alg == ALG_RSA else None,

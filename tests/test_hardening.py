@@ -24,9 +24,9 @@ from tests import helpers
 from tests.helpers import Raw, Rig, new_id, now_ms, open_ok, wait_until
 from worker import messages, wire
 from worker.client import SessionGrant
-from worker.envelope import ALG_RSA, ALG_SK
 from worker.handlers import App
 from worker.pool import Worker
+from worker.protocol import ALG_RSA, ALG_SK
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker
 

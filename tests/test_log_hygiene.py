@@ -14,7 +14,7 @@ from tests.helpers import Raw, wait_until
 from tests.procs import WorkerProcs, wait_started
 from tests.test_secrets_at_rest import _forms
 from worker import wire
-from worker.envelope import ALG_RSA, ALG_SK
+from worker.protocol import ALG_RSA, ALG_SK
 from worker.sessions import open_record
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys

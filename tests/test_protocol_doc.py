@@ -24,9 +24,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from worker import errors, wire
 from worker.envelope import (
-    ALG_RSA,
-    ALG_SK,
-    HANDSHAKE_TYPE,
     Sealed,
     handshake_session_key,
     open_sealed,
@@ -39,6 +36,7 @@ from worker.envelope import (
 )
 from worker.keys import MasterKey, MasterKeys
 from worker.names import Names
+from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
 from worker.sessions import new_session, open_record, seal_record
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"

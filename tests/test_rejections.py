@@ -38,16 +38,10 @@ from tests.helpers import (
 )
 from worker import messages, wire
 from worker.client import SessionGrant
-from worker.envelope import (
-    ALG_RSA,
-    ALG_SK,
-    HANDSHAKE_TYPE,
-    KEY_SIZE,
-    request_aad,
-    seal,
-)
+from worker.envelope import request_aad, seal
 from worker.handlers import App
 from worker.keys import load_public_key
+from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE, KEY_SIZE
 from worker.sessions import new_session, seal_record
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys

@@ -10,18 +10,16 @@ from cryptography.hazmat.primitives import serialization
 
 from tests.helpers import Raw, now_ms
 from worker import messages, wire
-from worker.client import SessionGrant, new_id
+from worker.client import SessionGrant
 from worker.demo import app
 from worker.envelope import (
-    ALG_RSA,
-    ALG_SK,
-    HANDSHAKE_TYPE,
     handshake_session_key,
     sk_reply_key,
     sk_request_key,
     x25519_keypair,
     x25519_shared,
 )
+from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE, new_id
 from worker.sessions import open_record
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker

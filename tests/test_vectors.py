@@ -22,18 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from worker import messages, wire
-from worker.envelope import (
-    _OAEP,
-    ALG_RSA,
-    ALG_SK,
-    Sealed,
-    open_sealed,
-    request_aad,
-    seal,
-    unwrap_key,
-    x25519_shared,
-)
+from worker.envelope import _OAEP, Sealed, open_sealed, request_aad, seal, unwrap_key, x25519_shared
 from worker.errors import DecryptError, Malformed
+from worker.protocol import ALG_RSA, ALG_SK
 from worker.wire import Request
 
 # Copied into the repository with their license and origin (tests/vectors/README.md).

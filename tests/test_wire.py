@@ -18,8 +18,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from worker import wire
-from worker.envelope import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
 from worker.errors import Malformed, ProtocolError, Unsupported
+from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
 from worker.wire import Field, Reply, Request
 
 SID = "9f0c1e2d3c4b5a69788796a5b4c3d2e1"

@@ -7,16 +7,15 @@ a :class:`~worker.client.SessionGrant` to its client over its own secure channel
 from __future__ import annotations
 
 import os
-import time
 
 import anyio
 import redis.asyncio as aioredis
 
-from worker.client import SessionGrant, new_id
-from worker.envelope import KEY_SIZE
+from worker.client import SessionGrant
 from worker.errors import SessionExists
 from worker.keys import MasterKeys
 from worker.names import Names
+from worker.protocol import KEY_SIZE, new_id, now_ms
 from worker.sessions import DEFAULT_KEY_BITS, DEFAULT_TTL_S, new_session, seal_record
 from worker.wire import is_id
 
@@ -43,7 +42,7 @@ async def create_session(
     ks = session_key if session_key is not None else os.urandom(KEY_SIZE)
     if len(ks) != KEY_SIZE:
         raise ValueError("session_key must be 32 bytes")
-    now = time.time_ns() // 1_000_000
+    now = now_ms()
     session = await anyio.to_thread.run_sync(
         lambda: new_session(sid, ks=ks, now_ms=now, ttl_s=ttl_s, bits=bits)
     )

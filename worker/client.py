@@ -35,38 +35,19 @@ from redis.exceptions import RedisError
 
 from worker import messages, wire
 from worker.cluster import initial_client, probed, store_for
-from worker.envelope import (
-    ALG_RSA,
-    ALG_SK,
-    ALGORITHMS,
-    HANDSHAKE_TYPE,
-    KEY_SIZE,
-    handshake_session_key,
-    kid_of,
-    x25519_keypair,
-    x25519_shared,
-)
+from worker.envelope import handshake_session_key, kid_of, x25519_keypair, x25519_shared
 from worker.errors import ConfigError, DecryptError, Malformed, ReplyTimeout
 from worker.keys import load_public_key
 from worker.logging import get_logger
 from worker.names import Names
+from worker.protocol import ALG_RSA, ALG_SK, ALGORITHMS, HANDSHAKE_TYPE, KEY_SIZE, new_id, now_ms
 from worker.replies import Result, batch, copy_refused, resolve
 from worker.shards import MAX_SHARDS, SHARDS_REFRESH_S, parse_shards
 from worker.streams import AnyRedis, Retrier
 
 log = get_logger("sealstream.client")
 
-__all__ = ["MAX_SHARDS", "Client", "ClientSession", "Result", "SessionGrant", "new_id"]
-
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def new_id() -> str:
-    """A fresh ``sid``/``mid``: 16 random bytes as 32 lowercase hex chars."""
-    return os.urandom(16).hex()
+__all__ = ["MAX_SHARDS", "Client", "ClientSession", "Result", "SessionGrant"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -202,7 +183,7 @@ class Client:
             alg=ALG_RSA,
             sid=sid,
             mid=mid,
-            ts=_now_ms(),
+            ts=now_ms(),
             type_=HANDSHAKE_TYPE,
             plaintext=wire.dumps(body, self.encoding),
             public_key=service,
@@ -416,7 +397,7 @@ class ClientSession:
                 alg=alg,
                 sid=self.sid,
                 mid=new_id(),
-                ts=_now_ms(),
+                ts=now_ms(),
                 type_=type_,
                 plaintext=plaintext,
                 public_key=self._public_key if alg == ALG_RSA else None,

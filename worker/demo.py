@@ -11,9 +11,9 @@ from typing import Any
 import anyio
 
 from worker.client import Client, ClientSession, SessionGrant
-from worker.envelope import ALG_RSA, ALG_SK
 from worker.errors import BadPayload, RemoteError
 from worker.handlers import App
+from worker.protocol import ALG_RSA, ALG_SK
 from worker.wire import Field
 
 app = App()

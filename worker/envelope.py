@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
-from typing import Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -21,16 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from worker.errors import DecryptError
-
-ALG_RSA: Final = "RSA-OAEP-256+A256GCM"
-ALG_SK: Final = "SK+A256GCM"
-ALGORITHMS: Final = frozenset({ALG_RSA, ALG_SK})
-HANDSHAKE_TYPE: Final = "sealstream.handshake"
-VERSION: Final = 1
-
-KEY_SIZE: Final = 32
-IV_SIZE: Final = 12
-TAG_SIZE: Final = 16
+from worker.protocol import IV_SIZE, KEY_SIZE, TAG_SIZE, X25519_SIZE
 
 _OAEP = padding.OAEP(
     mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
@@ -161,7 +151,7 @@ def x25519_keypair() -> tuple[x25519.X25519PrivateKey, bytes]:
 
 def x25519_shared(private: x25519.X25519PrivateKey, peer: bytes) -> bytes:
     """X25519 agreement; ``ValueError`` for a malformed or low-order peer key."""
-    if len(peer) != 32:
+    if len(peer) != X25519_SIZE:
         raise ValueError("an X25519 public key is 32 bytes")
     # cryptography refuses an all-zero shared secret (a low-order peer) with ValueError.
     return private.exchange(x25519.X25519PublicKey.from_public_bytes(peer))

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from worker.envelope import (
-    ALG_RSA,
-    KEY_SIZE,
     Sealed,
     open_sealed,
     reply_aad,
@@ -25,6 +23,7 @@ from worker.envelope import (
     wrap_key,
 )
 from worker.errors import DecryptError
+from worker.protocol import ALG_RSA, KEY_SIZE
 from worker.wire import Field, Reply, Request
 
 

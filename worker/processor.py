@@ -35,13 +35,7 @@ from worker import messages, wire
 from worker import tracing as _tracing
 from worker.attempts import AttemptLog, start_attempt
 from worker.dispatch import Dispatcher, Outcome, Work, error, resume
-from worker.envelope import (
-    ALG_RSA,
-    HANDSHAKE_TYPE,
-    handshake_session_key,
-    x25519_keypair,
-    x25519_shared,
-)
+from worker.envelope import handshake_session_key, x25519_keypair, x25519_shared
 from worker.errors import (
     AuthFailed,
     BadPayload,
@@ -59,6 +53,7 @@ from worker.keypool import KeyPool
 from worker.keys import MasterKeys, ServiceKey
 from worker.logging import get_logger
 from worker.metrics import Metrics
+from worker.protocol import ALG_RSA, HANDSHAKE_TYPE, now_ms
 from worker.sessions import DEFAULT_TTL_S, Session, clamp_ttl, new_session, open_record, seal_record
 from worker.settings import Settings
 from worker.streams import (
@@ -87,7 +82,7 @@ _DETAIL_MAX = 200
 
 def wall_clock_ms() -> int:
     """Milliseconds since the Unix epoch."""
-    return time.time_ns() // 1_000_000
+    return now_ms()
 
 
 @dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated

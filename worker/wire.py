@@ -25,15 +25,8 @@ from typing import Any, Final, Literal
 
 import msgpack
 
-from worker.envelope import (
-    ALG_RSA,
-    ALGORITHMS,
-    HANDSHAKE_TYPE,
-    IV_SIZE,
-    TAG_SIZE,
-    VERSION,
-)
 from worker.errors import Malformed, ProtocolError, Unsupported
+from worker.protocol import ALG_RSA, ALGORITHMS, HANDSHAKE_TYPE, IV_SIZE, TAG_SIZE, VERSION
 
 Field = Literal["e", "j"]
 FIELDS: Final = ("e", "j")
