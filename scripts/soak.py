@@ -25,8 +25,8 @@ from typing import Any
 
 import anyio
 
-from worker import messages, wire
-from worker.names import GROUP, Names
+from worker import envelopes, wire
+from worker.keyspace import GROUP, Names
 from worker.protocol import ALG_SK, now_ms
 from worker.sessions import Session, seal_record
 from worker.streams import connect
@@ -77,7 +77,7 @@ async def soak(
                 async with redis.pipeline(transaction=False) as pipe:
                     for i in range(sent, min(n, sent + _CHUNK)):
                         sid, ks = grants[i % sessions]
-                        out = messages.seal_request(
+                        out = envelopes.seal_request(
                             field="e", alg=ALG_SK, sid=sid, mid=os.urandom(16).hex(),
                             ts=now_ms(), type_="echo", plaintext=body, ks=ks,
                         )  # fmt: skip

@@ -15,18 +15,18 @@ from typing import Any, TypeVar, overload
 import anyio
 import redis.asyncio as aioredis
 
-from worker import messages, wire
-from worker.backend import create_session
+from worker import envelopes, wire
 from worker.client import Client, SessionGrant
-from worker.envelope import x25519_keypair
+from worker.crypto import x25519_keypair
 from worker.handlers import App
 from worker.keys import load_public_key
-from worker.names import Names
-from worker.pool import Worker
+from worker.keyspace import Names
 from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE, KEY_SIZE, new_id, now_ms
+from worker.runtime import Worker
 from worker.settings import Settings
 from worker.streams import Entry, Store
 from worker.testing import ThrowawayKeys, running_worker
+from worker.trusted import create_session
 
 T = TypeVar("T")
 
@@ -99,9 +99,9 @@ class Raw:
         mid: str | None = None,
         ts: int | None = None,
         plaintext: bytes | None = None,
-    ) -> messages.Outgoing:
+    ) -> envelopes.Outgoing:
         """A sealed request for ``grant``'s session."""
-        return messages.seal_request(
+        return envelopes.seal_request(
             field=field,
             alg=alg,
             sid=grant.sid,
@@ -194,9 +194,9 @@ class Raw:
         await wait_until(drained, timeout=timeout)
 
 
-def open_ok(reply: wire.Reply, out: messages.Outgoing) -> Any:
+def open_ok(reply: wire.Reply, out: envelopes.Outgoing) -> Any:
     """Authenticate and decode a reply to ``out``."""
-    plaintext = messages.open_reply(reply, reply_key=out.reply_key, request=out.request)
+    plaintext = envelopes.open_reply(reply, reply_key=out.reply_key, request=out.request)
     return wire.loads(plaintext, out.request.field)
 
 
@@ -209,7 +209,7 @@ def handshake(
     field: wire.Field = "e",
     ttl: int | None = 600,
     body: dict[str, Any] | None = None,
-) -> messages.Outgoing:
+) -> envelopes.Outgoing:
     """A handshake as Client.handshake builds it (``ttl`` None: none asked for; or with
     ``body`` as given), under the service key; its reply key is Kb."""
     if ec is None:
@@ -218,7 +218,7 @@ def handshake(
         body = {"clientEphemeral": wire.to_wire_binary(ec, field)}
         if ttl is not None:
             body["ttl"] = ttl
-    return messages.seal_request(
+    return envelopes.seal_request(
         field=field,
         alg=ALG_RSA,
         sid=sid or new_id(),

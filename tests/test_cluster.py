@@ -28,9 +28,9 @@ from worker.cluster import (
     parse_sentinel_url,
     store_for,
 )
-from worker.demo import app
+from worker.demo_app import app
 from worker.errors import ConfigError
-from worker.names import Names
+from worker.keyspace import Names
 from worker.protocol import ALG_RSA, ALG_SK, new_id
 from worker.retrier import Retrier, transient
 from worker.settings import Settings

@@ -21,18 +21,18 @@ from anyio.abc import Process
 from tests.gatewayrig import Event, read_events, running_gateway
 from tests.helpers import wait_until
 from worker import wire
-from worker.backend import create_session
 from worker.cli import main
 from worker.client import SessionGrant
-from worker.demo import app
+from worker.demo_app import app
+from worker.envelopes import Outgoing, open_reply, seal_request
 from worker.errors import ConfigError, Malformed
 from worker.gateway import Gateway
 from worker.gatewayconf import GatewaySettings
 from worker.keys import load_public_key
-from worker.messages import Outgoing, open_reply, seal_request
 from worker.protocol import ALG_RSA, ALG_SK, new_id, now_ms
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, free_port, running_worker
+from worker.trusted import create_session
 
 
 def _seal(grant: SessionGrant, payload: Any, *, alg: str = ALG_SK, type_: str = "echo") -> Outgoing:

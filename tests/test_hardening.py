@@ -22,11 +22,11 @@ import structlog
 
 from tests import helpers
 from tests.helpers import Raw, Rig, new_id, now_ms, open_ok, wait_until
-from worker import messages, wire
+from worker import envelopes, wire
 from worker.client import SessionGrant
 from worker.handlers import App
-from worker.pool import Worker
 from worker.protocol import ALG_RSA, ALG_SK
+from worker.runtime import Worker
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker
 
@@ -310,7 +310,7 @@ def test_dlq_copy_max_is_read_from_the_environment() -> None:
 # -- handshakes have their own lane ----------------------------------------------------
 
 
-def handshake(keys: ThrowawayKeys, *, ttl: int | None = None) -> tuple[messages.Outgoing, str]:
+def handshake(keys: ThrowawayKeys, *, ttl: int | None = None) -> tuple[envelopes.Outgoing, str]:
     """A sealed handshake request under the service key, and its sid."""
     out = helpers.handshake(keys, ttl=ttl)
     return out, out.request.sid
@@ -441,7 +441,7 @@ async def test_a_flood_of_the_worst_inputs_keeps_the_loop_responsive(
                 )
                 await rig.raw.send(out.request)
 
-        outs: list[messages.Outgoing] = []
+        outs: list[envelopes.Outgoing] = []
         async with anyio.create_task_group() as tg:
             tg.start_soon(ticker)
             tg.start_soon(flood)

@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from worker import wire
-from worker.demo import app
+from worker.demo_app import app
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker
 

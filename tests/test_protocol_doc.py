@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from worker import errors, wire
-from worker.envelope import (
+from worker.crypto import (
     Sealed,
     handshake_session_key,
     open_sealed,
@@ -35,7 +35,7 @@ from worker.envelope import (
     x25519_shared,
 )
 from worker.keys import MasterKey, MasterKeys
-from worker.names import Names
+from worker.keyspace import Names
 from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
 from worker.sessions import new_session, open_record, seal_record
 
@@ -223,7 +223,7 @@ def test_inputs_are_well_formed() -> None:
 
 
 def test_key_names_match_names() -> None:
-    """The key-name examples are what worker.names.Names gives for the inputs."""
+    """The key-name examples are what worker.keyspace.Names gives for the inputs."""
     i = inputs()
     names, shown = Names(i["prefix"]), table("names")
     assert {

@@ -36,9 +36,9 @@ from tests.helpers import (
     serving,
     unknown_session,
 )
-from worker import messages, wire
+from worker import envelopes, wire
 from worker.client import SessionGrant
-from worker.envelope import request_aad, seal
+from worker.crypto import request_aad, seal
 from worker.handlers import App
 from worker.keys import load_public_key
 from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE, KEY_SIZE
@@ -266,7 +266,7 @@ async def _assert_serving(
     await rig.raw.wait_drained()
 
 
-def _error_body(reply: wire.Reply, out: messages.Outgoing) -> dict[str, Any]:
+def _error_body(reply: wire.Reply, out: envelopes.Outgoing) -> dict[str, Any]:
     """Authenticate an ``error`` reply and return its ``{code, message}``."""
     assert ("error", out.request.alg, out.request.field) == (reply.status, reply.alg, reply.field)
     body = open_ok(reply, out)
@@ -838,7 +838,7 @@ async def test_unknown_alg_is_unsupported_and_notice_has_no_alg(rig: Rig) -> Non
 # -- entries that do not decode ---------------------------------------------------------
 
 
-def _padded_to(grant: SessionGrant, raw: Raw, size: int) -> tuple[messages.Outgoing, Any]:
+def _padded_to(grant: SessionGrant, raw: Raw, size: int) -> tuple[envelopes.Outgoing, Any]:
     """An echo request whose MessagePack entry is exactly ``size`` bytes, and its payload."""
     n = size // 2
     for _ in range(3):

@@ -9,16 +9,16 @@ import redis.asyncio as aioredis
 from cryptography.hazmat.primitives import serialization
 
 from tests.helpers import Raw, now_ms
-from worker import messages, wire
+from worker import envelopes, wire
 from worker.client import SessionGrant
-from worker.demo import app
-from worker.envelope import (
+from worker.crypto import (
     handshake_session_key,
     sk_reply_key,
     sk_request_key,
     x25519_keypair,
     x25519_shared,
 )
+from worker.demo_app import app
 from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE, new_id
 from worker.sessions import open_record
 from worker.settings import Settings
@@ -59,7 +59,7 @@ async def _handshake(
     kb = os.urandom(32)
     ec_private, ec = x25519_keypair()
     sid = new_id()
-    out = messages.seal_request(
+    out = envelopes.seal_request(
         field=field,
         alg=ALG_RSA,
         sid=sid,
@@ -73,7 +73,7 @@ async def _handshake(
     )
     await raw.send(out.request)
     body = wire.loads(
-        messages.open_reply(
+        envelopes.open_reply(
             await raw.reply(sid, out.request.mid), reply_key=kb, request=out.request
         ),
         field,

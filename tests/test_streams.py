@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from redis.exceptions import ResponseError
 
-from worker.names import GROUP, Names
+from worker.keyspace import GROUP, Names
 from worker.streams import Claim, RefusalWrite, ReplyWrite, Store, connect, transient
 from worker.testing import RedisServer
 

@@ -1,6 +1,5 @@
 """sealstream: an async Redis Streams worker with application-level encryption."""
 
-from worker.backend import create_session
 from worker.client import Client, ClientSession, Result, SessionGrant
 from worker.errors import (
     BadPayload,
@@ -11,10 +10,11 @@ from worker.errors import (
     SealstreamError,
 )
 from worker.handlers import App, Context
-from worker.pool import Worker
 from worker.retries import Backoff, RetryPolicy
+from worker.runtime import Worker
 from worker.session_admin import revoke_session
 from worker.settings import Settings
+from worker.trusted import create_session
 
 __all__ = [
     "App",

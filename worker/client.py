@@ -33,13 +33,13 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.exceptions import RedisError
 
-from worker import messages, wire
+from worker import envelopes, wire
 from worker.cluster import initial_client, probed, store_for
-from worker.envelope import handshake_session_key, kid_of, x25519_keypair, x25519_shared
+from worker.crypto import handshake_session_key, kid_of, x25519_keypair, x25519_shared
 from worker.errors import ConfigError, DecryptError, Malformed, ReplyTimeout
 from worker.keys import load_public_key
+from worker.keyspace import Names
 from worker.logging import get_logger
-from worker.names import Names
 from worker.protocol import ALG_RSA, ALG_SK, ALGORITHMS, HANDSHAKE_TYPE, KEY_SIZE, new_id, now_ms
 from worker.replies import Result, batch, copy_refused, resolve
 from worker.shards import MAX_SHARDS, SHARDS_REFRESH_S, parse_shards
@@ -62,7 +62,7 @@ class SessionGrant:
 
 @dataclass(slots=True, kw_only=True)
 class _Waiter:
-    outgoing: messages.Outgoing
+    outgoing: envelopes.Outgoing
     type: str
     done: anyio.Event = field(default_factory=anyio.Event)
     result: Result | None = None
@@ -178,7 +178,7 @@ class Client:
         kb = os.urandom(KEY_SIZE)
         ec_private, ec = x25519_keypair()
         body = {"clientEphemeral": wire.to_wire_binary(ec, self.encoding), "ttl": ttl_s}
-        out = messages.seal_request(
+        out = envelopes.seal_request(
             field=self.encoding,
             alg=ALG_RSA,
             sid=sid,
@@ -259,7 +259,7 @@ class Client:
         # was added, the copy gets a ``replay`` notice, which the session ignores.
         return await self._retry(lambda: self.store.add_request(shard, entry))
 
-    async def _await_handshake(self, out: messages.Outgoing, timeout: float) -> Result:
+    async def _await_handshake(self, out: envelopes.Outgoing, timeout: float) -> Result:
         """The handshake's result; a reply that fails to open is ignored, as a forgery."""
         sid, mid = out.request.sid, out.request.mid
         after = "0-0"
@@ -392,7 +392,7 @@ class ClientSession:
         # Wait for a slot first, so ``ts`` is taken when the request really goes out.
         await self._slots.acquire()
         try:
-            out = messages.seal_request(
+            out = envelopes.seal_request(
                 field=field_,
                 alg=alg,
                 sid=self.sid,

@@ -3,8 +3,8 @@
 ::
 
     entries -> wire.decode_request -> freshness -> sessions (one MGET per batch)
-      -> messages.open_request (SK on the loop; RSA in threads, in chunks)
-      -> replay records (one script per batch) -> handler pool -> messages.seal_reply
+      -> envelopes.open_request (SK on the loop; RSA in threads, in chunks)
+      -> replay records (one script per batch) -> handler pool -> envelopes.seal_reply
       -> writer: reply + record done + XACK (one script per flush of many messages)
 
 Handshakes leave the batch after decoding for their own lane (bounded key
@@ -31,11 +31,11 @@ from anyio.abc import TaskStatus
 from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.exceptions import ResponseError
 
-from worker import messages, wire
+from worker import envelopes, wire
 from worker import tracing as _tracing
 from worker.attempts import AttemptLog, start_attempt
+from worker.crypto import handshake_session_key, x25519_keypair, x25519_shared
 from worker.dispatch import Dispatcher, Outcome, Work, error, resume
-from worker.envelope import handshake_session_key, x25519_keypair, x25519_shared
 from worker.errors import (
     AuthFailed,
     BadPayload,
@@ -102,7 +102,7 @@ class Delivery:
         return f"{self.shard}|{self.entry.id}"
 
 
-_Authed = tuple[Delivery, wire.Request, messages.Opened]
+_Authed = tuple[Delivery, wire.Request, envelopes.Opened]
 
 
 class Tracker(Protocol):
@@ -328,7 +328,7 @@ class Processor:
         raws = await self.retry(lambda: self.store.get_sessions(sids))
         sessions = {sid: self._session(sid, raw) for sid, raw in zip(sids, raws, strict=True)}
         now = self.clock()
-        opened: list[tuple[Delivery, wire.Request, messages.Opened]] = []
+        opened: list[tuple[Delivery, wire.Request, envelopes.Opened]] = []
         wrapped: list[tuple[Delivery, wire.Request, Session]] = []
         for d, r in batch:
             try:
@@ -357,7 +357,7 @@ class Processor:
     async def _unwrap(
         self,
         chunk: list[tuple[Delivery, wire.Request, Session]],
-        opened: list[tuple[Delivery, wire.Request, messages.Opened]],
+        opened: list[tuple[Delivery, wire.Request, envelopes.Opened]],
     ) -> None:
         results = await anyio.to_thread.run_sync(_open_rsa, chunk, limiter=self._rsa)
         for (d, r, _), result in zip(chunk, results, strict=True):
@@ -578,7 +578,7 @@ class Processor:
     ) -> None:
         """Seal the reply and queue it, with its dead letter first (a crash between the
         two cannot happen: they are one atomic step)."""
-        reply = messages.seal_reply(r, reply_key, outcome.status, outcome.plaintext)
+        reply = envelopes.seal_reply(r, reply_key, outcome.status, outcome.plaintext)
         letter = None
         if outcome.dead_letter is not None:
             letter = self._letter(d, outcome.dead_letter, request=r)
@@ -675,7 +675,7 @@ class Processor:
         notice = None
         if exc.session_id and exc.message_id and exc.field in wire.FIELDS:
             field: wire.Field = "e" if exc.field == "e" else "j"
-            note = messages.notice(
+            note = envelopes.notice(
                 field=field, sid=exc.session_id, mid=exc.message_id, code=exc.notice, alg=exc.alg
             )
             notice = wire.encode_reply(note)
@@ -843,21 +843,21 @@ def _decode(fields: dict[bytes, bytes], max_size: int) -> wire.Request:
         raise Malformed("the entry could not be decoded") from None
 
 
-def _open(request: wire.Request, private_key: Any, ks: bytes | None) -> messages.Opened:
+def _open(request: wire.Request, private_key: Any, ks: bytes | None) -> envelopes.Opened:
     try:
-        return messages.open_request(request, private_key=private_key, ks=ks)
+        return envelopes.open_request(request, private_key=private_key, ks=ks)
     except DecryptError:
         raise AuthFailed("authentication failed") from None
 
 
 def _open_rsa(
     chunk: list[tuple[Delivery, wire.Request, Session]],
-) -> list[messages.Opened | None]:
+) -> list[envelopes.Opened | None]:
     """RSA unwraps of a chunk, in one thread hop (cryptography releases the GIL)."""
-    out: list[messages.Opened | None] = []
+    out: list[envelopes.Opened | None] = []
     for _, request, session in chunk:
         try:
-            out.append(messages.open_request(request, private_key=session.private_key))
+            out.append(envelopes.open_request(request, private_key=session.private_key))
         except DecryptError:
             out.append(None)
     return out

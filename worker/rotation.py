@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from worker.errors import ConfigError, DecryptError
 from worker.keys import MasterKey, MasterKeys
-from worker.names import Names
+from worker.keyspace import Names
 from worker.session_admin import session_keys
 from worker.sessions import open_record, seal_record
 from worker.wire import DecodeError, loads

@@ -16,7 +16,7 @@ import msgpack
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from worker.envelope import Sealed, modulus_bytes, open_sealed, seal, spki_pem
+from worker.crypto import Sealed, modulus_bytes, open_sealed, seal, spki_pem
 from worker.errors import DecryptError
 from worker.keys import MasterKey, MasterKeys
 from worker.protocol import IV_SIZE, KEY_SIZE, TAG_SIZE

@@ -26,7 +26,7 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import scripts
-from worker.names import GROUP, Names
+from worker.keyspace import GROUP, Names
 from worker.retrier import Retrier, transient
 
 Fields = dict[bytes, bytes]

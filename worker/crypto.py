@@ -1,4 +1,4 @@
-"""Pure sealing and opening of sealstream envelopes: AAD, HKDF, AES-GCM, RSA-OAEP, X25519.
+"""The protocol's cryptographic primitives: AAD, HKDF, AES-GCM, RSA-OAEP, X25519.
 
 No I/O and no clocks. Every failure to open is one opaque :class:`DecryptError`
 raised ``from None``: an RSA unwrap failure substitutes a random key and lets the

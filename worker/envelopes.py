@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from worker.envelope import (
+from worker.crypto import (
     Sealed,
     open_sealed,
     reply_aad,

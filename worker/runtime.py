@@ -33,10 +33,10 @@ from worker.errors import ConfigError
 from worker.handlers import App
 from worker.health import Readiness
 from worker.keys import MasterKeys, ServiceKey
+from worker.keyspace import Names
 from worker.logging import get_logger
 from worker.metrics import Metrics
 from worker.metrics import serve as serve_metrics
-from worker.names import Names
 from worker.processor import Clock, Delivery, Processor, wall_clock_ms
 from worker.settings import Settings, redacted_url
 from worker.streams import AnyRedis, Entry, Retrier, Store
