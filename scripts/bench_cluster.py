@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from worker import envelopes, wire
+from worker import codec, envelopes, wire
 from worker.client import SessionGrant
 from worker.cluster import open_redis
 from worker.keyspace import GROUP, Names
@@ -54,7 +54,7 @@ def servers(primaries: int) -> Iterator[str]:
 
 def seal(grants: list[SessionGrant], n: int) -> dict[int, list[dict[str, bytes]]]:
     """``n`` sealed 256-byte echo requests, by their default shard."""
-    body = wire.dumps({"data": "x" * 240}, "e")
+    body = codec.dumps({"data": "x" * 240}, "e")
     names, now = Names(), now_ms()
     out: dict[int, list[dict[str, bytes]]] = {s: [] for s in range(SHARDS)}
     for i in range(n):

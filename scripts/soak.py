@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from worker import envelopes, wire
+from worker import codec, envelopes, wire
 from worker.keyspace import GROUP, Names
 from worker.protocol import ALG_SK, now_ms
 from worker.sessions import Session, seal_record
@@ -62,7 +62,7 @@ async def soak(
                 pipe.set(names.session(sid), seal_record(session, keys.master.active), px=7_200_000)
                 grants.append((sid, ks))
             await pipe.execute()
-        body = wire.dumps({"pad": "x" * 1000}, "e")
+        body = codec.dumps({"pad": "x" * 1000}, "e")
         sent, samples, t0 = 0, [], time.perf_counter()
         rss_at_100k = None
         while True:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar, overload
 import anyio
 import redis.asyncio as aioredis
 
-from worker import envelopes, wire
+from worker import codec, envelopes, wire
 from worker.client import Client, SessionGrant
 from worker.crypto import x25519_keypair
 from worker.handlers import App
@@ -108,7 +108,7 @@ class Raw:
             mid=mid or new_id(),
             ts=now_ms() if ts is None else ts,
             type_=type_,
-            plaintext=wire.dumps(payload, field) if plaintext is None else plaintext,
+            plaintext=codec.dumps(payload, field) if plaintext is None else plaintext,
             public_key=load_public_key(grant.public_key_pem) if alg == ALG_RSA else None,
             ks=grant.session_key if alg == ALG_SK else None,
         )
@@ -197,7 +197,7 @@ class Raw:
 def open_ok(reply: wire.Reply, out: envelopes.Outgoing) -> Any:
     """Authenticate and decode a reply to ``out``."""
     plaintext = envelopes.open_reply(reply, reply_key=out.reply_key, request=out.request)
-    return wire.loads(plaintext, out.request.field)
+    return codec.loads(plaintext, out.request.field)
 
 
 def handshake(
@@ -215,7 +215,7 @@ def handshake(
     if ec is None:
         _, ec = x25519_keypair()
     if body is None:
-        body = {"clientEphemeral": wire.to_wire_binary(ec, field)}
+        body = {"clientEphemeral": codec.to_wire_binary(ec, field)}
         if ttl is not None:
             body["ttl"] = ttl
     return envelopes.seal_request(
@@ -225,7 +225,7 @@ def handshake(
         mid=new_id(),
         ts=now_ms(),
         type_=HANDSHAKE_TYPE,
-        plaintext=wire.dumps(body, field),
+        plaintext=codec.dumps(body, field),
         public_key=keys.service.public_key,
         kid=kid or keys.service.kid,
         key=os.urandom(KEY_SIZE),

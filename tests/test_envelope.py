@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker import envelopes
+from worker.codec import Field
 from worker.crypto import (
     Sealed,
     handshake_session_key,
@@ -31,7 +32,7 @@ from worker.crypto import (
 )
 from worker.errors import DecryptError
 from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
-from worker.wire import Field, Reply, Request
+from worker.wire import Reply, Request
 
 SID = "9f0c1e2d3c4b5a69788796a5b4c3d2e1"
 MID = "5be1a2b3c4d5e6f708192a3b4c5d6e7f"

@@ -22,7 +22,7 @@ import structlog
 
 from tests import helpers
 from tests.helpers import Raw, Rig, new_id, now_ms, open_ok, wait_until
-from worker import envelopes, wire
+from worker import codec, envelopes, wire
 from worker.client import SessionGrant
 from worker.handlers import App
 from worker.protocol import ALG_RSA, ALG_SK
@@ -471,7 +471,7 @@ async def test_a_refusal_log_line_is_bounded(
             env = {"v": 1, "alg": ALG_SK, "sid": grant.sid, "mid": new_id()}
             env.update({f"unknown{i:05d}" + "x" * 200: 1 for i in range(20)})
             env["pad"] = "p" * 800_000
-            raw = msgpack.packb(env) if field == "e" else wire.dumps(env, "j")
+            raw = msgpack.packb(env) if field == "e" else codec.dumps(env, "j")
             entry_id = await rig.raw.send_fields({field: raw})
             await rig.raw.letter_for(entry_id)
     lines = [json.dumps(e, default=str) for e in logs if e["event"] == "request_refused"]

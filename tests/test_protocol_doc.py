@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from worker import errors, wire
+from worker import codec, errors, wire
 from worker.crypto import (
     Sealed,
     handshake_session_key,
@@ -215,8 +215,8 @@ def test_inputs_are_well_formed() -> None:
     ]
     assert [12, 12] == [len(bytes.fromhex(i[k])) for k in ("request_iv", "reply_iv")]
     for name in ("request_plaintext", "reply_plaintext"):
-        value = wire.loads(i[name].encode("utf-8"), "j")
-        assert i[name].encode("utf-8") == wire.dumps(value, "j")
+        value = codec.loads(i[name].encode("utf-8"), "j")
+        assert i[name].encode("utf-8") == codec.dumps(value, "j")
 
 
 # -- names ---------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_handshake_plaintext() -> None:
     """The handshake plaintext is Ec in base64 with ttl 3600, written as the code writes JSON."""
     _, ec = x25519_public(inputs()["ec_private"])
     body = {"clientEphemeral": base64.b64encode(ec).decode("ascii"), "ttl": 3600}
-    assert wire.dumps(body, "j") == block("handshake-plaintext").encode("utf-8")
+    assert codec.dumps(body, "j") == block("handshake-plaintext").encode("utf-8")
 
 
 def test_handshake_aads() -> None:

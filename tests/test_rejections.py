@@ -36,7 +36,7 @@ from tests.helpers import (
     serving,
     unknown_session,
 )
-from worker import envelopes, wire
+from worker import codec, envelopes, wire
 from worker.client import SessionGrant
 from worker.crypto import request_aad, seal
 from worker.handlers import App
@@ -128,7 +128,7 @@ def _fields(request: wire.Request) -> dict[str, bytes]:
 def _envelope(request: wire.Request) -> dict[str, Any]:
     """A request's envelope as a mutable map (binary as its encoding carries it)."""
     ((_, value),) = wire.encode_request(request).items()
-    env = wire.loads(value, request.field)
+    env = codec.loads(value, request.field)
     assert isinstance(env, dict)
     return env
 
@@ -151,7 +151,7 @@ async def _reply_envelopes(raw: Raw, sid: str) -> list[tuple[str, dict[str, Any]
     for _, entry in rows:
         ((name, value),) = entry.items()
         field: wire.Field = "e" if name == b"e" else "j"
-        env = wire.loads(value, field)
+        env = codec.loads(value, field)
         assert isinstance(env, dict)
         out.append((name.decode(), env))
     return out
@@ -590,7 +590,7 @@ async def test_key_wrapped_with_other_padding_fails_authentication(rig: Rig) -> 
     for label, pad in _WRONG_WRAPS.items():
         with _case(label):
             k, mid, ts = os.urandom(KEY_SIZE), new_id(), now_ms()
-            box = seal(k, wire.dumps({}, "e"), request_aad(ALG_RSA, grant.sid, mid, ts, "echo"))
+            box = seal(k, codec.dumps({}, "e"), request_aad(ALG_RSA, grant.sid, mid, ts, "echo"))
             request = wire.Request(
                 field="e", alg=ALG_RSA, sid=grant.sid, mid=mid, ts=ts, type="echo",
                 iv=box.iv, encrypted_data=box.ciphertext, auth_tag=box.tag,
@@ -1038,7 +1038,7 @@ async def test_undecodable_plaintext_is_bad_payload(rig: Rig) -> None:
     grant = await rig.raw.grant()
     plaintexts: list[tuple[str, wire.Field, bytes]] = [
         (ALG_SK, "e", b"\xc1"),
-        (ALG_SK, "e", wire.dumps({}, "e") + b"\x00"),
+        (ALG_SK, "e", codec.dumps({}, "e") + b"\x00"),
         (ALG_RSA, "j", b"{not json"),
         (ALG_SK, "j", b'{"a":1,"a":2}'),
     ]

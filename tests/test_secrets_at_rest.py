@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from cryptography.hazmat.primitives import serialization
 
 from tests.helpers import Raw, now_ms
-from worker import envelopes, wire
+from worker import codec, envelopes, wire
 from worker.client import SessionGrant
 from worker.crypto import (
     handshake_session_key,
@@ -66,19 +66,19 @@ async def _handshake(
         mid=new_id(),
         ts=now_ms(),
         type_=HANDSHAKE_TYPE,
-        plaintext=wire.dumps({"clientEphemeral": wire.to_wire_binary(ec, field)}, field),
+        plaintext=codec.dumps({"clientEphemeral": codec.to_wire_binary(ec, field)}, field),
         public_key=keys.service.public_key,
         kid=keys.service.kid,
         key=kb,
     )
     await raw.send(out.request)
-    body = wire.loads(
+    body = codec.loads(
         envelopes.open_reply(
             await raw.reply(sid, out.request.mid), reply_key=kb, request=out.request
         ),
         field,
     )
-    ew = wire.binary(body["serverEphemeral"], field)
+    ew = codec.binary(body["serverEphemeral"], field)
     ks = handshake_session_key(
         kb=kb,
         shared=x25519_shared(ec_private, ew),

@@ -33,7 +33,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.exceptions import RedisError
 
-from worker import envelopes, wire
+from worker import codec, envelopes, wire
 from worker.cluster import initial_client, probed, store_for
 from worker.crypto import handshake_session_key, kid_of, x25519_keypair, x25519_shared
 from worker.errors import ConfigError, DecryptError, Malformed, ReplyTimeout
@@ -177,7 +177,7 @@ class Client:
         sid, mid = new_id(), new_id()
         kb = os.urandom(KEY_SIZE)
         ec_private, ec = x25519_keypair()
-        body = {"clientEphemeral": wire.to_wire_binary(ec, self.encoding), "ttl": ttl_s}
+        body = {"clientEphemeral": codec.to_wire_binary(ec, self.encoding), "ttl": ttl_s}
         out = envelopes.seal_request(
             field=self.encoding,
             alg=ALG_RSA,
@@ -185,7 +185,7 @@ class Client:
             mid=mid,
             ts=now_ms(),
             type_=HANDSHAKE_TYPE,
-            plaintext=wire.dumps(body, self.encoding),
+            plaintext=codec.dumps(body, self.encoding),
             public_key=service,
             kid=kid_of(service),
             key=kb,
@@ -195,7 +195,7 @@ class Client:
         try:
             if not isinstance(value, dict) or value.get("sessionId") != sid:
                 raise Malformed("handshake reply is not for this session")
-            ew = wire.binary(value["serverEphemeral"], self.encoding)
+            ew = codec.binary(value["serverEphemeral"], self.encoding)
             ks = handshake_session_key(
                 kb=kb,
                 shared=x25519_shared(ec_private, ew),
@@ -208,7 +208,7 @@ class Client:
             return SessionGrant(
                 sid=sid, public_key_pem=pem, session_key=ks, expires_at=int(value["expiresAt"])
             )
-        except (KeyError, TypeError, ValueError, wire.DecodeError):
+        except (KeyError, TypeError, ValueError, codec.DecodeError):
             raise Malformed("the handshake reply is not the protocol's") from None
 
     @contextlib.asynccontextmanager
@@ -388,7 +388,7 @@ class ClientSession:
             raise ValueError(f"alg must be one of {sorted(ALGORITHMS)}")
         if not wire.is_type(type_):
             raise ValueError("type must match [A-Za-z0-9_.:-]{1,64}")
-        plaintext = wire.dumps(payload, field_)
+        plaintext = codec.dumps(payload, field_)
         # Wait for a slot first, so ``ts`` is taken when the request really goes out.
         await self._slots.acquire()
         try:

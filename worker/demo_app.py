@@ -11,10 +11,10 @@ from typing import Any
 import anyio
 
 from worker.client import Client, ClientSession, SessionGrant
+from worker.codec import Field
 from worker.errors import BadPayload, RemoteError
 from worker.handlers import App
 from worker.protocol import ALG_RSA, ALG_SK
-from worker.wire import Field
 
 app = App()
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from worker.codec import Field
 from worker.crypto import (
     Sealed,
     open_sealed,
@@ -24,7 +25,7 @@ from worker.crypto import (
 )
 from worker.errors import DecryptError
 from worker.protocol import ALG_RSA, KEY_SIZE
-from worker.wire import Field, Reply, Request
+from worker.wire import Reply, Request
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

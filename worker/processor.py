@@ -31,7 +31,7 @@ from anyio.abc import TaskStatus
 from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.exceptions import ResponseError
 
-from worker import envelopes, wire
+from worker import codec, envelopes, wire
 from worker import tracing as _tracing
 from worker.attempts import AttemptLog, start_attempt
 from worker.crypto import handshake_session_key, x25519_keypair, x25519_shared
@@ -630,13 +630,13 @@ class Processor:
             raise SessionExists("a session already exists for this sid")
         try:
             ec, ttl = _handshake_payload(
-                wire.loads(opened.plaintext, request.field),
+                codec.loads(opened.plaintext, request.field),
                 request.field,
                 self.settings.session_max_ttl_s,
             )
             ew_private, ew = x25519_keypair()
             shared = x25519_shared(ew_private, ec)
-        except (wire.DecodeError, BadPayload, ValueError) as exc:
+        except (codec.DecodeError, BadPayload, ValueError) as exc:
             message = exc.message if isinstance(exc, BadPayload) else "invalid handshake payload"
             outcome = error("bad_payload", message, request.field)
             self._reply(d, request, opened.reply_key, outcome, seen_ttl_ms=claim.ttl_ms)
@@ -660,10 +660,10 @@ class Processor:
         body = {
             "sessionId": request.sid,
             "publicKey": session.public_pem,
-            "serverEphemeral": wire.to_wire_binary(ew, request.field),
+            "serverEphemeral": codec.to_wire_binary(ew, request.field),
             "expiresAt": session.expires,
         }
-        outcome = Outcome(status="ok", plaintext=wire.dumps(body, request.field))
+        outcome = Outcome(status="ok", plaintext=codec.dumps(body, request.field))
         self._reply(
             d, request, opened.reply_key, outcome, seen_ttl_ms=claim.ttl_ms, session=session
         )
@@ -869,13 +869,13 @@ def _handshake_payload(value: Any, field: wire.Field, max_ttl_s: int) -> tuple[b
     if not set(value) <= {"clientEphemeral", "ttl"}:
         raise BadPayload("unknown handshake fields")
     try:
-        ec = wire.binary(value["clientEphemeral"], field)
-    except wire.DecodeError:
+        ec = codec.binary(value["clientEphemeral"], field)
+    except codec.DecodeError:
         raise BadPayload("clientEphemeral is not binary") from None
     if len(ec) != 32:
         raise BadPayload("clientEphemeral must be 32 bytes")
     ttl = value.get("ttl", DEFAULT_TTL_S)
-    if not wire.is_int(ttl):
+    if not codec.is_int(ttl):
         raise BadPayload("ttl must be an integer number of seconds")
     return ec, clamp_ttl(ttl, max_ttl_s)
 

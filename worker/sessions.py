@@ -16,11 +16,11 @@ import msgpack
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from worker.codec import DecodeError, is_int, loads
 from worker.crypto import Sealed, modulus_bytes, open_sealed, seal, spki_pem
 from worker.errors import DecryptError
 from worker.keys import MasterKey, MasterKeys
 from worker.protocol import IV_SIZE, KEY_SIZE, TAG_SIZE
-from worker.wire import DecodeError, is_int, loads
 
 DEFAULT_TTL_S = 3600
 MIN_TTL_S = 60
