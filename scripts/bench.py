@@ -54,7 +54,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
 
 from worker import envelopes, wire
-from worker.client import SessionGrant
+from worker.handshake import SessionGrant
 from worker.keyspace import GROUP, Names
 from worker.streams import connect
 from worker.testing import RedisServer, ThrowawayKeys

@@ -26,8 +26,8 @@ from typing import Any
 import anyio
 
 from worker import codec, envelopes, wire
-from worker.client import SessionGrant
 from worker.cluster import open_redis
+from worker.handshake import SessionGrant
 from worker.keyspace import GROUP, Names
 from worker.protocol import ALG_SK, new_id, now_ms
 from worker.streams import AnyRedis

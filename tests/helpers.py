@@ -16,12 +16,13 @@ import anyio
 import redis.asyncio as aioredis
 
 from worker import codec, envelopes, wire
-from worker.client import Client, SessionGrant
+from worker.client import Client
 from worker.crypto import x25519_keypair
 from worker.handlers import App
+from worker.handshake import SessionGrant, hello_plaintext, seal_hello
 from worker.keys import load_public_key
 from worker.keyspace import Names
-from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE, KEY_SIZE, new_id, now_ms
+from worker.protocol import ALG_RSA, ALG_SK, KEY_SIZE, new_id, now_ms
 from worker.runtime import Worker
 from worker.settings import Settings
 from worker.streams import Entry, Store
@@ -212,23 +213,19 @@ def handshake(
 ) -> envelopes.Outgoing:
     """A handshake as Client.handshake builds it (``ttl`` None: none asked for; or with
     ``body`` as given), under the service key; its reply key is Kb."""
-    if ec is None:
-        _, ec = x25519_keypair()
     if body is None:
-        body = {"clientEphemeral": codec.to_wire_binary(ec, field)}
-        if ttl is not None:
-            body["ttl"] = ttl
-    return envelopes.seal_request(
+        plaintext = hello_plaintext(ec or x25519_keypair()[1], field, ttl_s=ttl)
+    else:
+        plaintext = codec.dumps(body, field)
+    return seal_hello(
+        keys.service.public_key,
+        plaintext,
         field=field,
-        alg=ALG_RSA,
         sid=sid or new_id(),
         mid=new_id(),
         ts=now_ms(),
-        type_=HANDSHAKE_TYPE,
-        plaintext=codec.dumps(body, field),
-        public_key=keys.service.public_key,
+        kb=os.urandom(KEY_SIZE),
         kid=kid or keys.service.kid,
-        key=os.urandom(KEY_SIZE),
     )
 
 

@@ -13,8 +13,9 @@ from structlog.testing import capture_logs
 
 from tests.helpers import Raw, open_client, wait_until
 from worker import Client, ConfigError, ReplyTimeout, envelopes, wire
-from worker.client import ClientSession, Result, SessionGrant
+from worker.client import ClientSession, Result
 from worker.demo_app import app
+from worker.handshake import SessionGrant
 from worker.keyspace import Names
 from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
 from worker.settings import Settings

@@ -16,8 +16,8 @@ import redis.asyncio as aioredis
 from tests.helpers import Raw, open_client, wait_until
 from tests.procs import WorkerProcs, encode_all, outcomes, wait_answered, wait_started
 from worker import Client, RemoteError, ReplyTimeout, envelopes
-from worker.client import SessionGrant
 from worker.demo_app import app as demo_app
+from worker.handshake import SessionGrant
 from worker.protocol import ALG_RSA, ALG_SK
 from worker.settings import Settings
 from worker.streams import connect

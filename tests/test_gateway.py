@@ -22,12 +22,12 @@ from tests.gatewayrig import Event, read_events, running_gateway
 from tests.helpers import wait_until
 from worker import codec, wire
 from worker.cli import main
-from worker.client import SessionGrant
 from worker.demo_app import app
 from worker.envelopes import Outgoing, open_reply, seal_request
 from worker.errors import ConfigError, Malformed
 from worker.gateway import Gateway
 from worker.gatewayconf import GatewaySettings
+from worker.handshake import SessionGrant
 from worker.keys import load_public_key
 from worker.protocol import ALG_RSA, ALG_SK, new_id, now_ms
 from worker.settings import Settings

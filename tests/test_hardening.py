@@ -23,8 +23,8 @@ import structlog
 from tests import helpers
 from tests.helpers import Raw, Rig, new_id, now_ms, open_ok, wait_until
 from worker import codec, envelopes, wire
-from worker.client import SessionGrant
 from worker.handlers import App
+from worker.handshake import SessionGrant
 from worker.protocol import ALG_RSA, ALG_SK
 from worker.runtime import Worker
 from worker.settings import Settings

@@ -37,9 +37,9 @@ from tests.helpers import (
     unknown_session,
 )
 from worker import codec, envelopes, wire
-from worker.client import SessionGrant
 from worker.crypto import request_aad, seal
 from worker.handlers import App
+from worker.handshake import SessionGrant
 from worker.keys import load_public_key
 from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE, KEY_SIZE
 from worker.sessions import new_session, seal_record

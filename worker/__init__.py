@@ -1,6 +1,6 @@
 """sealstream: an async Redis Streams worker with application-level encryption."""
 
-from worker.client import Client, ClientSession, Result, SessionGrant
+from worker.client import Client, ClientSession, Result
 from worker.errors import (
     BadPayload,
     ConfigError,
@@ -10,6 +10,7 @@ from worker.errors import (
     SealstreamError,
 )
 from worker.handlers import App, Context
+from worker.handshake import SessionGrant
 from worker.retries import Backoff, RetryPolicy
 from worker.runtime import Worker
 from worker.session_admin import revoke_session

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import math
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -33,14 +32,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.exceptions import RedisError
 
-from worker import codec, envelopes, wire
+from worker import codec, envelopes, handshake, wire
 from worker.cluster import initial_client, probed, store_for
-from worker.crypto import handshake_session_key, kid_of, x25519_keypair, x25519_shared
-from worker.errors import ConfigError, DecryptError, Malformed, ReplyTimeout
+from worker.crypto import kid_of
+from worker.errors import ConfigError, DecryptError, ReplyTimeout
+from worker.handshake import SessionGrant
 from worker.keys import load_public_key
 from worker.keyspace import Names
 from worker.logging import get_logger
-from worker.protocol import ALG_RSA, ALG_SK, ALGORITHMS, HANDSHAKE_TYPE, KEY_SIZE, new_id, now_ms
+from worker.protocol import ALG_RSA, ALG_SK, ALGORITHMS, HANDSHAKE_TYPE, new_id, now_ms
 from worker.replies import Result, batch, copy_refused, resolve
 from worker.shards import MAX_SHARDS, SHARDS_REFRESH_S, parse_shards
 from worker.streams import AnyRedis, Retrier
@@ -48,16 +48,6 @@ from worker.streams import AnyRedis, Retrier
 log = get_logger("sealstream.client")
 
 __all__ = ["MAX_SHARDS", "Client", "ClientSession", "Result", "SessionGrant"]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SessionGrant:
-    """What a client needs to use a session: give it only over a secure channel."""
-
-    sid: str
-    public_key_pem: str
-    session_key: bytes = field(repr=False)
-    expires_at: int
 
 
 @dataclass(slots=True, kw_only=True)
@@ -174,42 +164,10 @@ class Client:
     async def handshake(self, *, ttl_s: int = 3600, timeout: float = 30.0) -> SessionGrant:
         """Run the protocol's handshake and return the new session's grant."""
         service = await self.service_key()
-        sid, mid = new_id(), new_id()
-        kb = os.urandom(KEY_SIZE)
-        ec_private, ec = x25519_keypair()
-        body = {"clientEphemeral": codec.to_wire_binary(ec, self.encoding), "ttl": ttl_s}
-        out = envelopes.seal_request(
-            field=self.encoding,
-            alg=ALG_RSA,
-            sid=sid,
-            mid=mid,
-            ts=now_ms(),
-            type_=HANDSHAKE_TYPE,
-            plaintext=codec.dumps(body, self.encoding),
-            public_key=service,
-            kid=kid_of(service),
-            key=kb,
-        )
-        await self._send(out.request)
-        value = (await self._await_handshake(out, timeout)).unwrap()
-        try:
-            if not isinstance(value, dict) or value.get("sessionId") != sid:
-                raise Malformed("handshake reply is not for this session")
-            ew = codec.binary(value["serverEphemeral"], self.encoding)
-            ks = handshake_session_key(
-                kb=kb,
-                shared=x25519_shared(ec_private, ew),
-                sid=sid,
-                client_ephemeral=ec,
-                worker_ephemeral=ew,
-            )
-            pem = value["publicKey"]
-            load_public_key(pem, what="session public key")
-            return SessionGrant(
-                sid=sid, public_key_pem=pem, session_key=ks, expires_at=int(value["expiresAt"])
-            )
-        except (KeyError, TypeError, ValueError, codec.DecodeError):
-            raise Malformed("the handshake reply is not the protocol's") from None
+        sent = handshake.hello(service, field=self.encoding, now_ms=now_ms(), ttl_s=ttl_s)
+        await self._send(sent.request)
+        value = (await self._await_handshake(sent.outgoing, timeout)).unwrap()
+        return handshake.finish(sent, value)
 
     @contextlib.asynccontextmanager
     async def session(

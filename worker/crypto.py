@@ -143,10 +143,14 @@ def kid_of(public_key: rsa.RSAPublicKey) -> str:
 def x25519_keypair() -> tuple[x25519.X25519PrivateKey, bytes]:
     """A fresh X25519 pair: the private key and the raw 32-byte public key."""
     private = x25519.X25519PrivateKey.generate()
-    public = private.public_key().public_bytes(
+    return private, x25519_public(private)
+
+
+def x25519_public(private: x25519.X25519PrivateKey) -> bytes:
+    """The raw 32-byte public value of an X25519 private key."""
+    return private.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
-    return private, public
 
 
 def x25519_shared(private: x25519.X25519PrivateKey, peer: bytes) -> bytes:

@@ -31,10 +31,9 @@ from anyio.abc import TaskStatus
 from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.exceptions import ResponseError
 
-from worker import codec, envelopes, wire
+from worker import envelopes, handshake, wire
 from worker import tracing as _tracing
 from worker.attempts import AttemptLog, start_attempt
-from worker.crypto import handshake_session_key, x25519_keypair, x25519_shared
 from worker.dispatch import Dispatcher, Outcome, Work, error, resume
 from worker.errors import (
     AuthFailed,
@@ -54,7 +53,7 @@ from worker.keys import MasterKeys, ServiceKey
 from worker.logging import get_logger
 from worker.metrics import Metrics
 from worker.protocol import ALG_RSA, HANDSHAKE_TYPE, now_ms
-from worker.sessions import DEFAULT_TTL_S, Session, clamp_ttl, new_session, open_record, seal_record
+from worker.sessions import Session, open_record, seal_record
 from worker.settings import Settings
 from worker.streams import (
     AckWrite,
@@ -629,43 +628,24 @@ class Processor:
         if await self.retry(lambda: self.store.session_exists(request.sid)):
             raise SessionExists("a session already exists for this sid")
         try:
-            ec, ttl = _handshake_payload(
-                codec.loads(opened.plaintext, request.field),
-                request.field,
-                self.settings.session_max_ttl_s,
+            accepted = handshake.accept(
+                request, opened, max_ttl_s=self.settings.session_max_ttl_s
             )
-            ew_private, ew = x25519_keypair()
-            shared = x25519_shared(ew_private, ec)
-        except (codec.DecodeError, BadPayload, ValueError) as exc:
-            message = exc.message if isinstance(exc, BadPayload) else "invalid handshake payload"
-            outcome = error("bad_payload", message, request.field)
+        except BadPayload as exc:
+            outcome = error("bad_payload", exc.message, request.field)
             self._reply(d, request, opened.reply_key, outcome, seen_ttl_ms=claim.ttl_ms)
             return
-        ks = handshake_session_key(
-            kb=opened.reply_key,
-            shared=shared,
-            sid=request.sid,
-            client_ephemeral=ec,
-            worker_ephemeral=ew,
-        )
         key: rsa.RSAPrivateKey = await self.keys.take()
-        session = new_session(
-            request.sid,
-            ks=ks,
-            now_ms=self.clock(),
-            ttl_s=ttl,
-            max_ttl_s=self.settings.session_max_ttl_s,
+        answer = handshake.answer(
+            request,
+            accepted,
             private_key=key,
+            now_ms=self.clock(),
+            max_ttl_s=self.settings.session_max_ttl_s,
         )
-        body = {
-            "sessionId": request.sid,
-            "publicKey": session.public_pem,
-            "serverEphemeral": codec.to_wire_binary(ew, request.field),
-            "expiresAt": session.expires,
-        }
-        outcome = Outcome(status="ok", plaintext=codec.dumps(body, request.field))
+        outcome = Outcome(status="ok", plaintext=answer.plaintext)
         self._reply(
-            d, request, opened.reply_key, outcome, seen_ttl_ms=claim.ttl_ms, session=session
+            d, request, opened.reply_key, outcome, seen_ttl_ms=claim.ttl_ms, session=answer.session
         )
 
     # -- refusals and writes -----------------------------------------------------------
@@ -861,23 +841,6 @@ def _open_rsa(
         except DecryptError:
             out.append(None)
     return out
-
-
-def _handshake_payload(value: Any, field: wire.Field, max_ttl_s: int) -> tuple[bytes, int]:
-    if not isinstance(value, dict) or "clientEphemeral" not in value:
-        raise BadPayload("the handshake needs clientEphemeral")
-    if not set(value) <= {"clientEphemeral", "ttl"}:
-        raise BadPayload("unknown handshake fields")
-    try:
-        ec = codec.binary(value["clientEphemeral"], field)
-    except codec.DecodeError:
-        raise BadPayload("clientEphemeral is not binary") from None
-    if len(ec) != 32:
-        raise BadPayload("clientEphemeral must be 32 bytes")
-    ttl = value.get("ttl", DEFAULT_TTL_S)
-    if not codec.is_int(ttl):
-        raise BadPayload("ttl must be an integer number of seconds")
-    return ec, clamp_ttl(ttl, max_ttl_s)
 
 
 def _fill_context(exc: ProtocolError, request: wire.Request) -> ProtocolError:

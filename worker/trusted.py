@@ -11,8 +11,8 @@ import os
 import anyio
 import redis.asyncio as aioredis
 
-from worker.client import SessionGrant
 from worker.errors import SessionExists
+from worker.handshake import SessionGrant
 from worker.keys import MasterKeys
 from worker.keyspace import Names
 from worker.protocol import KEY_SIZE, new_id, now_ms
