@@ -16,7 +16,7 @@ For each algorithm and payload size (echo handler, 20 sessions, MessagePack):
    primaries (``scripts/bench_cluster.py``).
 
 Every measurement starts its own private ``redis-server``. Uses only the stable
-APIs (``create_session``, ``messages.seal_request``, ``wire.encode_request`` /
+APIs (``create_session``, ``envelopes.seal_request``, ``wire.encode_request`` /
 ``decode_reply``, ``Names``, ``connect``, ``RedisServer``, ``ThrowawayKeys``) and
 the worker CLI. Prints a summary table (``--json``: one JSON object instead) and a
 progress bar on stderr.
@@ -53,12 +53,12 @@ import redis.asyncio as aioredis
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
 
-from worker import messages, wire
-from worker.backend import create_session
-from worker.client import SessionGrant
-from worker.names import GROUP, Names
+from worker import envelopes, wire
+from worker.handshake import SessionGrant
+from worker.keyspace import GROUP, Names
 from worker.streams import connect
 from worker.testing import RedisServer, ThrowawayKeys
+from worker.trusted import create_session
 
 ROOT = Path(__file__).resolve().parent.parent
 # The protocol's names (PROTOCOL.md), spelled here so the bench leans on no internals.
@@ -317,7 +317,7 @@ def seal_many(b: Bed, alg: str, size: int, n: int) -> tuple[Entries, list[str]]:
     for i in range(n):
         g = b.grants[i % len(b.grants)]
         mids.append(new_id())
-        sealed = messages.seal_request(
+        sealed = envelopes.seal_request(
             field="e",
             alg=alg,
             sid=g.sid,
@@ -583,7 +583,7 @@ def seal_handshakes(keys: ThrowawayKeys, count: int) -> tuple[Entries, list[str]
         sid, mid = new_id(), new_id()
         ec = x25519.X25519PrivateKey.generate().public_key().public_bytes_raw()
         body = {"clientEphemeral": ec, "ttl": 3600}
-        out = messages.seal_request(
+        out = envelopes.seal_request(
             field="e",
             alg=ALG_RSA,
             sid=sid,

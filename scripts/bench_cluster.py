@@ -25,15 +25,15 @@ from typing import Any
 
 import anyio
 
-from worker import messages, wire
-from worker.backend import create_session
-from worker.client import SessionGrant, new_id
+from worker import codec, envelopes, wire
 from worker.cluster import open_redis
-from worker.envelope import ALG_SK
-from worker.names import GROUP, Names
+from worker.handshake import SessionGrant
+from worker.keyspace import GROUP, Names
+from worker.protocol import ALG_SK, new_id, now_ms
 from worker.streams import AnyRedis
 from worker.testing import RedisServer, ThrowawayKeys
 from worker.testservers import ClusterServers
+from worker.trusted import create_session
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARDS = 6
@@ -54,13 +54,13 @@ def servers(primaries: int) -> Iterator[str]:
 
 def seal(grants: list[SessionGrant], n: int) -> dict[int, list[dict[str, bytes]]]:
     """``n`` sealed 256-byte echo requests, by their default shard."""
-    body = wire.dumps({"data": "x" * 240}, "e")
-    names, now = Names(), time.time_ns() // 1_000_000
+    body = codec.dumps({"data": "x" * 240}, "e")
+    names, now = Names(), now_ms()
     out: dict[int, list[dict[str, bytes]]] = {s: [] for s in range(SHARDS)}
     for i in range(n):
         g = grants[i % len(grants)]
         mid = new_id()
-        sealed = messages.seal_request(
+        sealed = envelopes.seal_request(
             field="e", alg=ALG_SK, sid=g.sid, mid=mid, ts=now, type_="echo",
             plaintext=body, public_key=None, ks=g.session_key,
         )  # fmt: skip

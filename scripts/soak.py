@@ -25,9 +25,9 @@ from typing import Any
 
 import anyio
 
-from worker import messages, wire
-from worker.envelope import ALG_SK
-from worker.names import GROUP, Names
+from worker import codec, envelopes, wire
+from worker.keyspace import GROUP, Names
+from worker.protocol import ALG_SK, now_ms
 from worker.sessions import Session, seal_record
 from worker.streams import connect
 from worker.testing import RedisServer, ThrowawayKeys
@@ -51,7 +51,7 @@ async def soak(
     stream = names.request_stream(0)
     try:
         shared = keys.service.private_key  # one RSA pair for every session (see above)
-        now = time.time_ns() // 1_000_000
+        now = now_ms()
         grants: list[tuple[str, bytes]] = []
         async with redis.pipeline(transaction=False) as pipe:
             for _ in range(sessions):
@@ -62,7 +62,7 @@ async def soak(
                 pipe.set(names.session(sid), seal_record(session, keys.master.active), px=7_200_000)
                 grants.append((sid, ks))
             await pipe.execute()
-        body = wire.dumps({"pad": "x" * 1000}, "e")
+        body = codec.dumps({"pad": "x" * 1000}, "e")
         sent, samples, t0 = 0, [], time.perf_counter()
         rss_at_100k = None
         while True:
@@ -77,9 +77,9 @@ async def soak(
                 async with redis.pipeline(transaction=False) as pipe:
                     for i in range(sent, min(n, sent + _CHUNK)):
                         sid, ks = grants[i % sessions]
-                        out = messages.seal_request(
+                        out = envelopes.seal_request(
                             field="e", alg=ALG_SK, sid=sid, mid=os.urandom(16).hex(),
-                            ts=time.time_ns() // 1_000_000, type_="echo", plaintext=body, ks=ks,
+                            ts=now_ms(), type_="echo", plaintext=body, ks=ks,
                         )  # fmt: skip
                         pipe.xadd(stream, wire.encode_request(out.request))
                     await pipe.execute()

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import inspect
 import os
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -16,24 +15,21 @@ from typing import Any, TypeVar, overload
 import anyio
 import redis.asyncio as aioredis
 
-from worker import messages, wire
-from worker.backend import create_session
-from worker.client import Client, SessionGrant, new_id
-from worker.envelope import ALG_RSA, ALG_SK, HANDSHAKE_TYPE, KEY_SIZE, x25519_keypair
+from worker import codec, envelopes, wire
+from worker.client import Client
+from worker.crypto import x25519_keypair
 from worker.handlers import App
+from worker.handshake import SessionGrant, hello_plaintext, seal_hello
 from worker.keys import load_public_key
-from worker.names import Names
-from worker.pool import Worker
+from worker.keyspace import Names
+from worker.protocol import ALG_RSA, ALG_SK, KEY_SIZE, new_id, now_ms
+from worker.runtime import Worker
 from worker.settings import Settings
 from worker.streams import Entry, Store
 from worker.testing import ThrowawayKeys, running_worker
+from worker.trusted import create_session
 
 T = TypeVar("T")
-
-
-def now_ms() -> int:
-    """Milliseconds since the epoch."""
-    return time.time_ns() // 1_000_000
 
 
 @overload
@@ -104,16 +100,16 @@ class Raw:
         mid: str | None = None,
         ts: int | None = None,
         plaintext: bytes | None = None,
-    ) -> messages.Outgoing:
+    ) -> envelopes.Outgoing:
         """A sealed request for ``grant``'s session."""
-        return messages.seal_request(
+        return envelopes.seal_request(
             field=field,
             alg=alg,
             sid=grant.sid,
             mid=mid or new_id(),
             ts=now_ms() if ts is None else ts,
             type_=type_,
-            plaintext=wire.dumps(payload, field) if plaintext is None else plaintext,
+            plaintext=codec.dumps(payload, field) if plaintext is None else plaintext,
             public_key=load_public_key(grant.public_key_pem) if alg == ALG_RSA else None,
             ks=grant.session_key if alg == ALG_SK else None,
         )
@@ -199,10 +195,10 @@ class Raw:
         await wait_until(drained, timeout=timeout)
 
 
-def open_ok(reply: wire.Reply, out: messages.Outgoing) -> Any:
+def open_ok(reply: wire.Reply, out: envelopes.Outgoing) -> Any:
     """Authenticate and decode a reply to ``out``."""
-    plaintext = messages.open_reply(reply, reply_key=out.reply_key, request=out.request)
-    return wire.loads(plaintext, out.request.field)
+    plaintext = envelopes.open_reply(reply, reply_key=out.reply_key, request=out.request)
+    return codec.loads(plaintext, out.request.field)
 
 
 def handshake(
@@ -214,26 +210,22 @@ def handshake(
     field: wire.Field = "e",
     ttl: int | None = 600,
     body: dict[str, Any] | None = None,
-) -> messages.Outgoing:
+) -> envelopes.Outgoing:
     """A handshake as Client.handshake builds it (``ttl`` None: none asked for; or with
     ``body`` as given), under the service key; its reply key is Kb."""
-    if ec is None:
-        _, ec = x25519_keypair()
     if body is None:
-        body = {"clientEphemeral": wire.to_wire_binary(ec, field)}
-        if ttl is not None:
-            body["ttl"] = ttl
-    return messages.seal_request(
+        plaintext = hello_plaintext(ec or x25519_keypair()[1], field, ttl_s=ttl)
+    else:
+        plaintext = codec.dumps(body, field)
+    return seal_hello(
+        keys.service.public_key,
+        plaintext,
         field=field,
-        alg=ALG_RSA,
         sid=sid or new_id(),
         mid=new_id(),
         ts=now_ms(),
-        type_=HANDSHAKE_TYPE,
-        plaintext=wire.dumps(body, field),
-        public_key=keys.service.public_key,
+        kb=os.urandom(KEY_SIZE),
         kid=kid or keys.service.kid,
-        key=os.urandom(KEY_SIZE),
     )
 
 

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from tests.helpers import Raw, wait_until
 from worker import wire
-from worker.client import SessionGrant
+from worker.handshake import SessionGrant
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys
 

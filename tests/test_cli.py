@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from tests.helpers import wait_until
-from worker.demo import app
+from worker.demo_app import app
 from worker.keys import load_service_key
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, free_port, running_worker

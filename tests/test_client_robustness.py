@@ -12,11 +12,12 @@ import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
 from tests.helpers import Raw, open_client, wait_until
-from worker import Client, ConfigError, ReplyTimeout, messages, wire
-from worker.client import ClientSession, Result, SessionGrant
-from worker.demo import app
-from worker.envelope import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
-from worker.names import Names
+from worker import Client, ConfigError, ReplyTimeout, envelopes, wire
+from worker.client import ClientSession, Result
+from worker.demo_app import app
+from worker.handshake import SessionGrant
+from worker.keyspace import Names
+from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
 from worker.settings import Settings
 from worker.streams import Entry
 from worker.testing import ThrowawayKeys, running_worker
@@ -58,7 +59,7 @@ async def _wait_reply(raw: Raw, sid: str, mid: str, status: str, timeout: float 
 
 async def _forge_notice(raw: Raw, sid: str, mid: str) -> None:
     """XADD an unauthenticated ``rejected`` notice for ``mid`` (anyone with Redis can)."""
-    notice = messages.notice(field="e", sid=sid, mid=mid, code="rejected", alg=ALG_SK)
+    notice = envelopes.notice(field="e", sid=sid, mid=mid, code="rejected", alg=ALG_SK)
     await raw.redis.xadd(raw.names.reply_stream(sid), wire.encode_reply(notice))
 
 

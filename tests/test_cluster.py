@@ -21,7 +21,6 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from worker import Client, RemoteError, scripts
-from worker.client import new_id
 from worker.cluster import (
     ClusterStore,
     cluster_client,
@@ -29,10 +28,10 @@ from worker.cluster import (
     parse_sentinel_url,
     store_for,
 )
-from worker.demo import app
-from worker.envelope import ALG_RSA, ALG_SK
+from worker.demo_app import app
 from worker.errors import ConfigError
-from worker.names import Names
+from worker.keyspace import Names
+from worker.protocol import ALG_RSA, ALG_SK, new_id
 from worker.retrier import Retrier, transient
 from worker.settings import Settings
 from worker.streams import Claim, ReplyWrite

@@ -6,7 +6,7 @@ import redis.asyncio as aioredis
 
 from tests.cli import redis_env, sealstream, sealstream_json
 from tests.helpers import Raw
-from worker.demo import app
+from worker.demo_app import app
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker
 

@@ -1,4 +1,4 @@
-"""Pure envelope layer: AAD strings, HKDF derivations, seal/open, RSA unwrap, messages."""
+"""Pure envelope layer: AAD strings, HKDF derivations, seal/open, RSA unwrap, envelopes."""
 
 from __future__ import annotations
 
@@ -15,11 +15,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker import messages, wire
-from worker.envelope import (
-    ALG_RSA,
-    ALG_SK,
-    HANDSHAKE_TYPE,
+from worker import envelopes, wire
+from worker.codec import Field
+from worker.crypto import (
     Sealed,
     handshake_session_key,
     hkdf_sha256,
@@ -33,7 +31,8 @@ from worker.envelope import (
     wrap_key,
 )
 from worker.errors import DecryptError
-from worker.wire import Field, Reply, Request
+from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
+from worker.wire import Reply, Request
 
 SID = "9f0c1e2d3c4b5a69788796a5b4c3d2e1"
 MID = "5be1a2b3c4d5e6f708192a3b4c5d6e7f"
@@ -96,9 +95,9 @@ def outgoing(
     plaintext: bytes = b'{"text":"hello"}',
     sid: str = SID,
     mid: str = MID,
-) -> messages.Outgoing:
+) -> envelopes.Outgoing:
     """A sealed request in ``alg`` and ``field`` encoding."""
-    return messages.seal_request(
+    return envelopes.seal_request(
         field=field,
         alg=alg,
         sid=sid,
@@ -417,7 +416,7 @@ def test_seal_request_then_open_request_round_trips(
     """open_request returns the sealed plaintext and the client's reply key."""
     ks = os.urandom(32)
     out = outgoing(alg, field, public_key=rsa_key.public_key(), ks=ks)
-    opened = messages.open_request(out.request, private_key=rsa_key, ks=ks)
+    opened = envelopes.open_request(out.request, private_key=rsa_key, ks=ks)
     assert b'{"text":"hello"}' == opened.plaintext
     assert out.reply_key == opened.reply_key
 
@@ -438,7 +437,7 @@ def test_rsa_request_carries_a_wrapped_key_and_sk_request_does_not(
 def test_rsa_request_with_given_key_uses_it(rsa_key: rsa.RSAPrivateKey) -> None:
     """A handshake-style request sealed with ``key=Kb`` wraps Kb and replies under it."""
     kb = os.urandom(32)
-    out = messages.seal_request(
+    out = envelopes.seal_request(
         field="e",
         alg=ALG_RSA,
         sid=SID,
@@ -452,7 +451,7 @@ def test_rsa_request_with_given_key_uses_it(rsa_key: rsa.RSAPrivateKey) -> None:
     )
     assert kb == out.reply_key
     assert "ab" * 32 == out.request.kid
-    assert kb == messages.open_request(out.request, private_key=rsa_key).reply_key
+    assert kb == envelopes.open_request(out.request, private_key=rsa_key).reply_key
 
 
 @settings(max_examples=50, deadline=None)
@@ -473,7 +472,7 @@ def test_flipping_any_bit_of_a_request_fails_to_open(
     bit = data.draw(st.integers(0, len(value) * 8 - 1), label="bit")
     tampered = altered(request, part, flip(value, bit))
     with pytest.raises(DecryptError):
-        messages.open_request(tampered, private_key=rsa_key, ks=ks)
+        envelopes.open_request(tampered, private_key=rsa_key, ks=ks)
 
 
 @pytest.mark.parametrize(
@@ -497,7 +496,7 @@ def test_changing_any_aad_field_of_a_request_fails_to_open(
         value = ALG_SK if alg == ALG_RSA else ALG_RSA
     tampered = altered(request, name, value)
     with pytest.raises(DecryptError):
-        messages.open_request(tampered, private_key=rsa_key, ks=ks)
+        envelopes.open_request(tampered, private_key=rsa_key, ks=ks)
 
 
 def test_rsa_request_with_garbage_wrapped_key_fails_like_a_bad_tag(
@@ -508,9 +507,9 @@ def test_rsa_request_with_garbage_wrapped_key_fails_like_a_bad_tag(
     garbage = dataclasses.replace(request, encrypted_aes_key=os.urandom(256))
     bad_tag = dataclasses.replace(request, auth_tag=bytes(16))
     with pytest.raises(DecryptError) as unwrap_failure:
-        messages.open_request(garbage, private_key=rsa_key)
+        envelopes.open_request(garbage, private_key=rsa_key)
     with pytest.raises(DecryptError) as tag_failure:
-        messages.open_request(bad_tag, private_key=rsa_key)
+        envelopes.open_request(bad_tag, private_key=rsa_key)
     assert str(tag_failure.value) == str(unwrap_failure.value)
     assert unwrap_failure.value.__cause__ is None
     assert unwrap_failure.value.__suppress_context__
@@ -532,23 +531,23 @@ def test_open_request_with_the_wrong_secrets_fails(
     ]
     for request, private_key, key in attempts:
         with pytest.raises(DecryptError):
-            messages.open_request(request, private_key=private_key, ks=key)
+            envelopes.open_request(request, private_key=private_key, ks=key)
 
 
 def test_seal_request_needs_the_key_of_its_alg() -> None:
     """Sealing RSA without a public key, or SK without Ks, raises ValueError."""
     common = {"field": "e", "sid": SID, "mid": MID, "ts": TS, "type_": "echo", "plaintext": b""}
     with pytest.raises(ValueError):
-        messages.seal_request(alg=ALG_RSA, ks=os.urandom(32), **common)  # type: ignore[arg-type]
+        envelopes.seal_request(alg=ALG_RSA, ks=os.urandom(32), **common)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        messages.seal_request(alg=ALG_SK, **common)  # type: ignore[arg-type]
+        envelopes.seal_request(alg=ALG_SK, **common)  # type: ignore[arg-type]
 
 
 def test_opened_and_outgoing_reprs_hide_secrets(rsa_key: rsa.RSAPrivateKey) -> None:
     """The repr of Opened and Outgoing never shows the plaintext or the reply key."""
     ks = os.urandom(32)
     out = outgoing(ALG_SK, "e", public_key=rsa_key.public_key(), ks=ks, plaintext=b"secret!")
-    opened = messages.open_request(out.request, ks=ks)
+    opened = envelopes.open_request(out.request, ks=ks)
     for text in (repr(opened), repr(out)):
         assert "secret!" not in text
         assert repr(out.reply_key) not in text
@@ -567,8 +566,8 @@ def test_seal_reply_then_open_reply_round_trips(
     """A reply sealed with the opened request's key opens with the client's reply key."""
     ks = os.urandom(32)
     out = outgoing(alg, field, public_key=rsa_key.public_key(), ks=ks)
-    opened = messages.open_request(out.request, private_key=rsa_key, ks=ks)
-    reply = messages.seal_reply(out.request, opened.reply_key, status, b"result")
+    opened = envelopes.open_request(out.request, private_key=rsa_key, ks=ks)
+    reply = envelopes.seal_reply(out.request, opened.reply_key, status, b"result")
     assert (field, alg, SID, MID, status) == (
         reply.field,
         reply.alg,
@@ -578,7 +577,7 @@ def test_seal_reply_then_open_reply_round_trips(
     )
     assert reply.iv is not None
     assert out.request.iv != reply.iv
-    assert b"result" == messages.open_reply(reply, reply_key=out.reply_key, request=out.request)
+    assert b"result" == envelopes.open_reply(reply, reply_key=out.reply_key, request=out.request)
 
 
 @pytest.mark.parametrize("status", ["ok", "error"])
@@ -590,8 +589,8 @@ def test_seal_reply_entry_is_the_encoded_sealed_reply(
     """The worker's one-step reply entry is byte for byte the sealed reply, encoded."""
     out = outgoing(alg, field, public_key=rsa_key.public_key(), ks=os.urandom(32))
     iv = os.urandom(12)
-    sealed = messages.seal_reply(out.request, out.reply_key, status, b"result", iv=iv)
-    entry = messages.seal_reply_entry(out.request, out.reply_key, status, b"result", iv=iv)
+    sealed = envelopes.seal_reply(out.request, out.reply_key, status, b"result", iv=iv)
+    entry = envelopes.seal_reply_entry(out.request, out.reply_key, status, b"result", iv=iv)
     assert wire.encode_reply(sealed) == entry
 
 
@@ -607,12 +606,12 @@ def test_reply_opened_against_another_request_fails(
     """
     ks = os.urandom(32)
     out = outgoing(alg, "e", public_key=rsa_key.public_key(), ks=ks)
-    reply = messages.seal_reply(out.request, out.reply_key, "ok", b"result")
+    reply = envelopes.seal_reply(out.request, out.reply_key, "ok", b"result")
     other = {"sid": "0" * 32, "mid": "f" * 32, "alg": ALG_SK if alg == ALG_RSA else ALG_RSA}[name]
     moved = altered(reply, name, other)
     request = altered(out.request, name, other) if both else out.request
     with pytest.raises(DecryptError):
-        messages.open_reply(moved, reply_key=out.reply_key, request=request)
+        envelopes.open_reply(moved, reply_key=out.reply_key, request=request)
 
 
 @pytest.mark.parametrize(("sealed_as", "claimed"), [("ok", "error"), ("error", "ok")])
@@ -623,9 +622,9 @@ def test_reply_with_another_status_fails(
     """Relabelling an ``ok`` reply as ``error`` (or back) raises DecryptError."""
     ks = os.urandom(32)
     out = outgoing(alg, "e", public_key=rsa_key.public_key(), ks=ks)
-    reply = messages.seal_reply(out.request, out.reply_key, sealed_as, b"result")
+    reply = envelopes.seal_reply(out.request, out.reply_key, sealed_as, b"result")
     with pytest.raises(DecryptError):
-        messages.open_reply(
+        envelopes.open_reply(
             dataclasses.replace(reply, status=claimed), reply_key=out.reply_key, request=out.request
         )
 
@@ -635,10 +634,10 @@ def test_reply_to_another_request_of_the_same_session_fails(rsa_key: rsa.RSAPriv
     ks = os.urandom(32)
     first = outgoing(ALG_SK, "e", public_key=rsa_key.public_key(), ks=ks, mid=MID)
     second = outgoing(ALG_SK, "e", public_key=rsa_key.public_key(), ks=ks, mid="1" * 32)
-    reply = messages.seal_reply(first.request, first.reply_key, "ok", b"result")
+    reply = envelopes.seal_reply(first.request, first.reply_key, "ok", b"result")
     spliced = dataclasses.replace(reply, mid=second.request.mid)
     with pytest.raises(DecryptError):
-        messages.open_reply(spliced, reply_key=second.reply_key, request=second.request)
+        envelopes.open_reply(spliced, reply_key=second.reply_key, request=second.request)
 
 
 @pytest.mark.parametrize("status", ["ok", "error"])
@@ -660,7 +659,7 @@ def test_reflected_request_does_not_open_as_a_reply(
         auth_tag=out.request.auth_tag,
     )
     with pytest.raises(DecryptError):
-        messages.open_reply(reflected, reply_key=out.reply_key, request=out.request)
+        envelopes.open_reply(reflected, reply_key=out.reply_key, request=out.request)
 
 
 @pytest.mark.parametrize("alg", [ALG_RSA, ALG_SK])
@@ -668,13 +667,13 @@ def test_reflected_reply_does_not_open_as_a_request(rsa_key: rsa.RSAPrivateKey, 
     """A reply's ciphertext presented as a request with the same ids raises DecryptError."""
     ks = os.urandom(32)
     out = outgoing(alg, "e", public_key=rsa_key.public_key(), ks=ks)
-    reply = messages.seal_reply(out.request, out.reply_key, "ok", b"result")
+    reply = envelopes.seal_reply(out.request, out.reply_key, "ok", b"result")
     assert reply.iv is not None and reply.encrypted_data is not None and reply.auth_tag is not None
     reflected = dataclasses.replace(
         out.request, iv=reply.iv, encrypted_data=reply.encrypted_data, auth_tag=reply.auth_tag
     )
     with pytest.raises(DecryptError):
-        messages.open_request(reflected, private_key=rsa_key, ks=ks)
+        envelopes.open_request(reflected, private_key=rsa_key, ks=ks)
 
 
 @pytest.mark.parametrize("missing", ["iv", "encrypted_data", "auth_tag"])
@@ -682,14 +681,14 @@ def test_reply_without_ciphertext_fails(rsa_key: rsa.RSAPrivateKey, missing: str
     """A reply lacking iv, ciphertext or tag raises DecryptError."""
     ks = os.urandom(32)
     out = outgoing(ALG_SK, "e", public_key=rsa_key.public_key(), ks=ks)
-    reply = messages.seal_reply(out.request, out.reply_key, "ok", b"result")
+    reply = envelopes.seal_reply(out.request, out.reply_key, "ok", b"result")
     with pytest.raises(DecryptError):
-        messages.open_reply(
+        envelopes.open_reply(
             altered(reply, missing, None), reply_key=out.reply_key, request=out.request
         )
 
 
 def test_notice_is_an_unauthenticated_rejected_reply() -> None:
     """notice builds a ``rejected`` reply with the code and no ciphertext."""
-    actual = messages.notice(field="j", sid=SID, mid=MID, code="replay", alg=None)
+    actual = envelopes.notice(field="j", sid=SID, mid=MID, code="replay", alg=None)
     assert Reply(field="j", sid=SID, mid=MID, status="rejected", code="replay") == actual

@@ -12,15 +12,20 @@ def test_exported_members() -> None:
         "Backoff",
         "BadPayload",
         "Client",
+        "ClientError",
         "ClientSession",
         "ConfigError",
         "Context",
+        "MasterKey",
+        "MasterKeys",
         "RemoteError",
         "ReplyTimeout",
         "RequestRejected",
         "Result",
         "RetryPolicy",
         "SealstreamError",
+        "ServiceKey",
+        "SessionExists",
         "SessionGrant",
         "Settings",
         "Worker",
@@ -31,6 +36,24 @@ def test_exported_members() -> None:
     assert sorted(worker.__all__) == worker.__all__
     for name in expected:
         assert hasattr(worker, name)
+
+
+def test_public_signatures_take_public_types() -> None:
+    """The key types Worker and create_session take are exported, so users can name them."""
+    import inspect
+    import typing
+
+    from worker.keys import MasterKeys, ServiceKey
+
+    worker_hints = typing.get_type_hints(worker.Worker.__init__)
+    session_hints = typing.get_type_hints(worker.create_session)
+    assert (ServiceKey, MasterKeys, MasterKeys) == (
+        worker_hints["service_key"],
+        worker_hints["master_keys"],
+        session_hints["master_keys"],
+    )
+    assert {ServiceKey, MasterKeys} <= {getattr(worker, n) for n in worker.__all__}
+    assert inspect.isclass(worker.ClientError)
 
 
 def test_every_error_is_a_sealstream_error() -> None:

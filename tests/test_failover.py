@@ -24,7 +24,7 @@ import anyio
 import pytest
 
 from worker import App, Client, Result
-from worker.names import Names
+from worker.keyspace import Names
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker
 from worker.testservers import ClusterServers, SentinelServers

@@ -15,10 +15,10 @@ import redis.asyncio as aioredis
 
 from tests.helpers import Raw, open_client, wait_until
 from tests.procs import WorkerProcs, encode_all, outcomes, wait_answered, wait_started
-from worker import Client, RemoteError, ReplyTimeout, messages
-from worker.client import SessionGrant
-from worker.demo import app as demo_app
-from worker.envelope import ALG_RSA, ALG_SK
+from worker import Client, RemoteError, ReplyTimeout, envelopes
+from worker.demo_app import app as demo_app
+from worker.handshake import SessionGrant
+from worker.protocol import ALG_RSA, ALG_SK
 from worker.settings import Settings
 from worker.streams import connect
 from worker.testing import RedisServer, ThrowawayKeys, running_worker
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 async def _load(
     raw: Raw, sessions: int, per_session: int, ms: int
-) -> tuple[list[SessionGrant], list[messages.Outgoing]]:
+) -> tuple[list[SessionGrant], list[envelopes.Outgoing]]:
     grants = [await raw.grant() for _ in range(sessions)]
     outs = []
     for i in range(sessions * per_session):
@@ -40,7 +40,7 @@ async def _load(
     return grants, outs
 
 
-async def _push(raw: Raw, outs: list[messages.Outgoing], batch: int = 200) -> None:
+async def _push(raw: Raw, outs: list[envelopes.Outgoing], batch: int = 200) -> None:
     stream = raw.names.request_stream(0)
     entries = encode_all([o.request for o in outs])
     for start in range(0, len(entries), batch):

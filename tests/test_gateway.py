@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -21,19 +20,19 @@ from anyio.abc import Process
 
 from tests.gatewayrig import Event, read_events, running_gateway
 from tests.helpers import wait_until
-from worker import wire
-from worker.backend import create_session
+from worker import codec, wire
 from worker.cli import main
-from worker.client import SessionGrant, new_id
-from worker.demo import app
-from worker.envelope import ALG_RSA, ALG_SK
+from worker.demo_app import app
+from worker.envelopes import Outgoing, open_reply, seal_request
 from worker.errors import ConfigError, Malformed
 from worker.gateway import Gateway
 from worker.gatewayconf import GatewaySettings
+from worker.handshake import SessionGrant
 from worker.keys import load_public_key
-from worker.messages import Outgoing, open_reply, seal_request
+from worker.protocol import ALG_RSA, ALG_SK, new_id, now_ms
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, free_port, running_worker
+from worker.trusted import create_session
 
 
 def _seal(grant: SessionGrant, payload: Any, *, alg: str = ALG_SK, type_: str = "echo") -> Outgoing:
@@ -42,9 +41,9 @@ def _seal(grant: SessionGrant, payload: Any, *, alg: str = ALG_SK, type_: str = 
         alg=alg,
         sid=grant.sid,
         mid=new_id(),
-        ts=time.time_ns() // 1_000_000,
+        ts=now_ms(),
         type_=type_,
-        plaintext=wire.dumps(payload, "j"),
+        plaintext=codec.dumps(payload, "j"),
         public_key=load_public_key(grant.public_key_pem) if alg == ALG_RSA else None,
         ks=grant.session_key if alg == ALG_SK else None,
     )
@@ -110,7 +109,8 @@ async def test_round_trip_through_the_gateway(
     (event,) = [e for e in events if _mid_of(e) == out.request.mid]
     reply = wire.decode_reply({b"j": event.fields["j"]})
     plaintext = open_reply(reply, reply_key=out.reply_key, request=out.request)
-    assert ("ok", {"hello": "gateway", "n": [1, 2.5]}) == (reply.status, wire.loads(plaintext, "j"))
+    body = codec.loads(plaintext, "j")
+    assert ("ok", {"hello": "gateway", "n": [1, 2.5]}) == (reply.status, body)
 
 
 async def test_request_goes_to_its_default_shard(
@@ -404,7 +404,7 @@ async def test_logs_hold_ids_and_sizes_not_envelopes(
     )
     text = repr(logs)
     for secret in (out.request.encrypted_data, out.request.auth_tag, out.request.iv):
-        assert wire.b64encode(secret) not in text
+        assert codec.b64encode(secret) not in text
 
 
 async def test_demo_page_and_its_modules_are_served(

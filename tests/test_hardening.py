@@ -22,11 +22,11 @@ import structlog
 
 from tests import helpers
 from tests.helpers import Raw, Rig, new_id, now_ms, open_ok, wait_until
-from worker import messages, wire
-from worker.client import SessionGrant
-from worker.envelope import ALG_RSA, ALG_SK
+from worker import codec, envelopes, wire
 from worker.handlers import App
-from worker.pool import Worker
+from worker.handshake import SessionGrant
+from worker.protocol import ALG_RSA, ALG_SK
+from worker.runtime import Worker
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker
 
@@ -310,7 +310,7 @@ def test_dlq_copy_max_is_read_from_the_environment() -> None:
 # -- handshakes have their own lane ----------------------------------------------------
 
 
-def handshake(keys: ThrowawayKeys, *, ttl: int | None = None) -> tuple[messages.Outgoing, str]:
+def handshake(keys: ThrowawayKeys, *, ttl: int | None = None) -> tuple[envelopes.Outgoing, str]:
     """A sealed handshake request under the service key, and its sid."""
     out = helpers.handshake(keys, ttl=ttl)
     return out, out.request.sid
@@ -441,7 +441,7 @@ async def test_a_flood_of_the_worst_inputs_keeps_the_loop_responsive(
                 )
                 await rig.raw.send(out.request)
 
-        outs: list[messages.Outgoing] = []
+        outs: list[envelopes.Outgoing] = []
         async with anyio.create_task_group() as tg:
             tg.start_soon(ticker)
             tg.start_soon(flood)
@@ -471,7 +471,7 @@ async def test_a_refusal_log_line_is_bounded(
             env = {"v": 1, "alg": ALG_SK, "sid": grant.sid, "mid": new_id()}
             env.update({f"unknown{i:05d}" + "x" * 200: 1 for i in range(20)})
             env["pad"] = "p" * 800_000
-            raw = msgpack.packb(env) if field == "e" else wire.dumps(env, "j")
+            raw = msgpack.packb(env) if field == "e" else codec.dumps(env, "j")
             entry_id = await rig.raw.send_fields({field: raw})
             await rig.raw.letter_for(entry_id)
     lines = [json.dumps(e, default=str) for e in logs if e["event"] == "request_refused"]

@@ -9,7 +9,7 @@ from dataclasses import replace
 import anyio
 
 from tests.helpers import wait_until
-from worker.demo import app
+from worker.demo_app import app
 from worker.health import Readiness
 from worker.settings import Settings
 from worker.testing import RedisServer, ThrowawayKeys, free_port, running_worker

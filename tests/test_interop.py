@@ -15,8 +15,8 @@ from typing import Any
 import anyio
 import pytest
 
-from worker import wire
-from worker.demo import app
+from worker import codec
+from worker.demo_app import app
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker
 
@@ -88,6 +88,6 @@ async def test_json_is_written_byte_for_byte_as_json_stringify() -> None:
     mismatches = [
         (v, want)
         for v, want in zip(values, expected, strict=True)
-        if wire.dumps(v, "j").decode() != want
+        if codec.dumps(v, "j").decode() != want
     ]
     assert [] == mismatches[:5]

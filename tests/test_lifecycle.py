@@ -11,9 +11,9 @@ import redis.asyncio as aioredis
 
 from tests.helpers import Raw, now_ms, open_client, open_ok, wait_until
 from worker import App, Worker
-from worker.demo import app as demo_app
+from worker.demo_app import app as demo_app
 from worker.errors import ConfigError
-from worker.names import GROUP
+from worker.keyspace import GROUP
 from worker.sessions import new_session, seal_record
 from worker.settings import Settings
 from worker.streams import Store
@@ -204,7 +204,7 @@ async def test_worker_refuses_a_redis_older_than_7(
 
 async def test_server_version_is_read(settings: Settings, redis: aioredis.Redis) -> None:
     """The Store reads the real server's version (this suite's server is 7 or newer)."""
-    from worker.names import Names
+    from worker.keyspace import Names
 
     assert (7, 0) <= await Store(redis, Names(settings.prefix)).server_version()
 

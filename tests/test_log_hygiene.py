@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from tests.helpers import Raw, wait_until
 from tests.procs import WorkerProcs, wait_started
 from tests.test_secrets_at_rest import _forms
-from worker import wire
-from worker.envelope import ALG_RSA, ALG_SK
+from worker import codec
+from worker.protocol import ALG_RSA, ALG_SK
 from worker.sessions import open_record
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys
@@ -69,4 +69,4 @@ async def test_worker_logs_hold_no_secret(
     assert b"ValueError" in log  # the exception's type is logged, not its text
     leaked = sorted(n for n, s in secrets.items() for f in _forms(s) if f in log)
     assert [] == leaked
-    assert wire.b64encode(marker.encode())[:12].encode() not in log
+    assert codec.b64encode(marker.encode())[:12].encode() not in log

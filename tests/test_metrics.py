@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.helpers import Raw
-from worker.demo import app
+from worker.demo_app import app
 from worker.errors import ConfigError
 from worker.metrics import Metrics, serve
 from worker.settings import Settings

@@ -22,11 +22,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from worker import errors, wire
-from worker.envelope import (
-    ALG_RSA,
-    ALG_SK,
-    HANDSHAKE_TYPE,
+from worker import codec, errors, wire
+from worker.crypto import (
     Sealed,
     handshake_session_key,
     open_sealed,
@@ -38,7 +35,8 @@ from worker.envelope import (
     x25519_shared,
 )
 from worker.keys import MasterKey, MasterKeys
-from worker.names import Names
+from worker.keyspace import Names
+from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
 from worker.sessions import new_session, open_record, seal_record
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
@@ -217,15 +215,15 @@ def test_inputs_are_well_formed() -> None:
     ]
     assert [12, 12] == [len(bytes.fromhex(i[k])) for k in ("request_iv", "reply_iv")]
     for name in ("request_plaintext", "reply_plaintext"):
-        value = wire.loads(i[name].encode("utf-8"), "j")
-        assert i[name].encode("utf-8") == wire.dumps(value, "j")
+        value = codec.loads(i[name].encode("utf-8"), "j")
+        assert i[name].encode("utf-8") == codec.dumps(value, "j")
 
 
 # -- names ---------------------------------------------------------------------------
 
 
 def test_key_names_match_names() -> None:
-    """The key-name examples are what worker.names.Names gives for the inputs."""
+    """The key-name examples are what worker.keyspace.Names gives for the inputs."""
     i = inputs()
     names, shown = Names(i["prefix"]), table("names")
     assert {
@@ -263,7 +261,7 @@ def test_handshake_plaintext() -> None:
     """The handshake plaintext is Ec in base64 with ttl 3600, written as the code writes JSON."""
     _, ec = x25519_public(inputs()["ec_private"])
     body = {"clientEphemeral": base64.b64encode(ec).decode("ascii"), "ttl": 3600}
-    assert wire.dumps(body, "j") == block("handshake-plaintext").encode("utf-8")
+    assert codec.dumps(body, "j") == block("handshake-plaintext").encode("utf-8")
 
 
 def test_handshake_aads() -> None:

@@ -36,18 +36,12 @@ from tests.helpers import (
     serving,
     unknown_session,
 )
-from worker import messages, wire
-from worker.client import SessionGrant
-from worker.envelope import (
-    ALG_RSA,
-    ALG_SK,
-    HANDSHAKE_TYPE,
-    KEY_SIZE,
-    request_aad,
-    seal,
-)
+from worker import codec, envelopes, wire
+from worker.crypto import request_aad, seal
 from worker.handlers import App
+from worker.handshake import SessionGrant
 from worker.keys import load_public_key
+from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE, KEY_SIZE
 from worker.sessions import new_session, seal_record
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys
@@ -134,7 +128,7 @@ def _fields(request: wire.Request) -> dict[str, bytes]:
 def _envelope(request: wire.Request) -> dict[str, Any]:
     """A request's envelope as a mutable map (binary as its encoding carries it)."""
     ((_, value),) = wire.encode_request(request).items()
-    env = wire.loads(value, request.field)
+    env = codec.loads(value, request.field)
     assert isinstance(env, dict)
     return env
 
@@ -157,7 +151,7 @@ async def _reply_envelopes(raw: Raw, sid: str) -> list[tuple[str, dict[str, Any]
     for _, entry in rows:
         ((name, value),) = entry.items()
         field: wire.Field = "e" if name == b"e" else "j"
-        env = wire.loads(value, field)
+        env = codec.loads(value, field)
         assert isinstance(env, dict)
         out.append((name.decode(), env))
     return out
@@ -272,7 +266,7 @@ async def _assert_serving(
     await rig.raw.wait_drained()
 
 
-def _error_body(reply: wire.Reply, out: messages.Outgoing) -> dict[str, Any]:
+def _error_body(reply: wire.Reply, out: envelopes.Outgoing) -> dict[str, Any]:
     """Authenticate an ``error`` reply and return its ``{code, message}``."""
     assert ("error", out.request.alg, out.request.field) == (reply.status, reply.alg, reply.field)
     body = open_ok(reply, out)
@@ -596,7 +590,7 @@ async def test_key_wrapped_with_other_padding_fails_authentication(rig: Rig) -> 
     for label, pad in _WRONG_WRAPS.items():
         with _case(label):
             k, mid, ts = os.urandom(KEY_SIZE), new_id(), now_ms()
-            box = seal(k, wire.dumps({}, "e"), request_aad(ALG_RSA, grant.sid, mid, ts, "echo"))
+            box = seal(k, codec.dumps({}, "e"), request_aad(ALG_RSA, grant.sid, mid, ts, "echo"))
             request = wire.Request(
                 field="e", alg=ALG_RSA, sid=grant.sid, mid=mid, ts=ts, type="echo",
                 iv=box.iv, encrypted_data=box.ciphertext, auth_tag=box.tag,
@@ -844,7 +838,7 @@ async def test_unknown_alg_is_unsupported_and_notice_has_no_alg(rig: Rig) -> Non
 # -- entries that do not decode ---------------------------------------------------------
 
 
-def _padded_to(grant: SessionGrant, raw: Raw, size: int) -> tuple[messages.Outgoing, Any]:
+def _padded_to(grant: SessionGrant, raw: Raw, size: int) -> tuple[envelopes.Outgoing, Any]:
     """An echo request whose MessagePack entry is exactly ``size`` bytes, and its payload."""
     n = size // 2
     for _ in range(3):
@@ -1044,7 +1038,7 @@ async def test_undecodable_plaintext_is_bad_payload(rig: Rig) -> None:
     grant = await rig.raw.grant()
     plaintexts: list[tuple[str, wire.Field, bytes]] = [
         (ALG_SK, "e", b"\xc1"),
-        (ALG_SK, "e", wire.dumps({}, "e") + b"\x00"),
+        (ALG_SK, "e", codec.dumps({}, "e") + b"\x00"),
         (ALG_RSA, "j", b"{not json"),
         (ALG_SK, "j", b'{"a":1,"a":2}'),
     ]

@@ -15,9 +15,9 @@ from tests.cli import redis_env, sealstream, sealstream_json
 from tests.helpers import Raw, open_ok
 from tests.procs import WorkerProcs, wait_started
 from tests.terminal import run_on_terminal
-from worker.client import SessionGrant
+from worker.envelopes import Outgoing
+from worker.handshake import SessionGrant
 from worker.keys import MasterKey, MasterKeys, load_master_key_file
-from worker.messages import Outgoing
 from worker.rotation import compare_and_set, kek_of, kek_status
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys

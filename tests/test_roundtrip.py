@@ -12,8 +12,8 @@ import redis.asyncio as aioredis
 
 from tests.helpers import Raw, open_client, open_ok, wait_until
 from worker import App, RemoteError, ReplyTimeout, wire
-from worker.demo import app
-from worker.envelope import ALG_RSA, ALG_SK
+from worker.demo_app import app
+from worker.protocol import ALG_RSA, ALG_SK
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker
 

@@ -8,20 +8,15 @@ import os
 import redis.asyncio as aioredis
 from cryptography.hazmat.primitives import serialization
 
-from tests.helpers import Raw, now_ms
-from worker import messages, wire
-from worker.client import SessionGrant, new_id
-from worker.demo import app
-from worker.envelope import (
-    ALG_RSA,
-    ALG_SK,
-    HANDSHAKE_TYPE,
-    handshake_session_key,
+from tests.helpers import Raw, now_ms, open_ok
+from worker import wire
+from worker.crypto import (
     sk_reply_key,
     sk_request_key,
-    x25519_keypair,
-    x25519_shared,
 )
+from worker.demo_app import app
+from worker.handshake import SessionGrant, finish, hello
+from worker.protocol import ALG_RSA, ALG_SK
 from worker.sessions import open_record
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker
@@ -58,40 +53,10 @@ async def _dump(redis: aioredis.Redis, prefix: str) -> list[bytes]:
 async def _handshake(
     raw: Raw, keys: ThrowawayKeys, field: wire.Field
 ) -> tuple[SessionGrant, bytes]:
-    kb = os.urandom(32)
-    ec_private, ec = x25519_keypair()
-    sid = new_id()
-    out = messages.seal_request(
-        field=field,
-        alg=ALG_RSA,
-        sid=sid,
-        mid=new_id(),
-        ts=now_ms(),
-        type_=HANDSHAKE_TYPE,
-        plaintext=wire.dumps({"clientEphemeral": wire.to_wire_binary(ec, field)}, field),
-        public_key=keys.service.public_key,
-        kid=keys.service.kid,
-        key=kb,
-    )
-    await raw.send(out.request)
-    body = wire.loads(
-        messages.open_reply(
-            await raw.reply(sid, out.request.mid), reply_key=kb, request=out.request
-        ),
-        field,
-    )
-    ew = wire.binary(body["serverEphemeral"], field)
-    ks = handshake_session_key(
-        kb=kb,
-        shared=x25519_shared(ec_private, ew),
-        sid=sid,
-        client_ephemeral=ec,
-        worker_ephemeral=ew,
-    )
-    grant = SessionGrant(
-        sid=sid, public_key_pem=body["publicKey"], session_key=ks, expires_at=body["expiresAt"]
-    )
-    return grant, kb
+    sent = hello(keys.service.public_key, field=field, now_ms=now_ms(), ttl_s=None)
+    await raw.send(sent.request)
+    reply = await raw.reply(sent.request.sid, sent.request.mid)
+    return finish(sent, open_ok(reply, sent.outgoing)), sent.outgoing.reply_key
 
 
 async def test_no_secret_or_plaintext_in_redis(

@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 from tests.cli import redis_env, sealstream, sealstream_json
 from tests.helpers import Raw, open_ok, wait_until
 from worker import revoke_session
-from worker.demo import app
+from worker.demo_app import app
 from worker.errors import InvalidArgument
 from worker.session_admin import bucket_of, count_sessions
 from worker.settings import Settings

@@ -12,9 +12,9 @@ import redis.asyncio as aioredis
 from tests.cli import redis_env, sealstream, sealstream_json
 from worker import Client
 from worker import client as client_module
-from worker.demo import app
+from worker.demo_app import app
 from worker.errors import ConfigError, InvalidArgument
-from worker.names import Names
+from worker.keyspace import Names
 from worker.settings import Settings
 from worker.shards import current_shards, set_shards
 from worker.testing import ThrowawayKeys, running_worker

@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 from tests.cli import base_env, redis_env, sealstream, sealstream_json
 from tests.helpers import Raw
 from tests.terminal import run_python_on_terminal
-from worker.demo import app
-from worker.names import GROUP
+from worker.demo_app import app
+from worker.keyspace import GROUP
 from worker.settings import Settings
 from worker.testing import RedisServer, ThrowawayKeys, running_worker
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from redis.exceptions import ResponseError
 
-from worker.names import GROUP, Names
+from worker.keyspace import GROUP, Names
 from worker.streams import Claim, RefusalWrite, ReplyWrite, Store, connect, transient
 from worker.testing import RedisServer
 
@@ -110,5 +110,23 @@ async def test_a_retried_reply_step_writes_its_dead_letter_once(
         assert [0] == await store.finish([write])
         assert 1 == await client.xlen(names.dlq)
         assert 1 == await client.xlen(names.reply_stream("a" * 32))
+    finally:
+        await client.aclose()
+
+
+async def test_lag_counts_entries_not_yet_delivered_to_the_group(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Store.lag is the number of entries the group has not read yet."""
+    client = connect(redis_server.url)
+    try:
+        store = Store(client, Names(prefix))
+        await store.ensure_groups(1)
+        assert 0 == await store.lag(0)
+        await store.add_request(0, {"e": b"one"})
+        await store.add_request(0, {"e": b"two"})
+        assert 2 == await store.lag(0)
+        await store.read(0, "c", count=1, block_ms=10)
+        assert 1 == await store.lag(0)
     finally:
         await client.aclose()

@@ -21,19 +21,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from worker import messages, wire
-from worker.envelope import (
-    _OAEP,
-    ALG_RSA,
-    ALG_SK,
-    Sealed,
-    open_sealed,
-    request_aad,
-    seal,
-    unwrap_key,
-    x25519_shared,
-)
+from worker import envelopes, wire
+from worker.crypto import _OAEP, Sealed, open_sealed, request_aad, seal, unwrap_key, x25519_shared
 from worker.errors import DecryptError, Malformed
+from worker.protocol import ALG_RSA, ALG_SK
 from worker.wire import Request
 
 # Copied into the repository with their license and origin (tests/vectors/README.md).
@@ -174,7 +165,7 @@ def rsa_request(wrapped: bytes, k: bytes) -> Request:
 def test_open_request_with_valid_vector_wrapped_key_opens(name: str, case: dict[str, Any]) -> None:
     """A request whose encryptedAesKey is a valid 32-byte vector case opens under its msg."""
     request = rsa_request(h(case["ct"]), h(case["msg"]))
-    opened = messages.open_request(request, private_key=rsa_private_key(name))
+    opened = envelopes.open_request(request, private_key=rsa_private_key(name))
     assert b'{"n":1}' == opened.plaintext
     assert h(case["msg"]) == opened.reply_key
 
@@ -187,7 +178,7 @@ def test_open_request_with_invalid_vector_wrapped_key_fails_opaquely(
     key = rsa_private_key(name)
     request = rsa_request(h(case["ct"]), os.urandom(32))
     with pytest.raises(DecryptError) as unwrap_failure:
-        messages.open_request(request, private_key=key)
+        envelopes.open_request(request, private_key=key)
     assert unwrap_failure.value.__cause__ is None
     assert unwrap_failure.value.__suppress_context__
     assert "cannot open" == str(unwrap_failure.value)

@@ -17,10 +17,11 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from worker import wire
-from worker.envelope import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
+from worker import codec, wire
+from worker.codec import Field
 from worker.errors import Malformed, ProtocolError, Unsupported
-from worker.wire import Field, Reply, Request
+from worker.protocol import ALG_RSA, ALG_SK, HANDSHAKE_TYPE
+from worker.wire import Reply, Request
 
 SID = "9f0c1e2d3c4b5a69788796a5b4c3d2e1"
 MID = "5be1a2b3c4d5e6f708192a3b4c5d6e7f"
@@ -218,7 +219,7 @@ def test_encoded_notice_omits_alg_and_ciphertext() -> None:
 
 def test_json_is_written_as_json_stringify_does() -> None:
     """``j`` encoding is compact UTF-8 with non-ASCII characters as they are."""
-    assert '{"text":"héllo","list":[1,2.5,null,true]}'.encode() == wire.dumps(
+    assert '{"text":"héllo","list":[1,2.5,null,true]}'.encode() == codec.dumps(
         {"text": "héllo", "list": [1, 2.5, None, True]}, "j"
     )
 
@@ -298,9 +299,9 @@ def test_strict_decoding_refuses(field: Field, raw: bytes) -> None:
 
 @pytest.mark.parametrize(("field", "raw"), strict_cases())
 def test_loads_refuses_what_strict_decoding_forbids(field: Field, raw: bytes) -> None:
-    """wire.loads (also used for plaintexts) raises DecodeError for the same inputs."""
-    with pytest.raises(wire.DecodeError):
-        wire.loads(raw, field)
+    """codec.loads (also used for plaintexts) raises DecodeError for the same inputs."""
+    with pytest.raises(codec.DecodeError):
+        codec.loads(raw, field)
 
 
 PAD = b" " * (2 * 1024)  # JSON whitespace that makes an entry large
@@ -426,22 +427,22 @@ def test_canonical_base64_control_decodes() -> None:
     """The canonical forms of the values above decode."""
     items = replaced(pairs(), "encryptedData", Verbatim(b'"AA=="'))
     assert b"\x00" == wire.decode_request(entry(items, "j")).encrypted_data
-    assert b"\x00" == wire.b64decode("AA==")
-    assert bytes(range(16)) == wire.b64decode("AAECAwQFBgcICQoLDA0ODw==")
+    assert b"\x00" == codec.b64decode("AA==")
+    assert bytes(range(16)) == codec.b64decode("AAECAwQFBgcICQoLDA0ODw==")
 
 
 @pytest.mark.parametrize("text", ["AB==", "AA", "AA=", "AA==\n", " AA==", "A", "AA==AA==", "-_=="])
 def test_b64decode_refuses_non_canonical_text(text: str) -> None:
-    """wire.b64decode raises DecodeError for non-canonical base64."""
-    with pytest.raises(wire.DecodeError):
-        wire.b64decode(text)
+    """codec.b64decode raises DecodeError for non-canonical base64."""
+    with pytest.raises(codec.DecodeError):
+        codec.b64decode(text)
 
 
 @settings(max_examples=100)
 @given(data=st.binary(max_size=64))
 def test_b64_round_trips(data: bytes) -> None:
     """b64decode(b64encode(x)) == x."""
-    assert data == wire.b64decode(wire.b64encode(data))
+    assert data == codec.b64decode(codec.b64encode(data))
 
 
 @pytest.mark.parametrize("name", ["iv", "encryptedData", "authTag", "encryptedAesKey"])
@@ -925,7 +926,7 @@ def test_more_than_max_fields_is_malformed_without_ids(field: Field, nested: boo
     """
     items: list[tuple[Any, Any]] = [("n", [1])] if nested else []
     items += pairs()
-    extra = [(f"x{i}", i) for i in range(wire.MAX_FIELDS + 1 - len(items))]
+    extra = [(f"x{i}", i) for i in range(codec.MAX_FIELDS + 1 - len(items))]
     raw = msgpack.packb(dict(items + extra)) if field == "e" else craft(items + extra, "j")
     refused({field.encode(): raw}, decoded=False)
 
@@ -934,7 +935,7 @@ def test_more_than_max_fields_is_malformed_without_ids(field: Field, nested: boo
 def test_max_fields_are_read_and_refused_as_unknown(field: Field) -> None:
     """An envelope of exactly MAX_FIELDS members is read: unknown fields, with ids."""
     items = pairs()
-    extra = [(f"x{i}", i) for i in range(wire.MAX_FIELDS - len(items))]
+    extra = [(f"x{i}", i) for i in range(codec.MAX_FIELDS - len(items))]
     raw = msgpack.packb(dict(items + extra)) if field == "e" else craft(items + extra, "j")
     assert refused({field.encode(): raw}).detail.startswith("fields: missing [], unknown [")
 
@@ -971,9 +972,9 @@ def test_loads_refuses_a_container_over_the_length_cap(field: Field, kind: str) 
     def raw(n: int) -> bytes:
         return msgpack.packb(value(n)) if field == "e" else json.dumps(value(n)).encode()
 
-    assert wire.MAX_CONTAINER_LEN == len(wire.loads(raw(wire.MAX_CONTAINER_LEN), field))
-    with pytest.raises(wire.DecodeError):
-        wire.loads(raw(wire.MAX_CONTAINER_LEN + 1), field)
+    assert codec.MAX_CONTAINER_LEN == len(codec.loads(raw(codec.MAX_CONTAINER_LEN), field))
+    with pytest.raises(codec.DecodeError):
+        codec.loads(raw(codec.MAX_CONTAINER_LEN + 1), field)
 
 
 @pytest.mark.parametrize("field", FIELDS)
@@ -986,9 +987,9 @@ def test_loads_nests_at_most_max_depth(field: Field) -> None:
             value = [value]
         return msgpack.packb(value) if field == "e" else json.dumps(value).encode()
 
-    wire.loads(raw(wire.MAX_DEPTH), field)
-    with pytest.raises(wire.DecodeError):
-        wire.loads(raw(wire.MAX_DEPTH + 1), field)
+    codec.loads(raw(codec.MAX_DEPTH), field)
+    with pytest.raises(codec.DecodeError):
+        codec.loads(raw(codec.MAX_DEPTH + 1), field)
 
 
 @pytest.mark.parametrize(
@@ -1004,8 +1005,8 @@ def test_loads_refuses_a_mebibyte_of_nesting_at_the_parsers_limit(field: Field, 
     """A MiB of nesting is refused where the parser's stack ends, not after building it."""
     tracemalloc.start()
     try:
-        with pytest.raises(wire.DecodeError):
-            wire.loads(raw, field)
+        with pytest.raises(codec.DecodeError):
+            codec.loads(raw, field)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -1014,17 +1015,17 @@ def test_loads_refuses_a_mebibyte_of_nesting_at_the_parsers_limit(field: Field, 
 
 def test_is_large_is_over_64_kib() -> None:
     """is_large: up to 64 KiB decodes on the event loop, more goes to a thread."""
-    assert (False, True) == (wire.is_large(bytes(64 * 1024)), wire.is_large(bytes(64 * 1024 + 1)))
+    assert (False, True) == (codec.is_large(bytes(64 * 1024)), codec.is_large(bytes(64 * 1024 + 1)))
 
 
 # -- the shallow reader against a full strict parse ---------------------------------
 
 
 def reference_request(field: Field, raw: bytes) -> Request | None:
-    """The spec applied to a full strict parse (``wire.loads``) of ``raw``; None if refused."""
+    """The spec applied to a full strict parse (``codec.loads``) of ``raw``; None if refused."""
     try:
-        env = wire.loads(raw, field)
-    except wire.DecodeError:
+        env = codec.loads(raw, field)
+    except codec.DecodeError:
         return None
     if not isinstance(env, dict):
         return None
@@ -1042,8 +1043,8 @@ def reference_request(field: Field, raw: bytes) -> Request | None:
     if handshake and not (isinstance(kid, str) and re.fullmatch("[0-9a-f]{64}", kid)):
         return None
     try:
-        data = {name: wire.binary(env[name], field) for name in binaries}
-    except wire.DecodeError:
+        data = {name: codec.binary(env[name], field) for name in binaries}
+    except codec.DecodeError:
         return None
     if len(data["iv"]) != 12 or len(data["authTag"]) != 16:
         return None
@@ -1065,10 +1066,10 @@ def reference_request(field: Field, raw: bytes) -> Request | None:
 def reference_ids(field: Field, raw: bytes, *, flat: bool = False) -> tuple[str | None, str | None]:
     """The ids a refusal carries: those of a strict map of <= MAX_FIELDS (``flat``: scalars)."""
     try:
-        env = wire.loads(raw, field)
-    except wire.DecodeError:
+        env = codec.loads(raw, field)
+    except codec.DecodeError:
         return None, None
-    if not isinstance(env, dict) or len(env) > wire.MAX_FIELDS:
+    if not isinstance(env, dict) or len(env) > codec.MAX_FIELDS:
         return None, None
     if flat and any(isinstance(value, dict | list) for value in env.values()):
         return None, None
@@ -1083,7 +1084,7 @@ def spelled_requests(draw: st.DrawFn, field: Field | None = None) -> tuple[Reque
     if field is not None:
         request = dataclasses.replace(request, field=field)
     field = request.field
-    env = wire.loads(wire.encode_request(request)[field], field)
+    env = codec.loads(wire.encode_request(request)[field], field)
     items = draw(st.permutations(list(env.items())))
     if field == "e":
         return request, craft(items, "e")
@@ -1170,7 +1171,7 @@ def hostile_entries(draw: st.DrawFn, field: Field | None = None) -> tuple[Field,
     request, raw = draw(spelled_requests(field))
     field = request.field
     if draw(st.booleans()):
-        items: list[tuple[Any, Any]] = list(wire.loads(raw, field).items())
+        items: list[tuple[Any, Any]] = list(codec.loads(raw, field).items())
         for _ in range(draw(st.integers(1, 2))):
             value = Verbatim(draw(st.sampled_from(VALUES[field])))
             at = draw(st.integers(0, len(items) - 1))
@@ -1381,8 +1382,8 @@ def test_decode_reply_of_mutated_replies_raises_only_malformed(
 )
 def test_floats_are_written_as_javascript_writes_them(value: float, text: str) -> None:
     """A float in JSON is laid out as JavaScript's Number#toString does."""
-    assert text == wire.js_number(value)
-    assert text.encode() == wire.dumps(value, "j")
+    assert text == codec.js_number(value)
+    assert text.encode() == codec.dumps(value, "j")
 
 
 @given(st.floats(allow_nan=False, allow_infinity=False))
@@ -1392,13 +1393,13 @@ def test_written_floats_read_back_exactly(value: float) -> None:
     An integral float is written without a fraction (as JavaScript does), so a
     reader sees an integer literal; as a double it is the same number.
     """
-    assert value == float(wire.loads(wire.dumps([value], "j"), "j")[0])
+    assert value == float(codec.loads(codec.dumps([value], "j"), "j")[0])
 
 
 def test_json_is_compact_utf8_with_stringify_escapes() -> None:
     """Keys in order, no spaces, non-ASCII as is, control characters escaped."""
     value = {"b": [1, True, None, 'é\n\x01"\\'], "a": {"x": -3}}
-    assert '{"b":[1,true,null,"é\\n\\u0001\\"\\\\"],"a":{"x":-3}}'.encode() == wire.dumps(
+    assert '{"b":[1,true,null,"é\\n\\u0001\\"\\\\"],"a":{"x":-3}}'.encode() == codec.dumps(
         value, "j"
     )
 
@@ -1412,19 +1413,20 @@ def test_json_is_compact_utf8_with_stringify_escapes() -> None:
 def test_writing_refuses_what_strict_decoding_refuses(field: Field, value: Any) -> None:
     """A value a strict reader would refuse is not written, in either encoding."""
     with pytest.raises(ValueError):
-        wire.dumps(value, field)
+        codec.dumps(value, field)
 
 
 @pytest.mark.parametrize("field", FIELDS)
 def test_tuples_are_written_as_arrays(field: Field) -> None:
     """A tuple goes out as an array and reads back as a list."""
-    assert {"pair": [1, "b"]} == wire.loads(wire.dumps({"pair": (1, "b")}, field), field)
+    assert {"pair": [1, "b"]} == codec.loads(codec.dumps({"pair": (1, "b")}, field), field)
 
 
 def test_bytes_cannot_be_written_as_json() -> None:
     """JSON has no binary type: bytes are a TypeError, not silently base64."""
     with pytest.raises(TypeError):
-        wire.dumps({"blob": b"\x00"}, "j")
+        codec.dumps({"blob": b"\x00"}, "j")
+
 
 
 _SCALARS = st.one_of(

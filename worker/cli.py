@@ -197,7 +197,7 @@ def _keygen(args: argparse.Namespace) -> int:
 def load_app(spec: str | None) -> App:
     """Import ``module:attribute`` (an :class:`App`); None gives the demo app."""
     if spec is None:
-        from worker.demo import app
+        from worker.demo_app import app
 
         return app
     module_name, sep, attr = spec.partition(":")
@@ -254,7 +254,7 @@ def _check_redis_url(url: str) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from worker.pool import Worker
+    from worker.runtime import Worker
 
     settings = _settings(args)
     configure(settings.log_level, settings.log_format)
@@ -415,7 +415,7 @@ def _send(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from worker.rundemo import run_demo
+    from worker.demo_runner import run_demo
 
     if os.environ.get("SEALSTREAM_REDIS_URL"):
         _check_redis_url(Settings.from_env().redis_url)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import math
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -33,55 +32,27 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.exceptions import RedisError
 
-from worker import messages, wire
+from worker import codec, envelopes, handshake, wire
 from worker.cluster import initial_client, probed, store_for
-from worker.envelope import (
-    ALG_RSA,
-    ALG_SK,
-    ALGORITHMS,
-    HANDSHAKE_TYPE,
-    KEY_SIZE,
-    handshake_session_key,
-    kid_of,
-    x25519_keypair,
-    x25519_shared,
-)
-from worker.errors import ConfigError, DecryptError, Malformed, ReplyTimeout
+from worker.crypto import kid_of
+from worker.errors import ConfigError, DecryptError, ReplyTimeout
+from worker.handshake import SessionGrant
 from worker.keys import load_public_key
+from worker.keyspace import Names
 from worker.logging import get_logger
-from worker.names import Names
+from worker.protocol import ALG_RSA, ALG_SK, ALGORITHMS, HANDSHAKE_TYPE, new_id, now_ms
 from worker.replies import Result, batch, copy_refused, resolve
 from worker.shards import MAX_SHARDS, SHARDS_REFRESH_S, parse_shards
 from worker.streams import AnyRedis, Retrier
 
 log = get_logger("sealstream.client")
 
-__all__ = ["MAX_SHARDS", "Client", "ClientSession", "Result", "SessionGrant", "new_id"]
-
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def new_id() -> str:
-    """A fresh ``sid``/``mid``: 16 random bytes as 32 lowercase hex chars."""
-    return os.urandom(16).hex()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SessionGrant:
-    """What a client needs to use a session: give it only over a secure channel."""
-
-    sid: str
-    public_key_pem: str
-    session_key: bytes = field(repr=False)
-    expires_at: int
+__all__ = ["MAX_SHARDS", "Client", "ClientSession", "Result", "SessionGrant"]
 
 
 @dataclass(slots=True, kw_only=True)
 class _Waiter:
-    outgoing: messages.Outgoing
+    outgoing: envelopes.Outgoing
     type: str
     done: anyio.Event = field(default_factory=anyio.Event)
     result: Result | None = None
@@ -193,42 +164,10 @@ class Client:
     async def handshake(self, *, ttl_s: int = 3600, timeout: float = 30.0) -> SessionGrant:
         """Run the protocol's handshake and return the new session's grant."""
         service = await self.service_key()
-        sid, mid = new_id(), new_id()
-        kb = os.urandom(KEY_SIZE)
-        ec_private, ec = x25519_keypair()
-        body = {"clientEphemeral": wire.to_wire_binary(ec, self.encoding), "ttl": ttl_s}
-        out = messages.seal_request(
-            field=self.encoding,
-            alg=ALG_RSA,
-            sid=sid,
-            mid=mid,
-            ts=_now_ms(),
-            type_=HANDSHAKE_TYPE,
-            plaintext=wire.dumps(body, self.encoding),
-            public_key=service,
-            kid=kid_of(service),
-            key=kb,
-        )
-        await self._send(out.request)
-        value = (await self._await_handshake(out, timeout)).unwrap()
-        try:
-            if not isinstance(value, dict) or value.get("sessionId") != sid:
-                raise Malformed("handshake reply is not for this session")
-            ew = wire.binary(value["serverEphemeral"], self.encoding)
-            ks = handshake_session_key(
-                kb=kb,
-                shared=x25519_shared(ec_private, ew),
-                sid=sid,
-                client_ephemeral=ec,
-                worker_ephemeral=ew,
-            )
-            pem = value["publicKey"]
-            load_public_key(pem, what="session public key")
-            return SessionGrant(
-                sid=sid, public_key_pem=pem, session_key=ks, expires_at=int(value["expiresAt"])
-            )
-        except (KeyError, TypeError, ValueError, wire.DecodeError):
-            raise Malformed("the handshake reply is not the protocol's") from None
+        sent = handshake.hello(service, field=self.encoding, now_ms=now_ms(), ttl_s=ttl_s)
+        await self._send(sent.request)
+        value = (await self._await_handshake(sent.outgoing, timeout)).unwrap()
+        return handshake.finish(sent, value)
 
     @contextlib.asynccontextmanager
     async def session(
@@ -278,7 +217,7 @@ class Client:
         # was added, the copy gets a ``replay`` notice, which the session ignores.
         return await self._retry(lambda: self.store.add_request(shard, entry))
 
-    async def _await_handshake(self, out: messages.Outgoing, timeout: float) -> Result:
+    async def _await_handshake(self, out: envelopes.Outgoing, timeout: float) -> Result:
         """The handshake's result; a reply that fails to open is ignored, as a forgery."""
         sid, mid = out.request.sid, out.request.mid
         after = "0-0"
@@ -407,16 +346,16 @@ class ClientSession:
             raise ValueError(f"alg must be one of {sorted(ALGORITHMS)}")
         if not wire.is_type(type_):
             raise ValueError("type must match [A-Za-z0-9_.:-]{1,64}")
-        plaintext = wire.dumps(payload, field_)
+        plaintext = codec.dumps(payload, field_)
         # Wait for a slot first, so ``ts`` is taken when the request really goes out.
         await self._slots.acquire()
         try:
-            out = messages.seal_request(
+            out = envelopes.seal_request(
                 field=field_,
                 alg=alg,
                 sid=self.sid,
                 mid=new_id(),
-                ts=_now_ms(),
+                ts=now_ms(),
                 type_=type_,
                 plaintext=plaintext,
                 public_key=self._public_key if alg == ALG_RSA else None,

@@ -34,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import scripts
 from worker.errors import ConfigError
-from worker.names import GROUP
+from worker.keyspace import GROUP
 from worker.streams import (
     AckWrite,
     AnyRedis,

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from worker import tracing, wire
+from worker import codec, tracing, wire
 from worker.errors import BadPayload, HandlerEscaped
 from worker.handlers import App, CallNext, Context, HandlerSpec, Middleware
 from worker.logging import enabled as log_enabled
@@ -46,7 +46,7 @@ class Outcome:
 
 def error(code: str, message: str, field: wire.Field, *, dead_letter: str | None = None) -> Outcome:
     """An ``error`` outcome with ``{code, message}``."""
-    body = wire.dumps({"code": code, "message": message}, field)
+    body = codec.dumps({"code": code, "message": message}, field)
     return Outcome(status="error", plaintext=body, dead_letter=dead_letter, code=code)
 
 
@@ -107,14 +107,14 @@ class Dispatcher:
         if spec is None:
             return error("unknown_type", f"no handler for type {ctx.type!r}", field)
         try:
-            if wire.is_large(plaintext):
+            if codec.is_large(plaintext):
                 # Bounded, but a large decode still takes milliseconds: off the loop.
                 payload = await anyio.to_thread.run_sync(
-                    wire.loads, plaintext, field, limiter=self._decode_lane
+                    codec.loads, plaintext, field, limiter=self._decode_lane
                 )
             else:
-                payload = wire.loads(plaintext, field)
-        except wire.DecodeError:
+                payload = codec.loads(plaintext, field)
+        except codec.DecodeError:
             return error("bad_payload", "the payload is not a single strict value", field)
         return Work(ctx=ctx, field=field, spec=spec, payload=payload)
 
@@ -187,7 +187,7 @@ class Dispatcher:
                 self._schedule(work)  # timeouts retry while attempts remain
                 continue
             try:
-                body = wire.dumps(result, field)
+                body = codec.dumps(result, field)
             except (TypeError, ValueError, OverflowError):
                 log.warning("handler_result_unencodable", encoding=field, message_id=ctx.message_id)
                 return error(

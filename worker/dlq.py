@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 
 from worker.errors import InvalidArgument
-from worker.names import Names
+from worker.keyspace import Names
 
 #: Dead-letter reasons of protocol revision 2.
 REASONS = (

@@ -49,8 +49,8 @@ from worker.gatelimits import GatewayMetrics, RateLimiter, StreamSlots
 from worker.gatewayconf import GatewaySettings
 from worker.health import HttpServer
 from worker.health import serve as serve_http
+from worker.keyspace import Names
 from worker.logging import get_logger
-from worker.names import Names
 from worker.settings import Settings, redacted_url
 from worker.streams import Entry
 

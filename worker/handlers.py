@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from worker.envelope import HANDSHAKE_TYPE
 from worker.logging import get_logger
 from worker.payloads import Converter, payload_converter
+from worker.protocol import HANDSHAKE_TYPE
 from worker.retries import Backoff, RetryPolicy
 
 F = TypeVar("F", bound=Callable[..., Any])

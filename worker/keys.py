@@ -19,8 +19,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from worker.envelope import KEY_SIZE, kid_of, modulus_bytes, spki_pem
+from worker.crypto import kid_of, modulus_bytes, spki_pem
 from worker.errors import ConfigError
+from worker.protocol import KEY_SIZE
 
 
 @dataclass(frozen=True, slots=True)

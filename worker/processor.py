@@ -3,8 +3,8 @@
 ::
 
     entries -> wire.decode_request -> freshness -> sessions (one MGET per batch)
-      -> messages.open_request (SK on the loop; RSA in threads, in chunks)
-      -> replay records (one script per batch) -> handler pool -> messages.seal_reply
+      -> envelopes.open_request (SK on the loop; RSA in threads, in chunks)
+      -> replay records (one script per batch) -> handler pool -> envelopes.seal_reply
       -> writer: reply + record done + XACK (one script per flush of many messages)
 
 Handshakes leave the batch after decoding for their own lane (bounded key
@@ -31,17 +31,10 @@ from anyio.abc import TaskStatus
 from cryptography.hazmat.primitives.asymmetric import rsa
 from redis.exceptions import ResponseError
 
-from worker import messages, wire
+from worker import envelopes, handshake, wire
 from worker import tracing as _tracing
 from worker.attempts import AttemptLog, start_attempt
 from worker.dispatch import Dispatcher, Outcome, Work, error, resume
-from worker.envelope import (
-    ALG_RSA,
-    HANDSHAKE_TYPE,
-    handshake_session_key,
-    x25519_keypair,
-    x25519_shared,
-)
 from worker.errors import (
     AuthFailed,
     BadPayload,
@@ -60,7 +53,8 @@ from worker.keys import MasterKeys, ServiceKey
 from worker.logging import enabled as log_enabled
 from worker.logging import get_logger
 from worker.metrics import Metrics
-from worker.sessions import DEFAULT_TTL_S, Session, clamp_ttl, new_session, open_record, seal_record
+from worker.protocol import ALG_RSA, HANDSHAKE_TYPE, now_ms
+from worker.sessions import Session, open_record, seal_record
 from worker.settings import Settings
 from worker.streams import (
     AckWrite,
@@ -88,7 +82,7 @@ _DETAIL_MAX = 200
 
 def wall_clock_ms() -> int:
     """Milliseconds since the Unix epoch."""
-    return time.time_ns() // 1_000_000
+    return now_ms()
 
 
 @dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
@@ -108,7 +102,7 @@ class Delivery:
         return f"{self.shard}|{self.entry.id}"
 
 
-_Authed = tuple[Delivery, wire.Request, messages.Opened]
+_Authed = tuple[Delivery, wire.Request, envelopes.Opened]
 
 
 class Tracker(Protocol):
@@ -341,7 +335,7 @@ class Processor:
         raws = await self.retry(lambda: self.store.get_sessions(sids))
         sessions = {sid: self._session(sid, raw) for sid, raw in zip(sids, raws, strict=True)}
         now = self.clock()
-        opened: list[tuple[Delivery, wire.Request, messages.Opened]] = []
+        opened: list[tuple[Delivery, wire.Request, envelopes.Opened]] = []
         wrapped: list[tuple[Delivery, wire.Request, Session]] = []
         for d, r in batch:
             try:
@@ -370,7 +364,7 @@ class Processor:
     async def _unwrap(
         self,
         chunk: list[tuple[Delivery, wire.Request, Session]],
-        opened: list[tuple[Delivery, wire.Request, messages.Opened]],
+        opened: list[tuple[Delivery, wire.Request, envelopes.Opened]],
     ) -> None:
         results = await anyio.to_thread.run_sync(_open_rsa, chunk, limiter=self._rsa)
         for (d, r, _), result in zip(chunk, results, strict=True):
@@ -591,7 +585,7 @@ class Processor:
     ) -> None:
         """Seal the reply and queue it, with its dead letter first (a crash between the
         two cannot happen: they are one atomic step)."""
-        entry = messages.seal_reply_entry(r, reply_key, outcome.status, outcome.plaintext)
+        entry = envelopes.seal_reply_entry(r, reply_key, outcome.status, outcome.plaintext)
         letter = None
         if outcome.dead_letter is not None:
             letter = self._letter(d, outcome.dead_letter, request=r)
@@ -642,43 +636,24 @@ class Processor:
         if await self.retry(lambda: self.store.session_exists(request.sid)):
             raise SessionExists("a session already exists for this sid")
         try:
-            ec, ttl = _handshake_payload(
-                wire.loads(opened.plaintext, request.field),
-                request.field,
-                self.settings.session_max_ttl_s,
+            accepted = handshake.accept(
+                request, opened, max_ttl_s=self.settings.session_max_ttl_s
             )
-            ew_private, ew = x25519_keypair()
-            shared = x25519_shared(ew_private, ec)
-        except (wire.DecodeError, BadPayload, ValueError) as exc:
-            message = exc.message if isinstance(exc, BadPayload) else "invalid handshake payload"
-            outcome = error("bad_payload", message, request.field)
+        except BadPayload as exc:
+            outcome = error("bad_payload", exc.message, request.field)
             self._reply(d, request, opened.reply_key, outcome, seen_ttl_ms=claim.ttl_ms)
             return
-        ks = handshake_session_key(
-            kb=opened.reply_key,
-            shared=shared,
-            sid=request.sid,
-            client_ephemeral=ec,
-            worker_ephemeral=ew,
-        )
         key: rsa.RSAPrivateKey = await self.keys.take()
-        session = new_session(
-            request.sid,
-            ks=ks,
-            now_ms=self.clock(),
-            ttl_s=ttl,
-            max_ttl_s=self.settings.session_max_ttl_s,
+        answer = handshake.answer(
+            request,
+            accepted,
             private_key=key,
+            now_ms=self.clock(),
+            max_ttl_s=self.settings.session_max_ttl_s,
         )
-        body = {
-            "sessionId": request.sid,
-            "publicKey": session.public_pem,
-            "serverEphemeral": wire.to_wire_binary(ew, request.field),
-            "expiresAt": session.expires,
-        }
-        outcome = Outcome(status="ok", plaintext=wire.dumps(body, request.field))
+        outcome = Outcome(status="ok", plaintext=answer.plaintext)
         self._reply(
-            d, request, opened.reply_key, outcome, seen_ttl_ms=claim.ttl_ms, session=session
+            d, request, opened.reply_key, outcome, seen_ttl_ms=claim.ttl_ms, session=answer.session
         )
 
     # -- refusals and writes -----------------------------------------------------------
@@ -688,7 +663,7 @@ class Processor:
         notice = None
         if exc.session_id and exc.message_id and exc.field in wire.FIELDS:
             field: wire.Field = "e" if exc.field == "e" else "j"
-            note = messages.notice(
+            note = envelopes.notice(
                 field=field, sid=exc.session_id, mid=exc.message_id, code=exc.notice, alg=exc.alg
             )
             notice = wire.encode_reply(note)
@@ -879,41 +854,24 @@ def _decode(fields: dict[bytes, bytes], max_size: int) -> wire.Request:
         raise Malformed("the entry could not be decoded") from None
 
 
-def _open(request: wire.Request, private_key: Any, ks: bytes | None) -> messages.Opened:
+def _open(request: wire.Request, private_key: Any, ks: bytes | None) -> envelopes.Opened:
     try:
-        return messages.open_request(request, private_key=private_key, ks=ks)
+        return envelopes.open_request(request, private_key=private_key, ks=ks)
     except DecryptError:
         raise AuthFailed("authentication failed") from None
 
 
 def _open_rsa(
     chunk: list[tuple[Delivery, wire.Request, Session]],
-) -> list[messages.Opened | None]:
+) -> list[envelopes.Opened | None]:
     """RSA unwraps of a chunk, in one thread hop (cryptography releases the GIL)."""
-    out: list[messages.Opened | None] = []
+    out: list[envelopes.Opened | None] = []
     for _, request, session in chunk:
         try:
-            out.append(messages.open_request(request, private_key=session.private_key))
+            out.append(envelopes.open_request(request, private_key=session.private_key))
         except DecryptError:
             out.append(None)
     return out
-
-
-def _handshake_payload(value: Any, field: wire.Field, max_ttl_s: int) -> tuple[bytes, int]:
-    if not isinstance(value, dict) or "clientEphemeral" not in value:
-        raise BadPayload("the handshake needs clientEphemeral")
-    if not set(value) <= {"clientEphemeral", "ttl"}:
-        raise BadPayload("unknown handshake fields")
-    try:
-        ec = wire.binary(value["clientEphemeral"], field)
-    except wire.DecodeError:
-        raise BadPayload("clientEphemeral is not binary") from None
-    if len(ec) != 32:
-        raise BadPayload("clientEphemeral must be 32 bytes")
-    ttl = value.get("ttl", DEFAULT_TTL_S)
-    if not wire.is_int(ttl):
-        raise BadPayload("ttl must be an integer number of seconds")
-    return ec, clamp_ttl(ttl, max_ttl_s)
 
 
 def _fill_context(exc: ProtocolError, request: wire.Request) -> ProtocolError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from worker import messages, wire
+from worker import codec, envelopes, wire
 from worker.errors import DecryptError, Malformed, RemoteError, ReplyTimeout, RequestRejected
 from worker.logging import get_logger
 from worker.streams import Entry
@@ -76,15 +76,15 @@ def copy_refused(reply: wire.Reply) -> bool:
     return reply.status == "rejected" and reply.code == "replay"
 
 
-def resolve(reply: wire.Reply, out: messages.Outgoing, type_: str) -> Result:
+def resolve(reply: wire.Reply, out: envelopes.Outgoing, type_: str) -> Result:
     """Authenticate and decode a reply to ``out``; DecryptError if it is not genuine."""
     mid = out.request.mid
     if reply.status == "rejected":
         return Result(mid=mid, type=type_, status="rejected", code=reply.code)
-    plaintext = messages.open_reply(reply, reply_key=out.reply_key, request=out.request)
+    plaintext = envelopes.open_reply(reply, reply_key=out.reply_key, request=out.request)
     try:
-        value = wire.loads(plaintext, out.request.field)
-    except wire.DecodeError:
+        value = codec.loads(plaintext, out.request.field)
+    except codec.DecodeError:
         raise DecryptError("cannot open") from None
     if reply.status == "error":
         if not isinstance(value, dict):

@@ -21,12 +21,12 @@ from typing import Any, NamedTuple
 import anyio
 import redis.asyncio as aioredis
 
+from worker.codec import DecodeError, loads
 from worker.errors import ConfigError, DecryptError
 from worker.keys import MasterKey, MasterKeys
-from worker.names import Names
+from worker.keyspace import Names
 from worker.session_admin import session_keys
 from worker.sessions import open_record, seal_record
-from worker.wire import DecodeError, loads
 
 _BATCH = 100
 _ATTEMPTS = 3

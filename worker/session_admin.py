@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from worker.errors import InvalidArgument
-from worker.names import Names
+from worker.keyspace import Names
 from worker.streams import AnyRedis
 from worker.wire import is_id
 

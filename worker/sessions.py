@@ -16,10 +16,11 @@ import msgpack
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from worker.envelope import KEY_SIZE, Sealed, modulus_bytes, open_sealed, seal, spki_pem
+from worker.codec import DecodeError, is_int, loads
+from worker.crypto import Sealed, modulus_bytes, open_sealed, seal, spki_pem
 from worker.errors import DecryptError
 from worker.keys import MasterKey, MasterKeys
-from worker.wire import DecodeError, is_int, loads
+from worker.protocol import IV_SIZE, KEY_SIZE, TAG_SIZE
 
 DEFAULT_TTL_S = 3600
 MIN_TTL_S = 60
@@ -105,7 +106,7 @@ def seal_record(session: Session, kek: MasterKey) -> bytes:
         },
         use_bin_type=True,
     )
-    box = seal(kek.key, inner, _record_aad(session.sid, kek.id), iv=os.urandom(12))
+    box = seal(kek.key, inner, _record_aad(session.sid, kek.id), iv=os.urandom(IV_SIZE))
     return msgpack.packb(  # type: ignore[no-any-return]
         {"v": 1, "kek": kek.id, "n": box.iv, "c": box.ciphertext + box.tag},
         use_bin_type=True,
@@ -127,14 +128,10 @@ def open_record(sid: str, raw: bytes, keks: MasterKeys) -> Session:
         if not is_int(outer["v"]) or outer["v"] != 1 or kek is None:
             raise DecryptError("cannot open")
         n, c = outer["n"], outer["c"]
-        if not isinstance(n, bytes) or not isinstance(c, bytes) or len(c) < 16:
+        if not isinstance(n, bytes) or not isinstance(c, bytes) or len(c) < TAG_SIZE:
             raise DecryptError("cannot open")
-        inner = loads(
-            open_sealed(
-                kek.key, Sealed(iv=n, ciphertext=c[:-16], tag=c[-16:]), _record_aad(sid, kek.id)
-            ),
-            "e",
-        )
+        box = Sealed(iv=n, ciphertext=c[:-TAG_SIZE], tag=c[-TAG_SIZE:])
+        inner = loads(open_sealed(kek.key, box, _record_aad(sid, kek.id)), "e")
         return _session_from(sid, inner)
     except (DecodeError, ValueError, TypeError, KeyError):
         raise DecryptError("cannot open") from None

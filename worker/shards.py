@@ -17,7 +17,7 @@ import re
 from redis.exceptions import ResponseError
 
 from worker.errors import ConfigError, InvalidArgument
-from worker.names import GROUP, Names
+from worker.keyspace import GROUP, Names
 from worker.streams import AnyRedis
 
 MAX_SHARDS = 1024  # as SEALSTREAM_SHARDS allows

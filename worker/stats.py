@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from worker.dlq import ReasonCounts, count_letters, server_time_ms
-from worker.names import GROUP, Names
+from worker.keyspace import GROUP, Names
 from worker.session_admin import SessionCounts, count_sessions, scan_keys
 
 #: Version of the ``--json`` schema (README, "Operations"); bumped on any change

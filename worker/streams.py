@@ -26,7 +26,7 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import scripts
-from worker.names import GROUP, Names
+from worker.keyspace import GROUP, Names
 from worker.retrier import Retrier, transient
 
 Fields = dict[bytes, bytes]
@@ -305,6 +305,19 @@ class Store:
         raw = await self.redis.xpending(self.names.request_stream(shard), GROUP)
         oldest = raw.get("min")
         return Pending(count=int(raw["pending"]), oldest=_s(oldest) if oldest else None)
+
+    async def lag(self, shard: int) -> int:
+        """Entries of the shard not yet delivered to the group (XINFO GROUPS ``lag``).
+
+        0 when the stream has no such group; 1 when Redis cannot tell (``lag`` is nil after
+        some deletions), so a caller waiting for 0 does not stop early.
+        """
+        groups = await self.redis.xinfo_groups(self.names.request_stream(shard))
+        for g in groups:
+            if _s(g["name"]) == GROUP:
+                lag = g.get("lag")
+                return int(lag) if lag is not None else 1
+        return 0
 
     async def trim(self, shard: int) -> int:
         """XTRIM MINID behind the group: never past a pending or undelivered entry.

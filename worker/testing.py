@@ -26,8 +26,8 @@ import anyio
 from worker.errors import ConfigError
 from worker.handlers import App
 from worker.keys import MasterKey, MasterKeys, ServiceKey
-from worker.pool import Worker
 from worker.processor import Clock, wall_clock_ms
+from worker.runtime import Worker
 from worker.settings import Settings
 
 

@@ -19,7 +19,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from worker.errors import ConfigError
-from worker.names import GROUP
+from worker.keyspace import GROUP
 
 T = TypeVar("T")
 

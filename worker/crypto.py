@@ -1,4 +1,4 @@
-"""Pure sealing and opening of sealstream envelopes: AAD, HKDF, AES-GCM, RSA-OAEP, X25519.
+"""The protocol's cryptographic primitives: AAD, HKDF, AES-GCM, RSA-OAEP, X25519.
 
 No I/O and no clocks. Every failure to open is one opaque :class:`DecryptError`
 raised ``from None``: an RSA unwrap failure substitutes a random key and lets the
@@ -21,16 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from worker.errors import DecryptError
-
-ALG_RSA: Final = "RSA-OAEP-256+A256GCM"
-ALG_SK: Final = "SK+A256GCM"
-ALGORITHMS: Final = frozenset({ALG_RSA, ALG_SK})
-HANDSHAKE_TYPE: Final = "sealstream.handshake"
-VERSION: Final = 1
-
-KEY_SIZE: Final = 32
-IV_SIZE: Final = 12
-TAG_SIZE: Final = 16
+from worker.protocol import IV_SIZE, KEY_SIZE, TAG_SIZE, X25519_SIZE
 
 _OAEP = padding.OAEP(
     mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
@@ -161,15 +152,19 @@ def kid_of(public_key: rsa.RSAPublicKey) -> str:
 def x25519_keypair() -> tuple[x25519.X25519PrivateKey, bytes]:
     """A fresh X25519 pair: the private key and the raw 32-byte public key."""
     private = x25519.X25519PrivateKey.generate()
-    public = private.public_key().public_bytes(
+    return private, x25519_public(private)
+
+
+def x25519_public(private: x25519.X25519PrivateKey) -> bytes:
+    """The raw 32-byte public value of an X25519 private key."""
+    return private.public_key().public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
-    return private, public
 
 
 def x25519_shared(private: x25519.X25519PrivateKey, peer: bytes) -> bytes:
     """X25519 agreement; ``ValueError`` for a malformed or low-order peer key."""
-    if len(peer) != 32:
+    if len(peer) != X25519_SIZE:
         raise ValueError("an X25519 public key is 32 bytes")
     # cryptography refuses an all-zero shared secret (a low-order peer) with ValueError.
     return private.exchange(x25519.X25519PublicKey.from_public_bytes(peer))

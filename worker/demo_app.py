@@ -10,11 +10,12 @@ from typing import Any
 
 import anyio
 
-from worker.client import Client, ClientSession, SessionGrant
-from worker.envelope import ALG_RSA, ALG_SK
+from worker.client import Client, ClientSession
+from worker.codec import Field
 from worker.errors import BadPayload, RemoteError
 from worker.handlers import App
-from worker.wire import Field
+from worker.handshake import SessionGrant
+from worker.protocol import ALG_RSA, ALG_SK
 
 app = App()
 

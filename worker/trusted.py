@@ -1,4 +1,4 @@
-"""Trusted back ends (an HTTPS gateway, as in the seed) creating sessions directly.
+"""Sessions created by trusted back ends (an HTTPS gateway), without a handshake.
 
 The back end holds a master key, creates the session record in Redis and returns
 a :class:`~worker.client.SessionGrant` to its client over its own secure channel.
@@ -7,17 +7,17 @@ a :class:`~worker.client.SessionGrant` to its client over its own secure channel
 from __future__ import annotations
 
 import os
-import time
 
 import anyio
 import redis.asyncio as aioredis
 
-from worker.client import SessionGrant, new_id
-from worker.envelope import KEY_SIZE
 from worker.errors import SessionExists
+from worker.handshake import SessionGrant
 from worker.keys import MasterKeys
-from worker.names import Names
+from worker.keyspace import Names
+from worker.protocol import KEY_SIZE, new_id, now_ms
 from worker.sessions import DEFAULT_KEY_BITS, DEFAULT_TTL_S, new_session, seal_record
+from worker.streams import Store
 from worker.wire import is_id
 
 
@@ -43,13 +43,14 @@ async def create_session(
     ks = session_key if session_key is not None else os.urandom(KEY_SIZE)
     if len(ks) != KEY_SIZE:
         raise ValueError("session_key must be 32 bytes")
-    now = time.time_ns() // 1_000_000
+    now = now_ms()
     session = await anyio.to_thread.run_sync(
         lambda: new_session(sid, ks=ks, now_ms=now, ttl_s=ttl_s, bits=bits)
     )
     record = seal_record(session, master_keys.active)
-    stored = await redis.set(Names(prefix).session(sid), record, nx=True, pxat=session.expires)
-    if not stored:
+    # The worker's own write path (SET NX, expiring with the session).
+    store = Store(redis, Names(prefix))
+    if not await store.put_session(sid, record, expires_at_ms=session.expires):
         raise SessionExists("a session already exists for this sid", session_id=sid)
     return SessionGrant(
         sid=sid, public_key_pem=session.public_pem, session_key=ks, expires_at=session.expires

@@ -11,7 +11,7 @@
 - :meth:`Worker.stop` (SIGTERM/SIGINT in the CLI): stop reading, let in-flight
   handlers finish within ``grace_s``, write their replies and acks, return.
 
-Every Redis call goes through :meth:`Worker._redis`, which rides out an outage
+Every Redis call goes through ``Worker._retrier``, which rides out an outage
 with capped, jittered backoff and logs once per outage.
 """
 
@@ -33,10 +33,10 @@ from worker.errors import ConfigError
 from worker.handlers import App
 from worker.health import Readiness
 from worker.keys import MasterKeys, ServiceKey
+from worker.keyspace import Names
 from worker.logging import get_logger
 from worker.metrics import Metrics
 from worker.metrics import serve as serve_metrics
-from worker.names import Names
 from worker.processor import Clock, Delivery, Processor, wall_clock_ms
 from worker.settings import Settings, redacted_url
 from worker.streams import AnyRedis, Entry, Retrier, Store
@@ -81,7 +81,7 @@ class Worker:
         self._parked: set[tuple[int, str]] = set()
         self._idle = anyio.Event()
         self.metrics = metrics or Metrics()
-        self._redis = Retrier(on_outage=self.metrics.redis_outages.inc)
+        self._retrier = Retrier(on_outage=self.metrics.redis_outages.inc)
         self.processor: Processor | None = None
         # Checked now: SEALSTREAM_OTEL=1 without OpenTelemetry installed is a ConfigError.
         self._tracing = tracing.create(settings.otel, tracer_provider)
@@ -155,7 +155,7 @@ class Worker:
                 if self._stopping.is_set():
                     startup.cancel()
                 # A cluster or a single server: the node says which (SEALSTREAM_CLUSTER).
-                client = await self._redis(
+                client = await self._retrier(
                     partial(
                         open_redis,
                         s.redis_url,
@@ -179,7 +179,7 @@ class Worker:
                     consumer=self.consumer,
                     tracker=self,
                     clock=self._clock,
-                    retry=self._redis,
+                    retry=self._retrier,
                     metrics=self.metrics,
                     tracing=self._tracing,
                 )
@@ -248,15 +248,15 @@ class Worker:
 
     async def _start_up(self, store: Store) -> None:
         """Check the server, create the groups, publish ``P:config``."""
-        version = await self._redis(store.server_version)
+        version = await self._retrier(store.server_version)
         if version < MIN_REDIS:
             raise ConfigError(
                 f"SEALSTREAM_REDIS_URL: Redis {'.'.join(map(str, version))} is too old;"
                 f" sealstream needs {'.'.join(map(str, MIN_REDIS))} or newer"
             )
         # Never fewer shards than P:config has (`sealstream shards set` grew them).
-        self._grow(await self._redis(store.read_config))
-        await self._redis(lambda: store.ensure_groups(self.shards))
+        self._grow(await self._retrier(store.read_config))
+        await self._retrier(lambda: store.ensure_groups(self.shards))
         await self._publish_config(store)
 
     def _grow(self, config: dict[str, str]) -> bool:
@@ -271,7 +271,7 @@ class Worker:
         return True
 
     async def _publish_config(self, store: Store) -> None:
-        await self._redis(
+        await self._retrier(
             lambda: store.publish_config(
                 shards=self.shards,
                 public_pem=self.service_key.public_pem,
@@ -300,7 +300,7 @@ class Worker:
                 name = getattr(getattr(loop, "func", loop), "__name__", "loop")
                 log.exception("loop_failed", loop=name)
                 if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
-                    await self._redis(partial(store.ensure_groups, self.shards))
+                    await self._retrier(partial(store.ensure_groups, self.shards))
                     log.warning("group_recreated")
             with anyio.move_on_after(delay):
                 await self._stopping.wait()
@@ -314,7 +314,7 @@ class Worker:
         while not self._stopping.is_set():
             slots = await self._take_slots(share)
             try:
-                entries = await self._redis(
+                entries = await self._retrier(
                     partial(store.read, shard, self.consumer, count=slots, block_ms=_READ_BLOCK_MS)
                 )
             except BaseException:
@@ -334,7 +334,7 @@ class Worker:
                 while not self._stopping.is_set():
                     slots = await self._take_slots()
                     try:
-                        start, entries = await self._redis(
+                        start, entries = await self._retrier(
                             partial(
                                 store.autoclaim,
                                 shard,
@@ -345,7 +345,7 @@ class Worker:
                             )
                         )
                         entries = [e for e in entries if e.id not in self._in_flight[shard]]
-                        counts = await self._redis(
+                        counts = await self._retrier(
                             partial(store.delivery_counts, shard, [e.id for e in entries])
                         )
                     except BaseException:
@@ -371,13 +371,13 @@ class Worker:
             # A copy: shards may be added (by the trimmer) while this loop awaits.
             for shard, ids in list(self._in_flight.items()):
                 if ids:
-                    await self._redis(partial(store.touch, shard, self.consumer, list(ids)))
+                    await self._retrier(partial(store.touch, shard, self.consumer, list(ids)))
 
     async def _trim_loop(self, store: Store) -> None:
         while not self._stopping.is_set():
             # Passes start every interval (the protocol's "at least every 10 s").
             next_pass = anyio.current_time() + self.settings.trim_interval_s
-            config = await self._redis(store.read_config)
+            config = await self._retrier(store.read_config)
             if not config:
                 # Redis lost it (restarted empty, or flushed): clients need it.
                 await self._publish_config(store)
@@ -385,10 +385,10 @@ class Worker:
             else:
                 await self._add_shards(store, config)
             for shard in range(self.shards):
-                trimmed = await self._redis(partial(store.trim, shard))
+                trimmed = await self._retrier(partial(store.trim, shard))
                 if trimmed:
                     log.debug("shard_trimmed", shard=shard, entries=trimmed)
-                await self._redis(partial(store.delete_idle_consumers, shard, idle_ms=3_600_000))
+                await self._retrier(partial(store.delete_idle_consumers, shard, idle_ms=3_600_000))
             with anyio.move_on_after(next_pass - anyio.current_time()):
                 await self._stopping.wait()
             if self._stopping.is_set():
@@ -399,7 +399,7 @@ class Worker:
         before = self.shards
         if self._feeders is None or not self._grow(config):
             return
-        await self._redis(lambda: store.ensure_groups(self.shards))
+        await self._retrier(lambda: store.ensure_groups(self.shards))
         for shard in range(before, self.shards):
             reader = partial(self._read_loop, store, shard)
             self._feeders.start_soon(self._supervised, store, reader)
@@ -415,8 +415,8 @@ class Worker:
                 continue
             drained = True
             for shard in range(self.shards):
-                pending = await self._redis(partial(store.pending, shard))
-                lag = await self._redis(partial(_lag, store, shard))
+                pending = await self._retrier(partial(store.pending, shard))
+                lag = await self._retrier(partial(store.lag, shard))
                 drained = drained and pending.count == 0 and lag == 0
             quiet = quiet + 1 if drained else 0
             if quiet >= 2:
@@ -495,12 +495,3 @@ class Worker:
     def _count_in_flight(self) -> int:
         return sum(len(ids) for ids in self._in_flight.values())
 
-
-async def _lag(store: Store, shard: int) -> int:
-    groups: list[dict[Any, Any]] = await store.redis.xinfo_groups(store.names.request_stream(shard))
-    for g in groups:
-        name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
-        if name == "workers":
-            lag = g.get("lag")
-            return int(lag) if lag is not None else 1
-    return 0

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from worker.envelope import (
-    ALG_RSA,
-    KEY_SIZE,
+from worker.codec import Field
+from worker.crypto import (
     Sealed,
     open_sealed,
     reply_aad,
@@ -25,7 +24,8 @@ from worker.envelope import (
     wrap_key,
 )
 from worker.errors import DecryptError
-from worker.wire import Field, Reply, Request, encode_reply_fields
+from worker.protocol import ALG_RSA, KEY_SIZE
+from worker.wire import Reply, Request, encode_reply_fields
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 
 from worker.client import Client
-from worker.demo import produce
+from worker.demo_app import produce
 from worker.keys import write_keys
 from worker.settings import DEFAULT_REDIS_URL, redacted_url
 from worker.streams import connect
