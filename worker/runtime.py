@@ -39,6 +39,7 @@ from worker.metrics import Metrics
 from worker.metrics import serve as serve_metrics
 from worker.processor import Clock, Delivery, Processor, wall_clock_ms
 from worker.settings import Settings, redacted_url
+from worker.slots import Slots
 from worker.streams import AnyRedis, Entry, Retrier, Store
 
 log = get_logger("sealstream.worker")
@@ -73,7 +74,7 @@ class Worker:
         self._master_keys = master_keys
         self._clock = clock
         self._stopping = anyio.Event()
-        self._slots = anyio.Semaphore(settings.in_flight_limit)
+        self._slots = Slots(settings.in_flight_limit)
         #: Shards read now: settings.shards, or more once P:config says so.
         self.shards = settings.shards
         self._in_flight: dict[int, set[str]] = {s: set() for s in range(settings.shards)}
@@ -440,7 +441,7 @@ class Worker:
         key = (d.shard, d.entry.id)
         if d.entry.id in self._in_flight[d.shard] and key not in self._parked:
             self._parked.add(key)
-            self._slots.release()
+            self._slots.give()
 
     def done(self, d: Delivery) -> None:
         """``d`` is finished: no longer in flight; its slot is free (idempotent)."""
@@ -453,13 +454,13 @@ class Worker:
         if key in self._parked:
             self._parked.discard(key)
         else:
-            self._slots.release()
+            self._slots.give()
         if not self._count_in_flight():
             self._idle.set()
 
     def done_many(self, ds: Sequence[Delivery]) -> None:
         """Each of ``ds`` is finished (:meth:`done`, with one metric update)."""
-        finished = 0
+        finished = freed = 0
         for d in ds:
             ids = self._in_flight[d.shard]
             if d.entry.id not in ids:
@@ -470,7 +471,8 @@ class Worker:
             if key in self._parked:
                 self._parked.discard(key)
             else:
-                self._slots.release()
+                freed += 1
+        self._slots.give(freed)
         if finished:
             self.metrics.in_flight.dec(finished)
             if not self._count_in_flight():
@@ -478,19 +480,10 @@ class Worker:
 
     async def _take_slots(self, most: int = _MAX_READ) -> int:
         """Wait for one free processing slot, then take up to ``most`` that are free."""
-        await self._slots.acquire()
-        taken = 1
-        while taken < min(most, _MAX_READ):
-            try:
-                self._slots.acquire_nowait()
-            except anyio.WouldBlock:
-                break
-            taken += 1
-        return taken
+        return await self._slots.take(min(most, _MAX_READ))
 
     def _give_back(self, n: int) -> None:
-        for _ in range(n):
-            self._slots.release()
+        self._slots.give(n)
 
     def _count_in_flight(self) -> int:
         return sum(len(ids) for ids in self._in_flight.values())
