@@ -81,7 +81,7 @@ class Dispatcher:
         #: the cancel scope of every attempt running now, with its deadline
         self._deadlines: dict[anyio.CancelScope, float] = {}
         self._decode_lane = anyio.CapacityLimiter(1)
-        self._timers: dict[str, tuple[Any, CallNext | None]] = {}
+        self._timers: dict[str, tuple[Any, CallNext | None, float]] = {}
         self._budgets: dict[str, int] = {}
         #: Called before a retry waits (the processor persists the attempt number).
         self.on_retry: Callable[[Work], Awaitable[None]] | None = None
@@ -107,7 +107,7 @@ class Dispatcher:
         if spec is None:
             return error("unknown_type", f"no handler for type {ctx.type!r}", field)
         try:
-            if codec.is_large(plaintext):
+            if len(plaintext) > codec.LARGE:  # codec.is_large, inline: the hot path
                 # Bounded, but a large decode still takes milliseconds: off the loop.
                 payload = await anyio.to_thread.run_sync(
                     codec.loads, plaintext, field, limiter=self._decode_lane
@@ -129,17 +129,18 @@ class Dispatcher:
         cached = self._timers.get(spec.name)
         if cached is None:
             chain = _chain(spec, self.app.middlewares) if self.app.middlewares else None
-            cached = (self.metrics.handler_seconds.labels(type=spec.name), chain)
+            timer = self.metrics.handler_seconds.labels(type=spec.name)
+            cached = (timer, chain, self.timeout_s(spec))
             self._timers[spec.name] = cached
-        timer, chain = cached
-        timeout = self.timeout_s(spec)
+        timer, chain, timeout = cached
         while work.attempt <= spec.policy.retries + 1:
             if work.retrying:
                 await self._wait(work)
             started = time.perf_counter()
             timed_out = False
             try:
-                call = _call(spec, work.payload, _attempt(ctx, work.attempt), chain)
+                attempt_ctx = ctx if ctx.attempt == work.attempt else _attempt(ctx, work.attempt)
+                call = _call(spec, work.payload, attempt_ctx, chain)
                 if work.span is not None:
                     call = tracing.within(work.span, call)
                 try:
