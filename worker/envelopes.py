@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -62,38 +63,34 @@ def seal_reply(
     request: Request, reply_key: bytes, status: str, plaintext: bytes, *, iv: bytes | None = None
 ) -> Reply:
     """An ``ok``/``error`` reply to ``request``, sealed with a fresh iv (or ``iv``)."""
-    box = seal(
-        reply_key, plaintext, reply_aad(request.alg, request.sid, request.mid, status), iv=iv
-    )
-    return Reply(
-        field=request.field,
-        alg=request.alg,
-        sid=request.sid,
-        mid=request.mid,
-        status=status,
-        iv=box.iv,
-        encrypted_data=box.ciphertext,
-        auth_tag=box.tag,
-    )
+    return Reply(field=request.field, **_sealed(request, reply_key, status, plaintext, iv))
 
 
 def seal_reply_entry(
     request: Request, reply_key: bytes, status: str, plaintext: bytes, *, iv: bytes | None = None
 ) -> dict[str, bytes]:
     """``wire.encode_reply(seal_reply(...))`` in one step (the worker's hot path)."""
+    return encode_reply_fields(
+        request.field, **_sealed(request, reply_key, status, plaintext, iv)
+    )
+
+
+def _sealed(
+    request: Request, reply_key: bytes, status: str, plaintext: bytes, iv: bytes | None
+) -> dict[str, Any]:
+    """The members of a sealed reply to ``request`` but its field."""
     box = seal(
         reply_key, plaintext, reply_aad(request.alg, request.sid, request.mid, status), iv=iv
     )
-    return encode_reply_fields(
-        request.field,
-        alg=request.alg,
-        sid=request.sid,
-        mid=request.mid,
-        status=status,
-        iv=box.iv,
-        encrypted_data=box.ciphertext,
-        auth_tag=box.tag,
-    )
+    return {
+        "alg": request.alg,
+        "sid": request.sid,
+        "mid": request.mid,
+        "status": status,
+        "iv": box.iv,
+        "encrypted_data": box.ciphertext,
+        "auth_tag": box.tag,
+    }
 
 
 def notice(*, field: Field, sid: str, mid: str, code: str, alg: str | None) -> Reply:
