@@ -254,11 +254,9 @@ class Store:
         out = []
         for entry_id, flat in entries:
             if flat:  # None: deleted while pending
-                out.append(
-                    Entry(
-                        id=entry_id.decode(), fields=dict(zip(flat[::2], flat[1::2], strict=True))
-                    )
-                )
+                # One field (a request) without the pairing of a general entry.
+                fields = {flat[0]: flat[1]} if len(flat) == 2 else _pairs(flat)
+                out.append(Entry(id=entry_id.decode(), fields=fields))
         return out
 
     async def autoclaim(
@@ -453,3 +451,8 @@ class Store:
         if not raw:
             return []
         return _entries(raw[0][1])
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """An entry's flat field/value list as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
