@@ -32,12 +32,13 @@ from worker.cluster import open_redis, store_for
 from worker.errors import ConfigError
 from worker.handlers import App
 from worker.health import Readiness
+from worker.inflight import Clock, Delivery, wall_clock_ms
 from worker.keys import MasterKeys, ServiceKey
 from worker.keyspace import Names
 from worker.logging import get_logger
 from worker.metrics import Metrics
 from worker.metrics import serve as serve_metrics
-from worker.processor import Clock, Delivery, Processor, wall_clock_ms
+from worker.processor import Processor
 from worker.settings import Settings, redacted_url
 from worker.slots import Slots
 from worker.streams import AnyRedis, Entry, Retrier, Store

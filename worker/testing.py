@@ -25,8 +25,8 @@ import anyio
 
 from worker.errors import ConfigError
 from worker.handlers import App
+from worker.inflight import Clock, wall_clock_ms
 from worker.keys import MasterKey, MasterKeys, ServiceKey
-from worker.processor import Clock, wall_clock_ms
 from worker.runtime import Worker
 from worker.settings import Settings
 
