@@ -236,9 +236,7 @@ def test_example_hello_plaintext_and_aad(keys: ThrowawayKeys) -> None:
 def test_example_session_key(keys: ThrowawayKeys) -> None:
     """The worker's accept and the client's finish both give the documented Ew and Ks."""
     sent = _example_hello(keys)
-    ew_private = x25519.X25519PrivateKey.from_private_bytes(
-        bytes.fromhex(inputs()["ew_private"])
-    )
+    ew_private = x25519.X25519PrivateKey.from_private_bytes(bytes.fromhex(inputs()["ew_private"]))
     accepted = accept(sent.request, _opened(keys, sent), max_ttl_s=MAX_TTL, ephemeral=ew_private)
     done = answer(
         sent.request, accepted, private_key=keys.service.private_key, now_ms=NOW, max_ttl_s=MAX_TTL

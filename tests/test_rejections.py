@@ -233,7 +233,11 @@ async def _assert_refused(
         assert keys == set(env)
         assert request_field == name
         assert (1, *watch, "rejected", notice) == (
-            env["v"], env["sid"], env["mid"], env["status"], env["code"]
+            env["v"],
+            env["sid"],
+            env["mid"],
+            env["status"],
+            env["code"],
         )
         assert alg == env.get("alg")
     elif watch is not None:
@@ -253,7 +257,11 @@ async def _send_refused(rig: Rig, request: wire.Request, **expected: Any) -> dic
 
 
 async def _assert_serving(
-    rig: Rig, grant: SessionGrant, *, alg: str = ALG_SK, field: wire.Field = "e",
+    rig: Rig,
+    grant: SessionGrant,
+    *,
+    alg: str = ALG_SK,
+    field: wire.Field = "e",
     ts: int | None = None,
 ) -> None:
     """A good echo on ``grant``'s session still gets its ``ok`` reply, and is acked."""
@@ -311,8 +319,14 @@ async def test_tampered_field_fails_authentication(rig: Rig, name: str) -> None:
                 out = rig.raw.seal(grant, {"pay": "load"}, alg=alg, field=field)
                 bad = _tamper(out.request, name)
                 await _send_refused(
-                    rig, bad, reason="auth_failed", notice="rejected",
-                    sid=bad.sid, mid=bad.mid, type_=bad.type, alg=alg,
+                    rig,
+                    bad,
+                    reason="auth_failed",
+                    notice="rejected",
+                    sid=bad.sid,
+                    mid=bad.mid,
+                    type_=bad.type,
+                    alg=alg,
                 )
     assert 0 == sum(rig.calls.values())
     await _assert_serving(rig, grant)
@@ -325,8 +339,14 @@ async def test_request_spliced_into_another_session(rig: Rig, alg: str) -> None:
     out = rig.raw.seal(a, {"for": "a"}, alg=alg)
     spliced = dataclasses.replace(out.request, sid=b.sid)
     await _send_refused(
-        rig, spliced, reason="auth_failed", notice="rejected",
-        sid=b.sid, mid=spliced.mid, type_="echo", alg=alg,
+        rig,
+        spliced,
+        reason="auth_failed",
+        notice="rejected",
+        sid=b.sid,
+        mid=spliced.mid,
+        type_="echo",
+        alg=alg,
     )
     assert [] == await rig.raw.replies(a.sid)
     assert 0 == sum(rig.calls.values())
@@ -348,8 +368,14 @@ async def test_reflected_reply_is_malformed(rig: Rig, redis: aioredis.Redis) -> 
             fields = {name.decode(): value for name, value in entry.items()}
             entry_id = await rig.raw.send_fields(fields)
             await _assert_refused(
-                rig, entry_id, fields, reason="malformed", notice="rejected",
-                sid=grant.sid, mid=out.request.mid, alg=alg,
+                rig,
+                entry_id,
+                fields,
+                reason="malformed",
+                notice="rejected",
+                sid=grant.sid,
+                mid=out.request.mid,
+                alg=alg,
             )
             assert ["ok", "rejected"] == await _statuses(rig.raw, grant.sid, out.request.mid)
     assert 2 == rig.calls["echo"]
@@ -370,8 +396,15 @@ async def test_replayed_entry_is_refused_and_not_run(rig: Rig, redis: aioredis.R
             )
             entry_id = await rig.raw.send_fields(fields)
             await _assert_refused(
-                rig, entry_id, fields, reason="replay", notice="replay",
-                sid=grant.sid, mid=out.request.mid, type_="count", alg=alg,
+                rig,
+                entry_id,
+                fields,
+                reason="replay",
+                notice="replay",
+                sid=grant.sid,
+                mid=out.request.mid,
+                type_="count",
+                alg=alg,
             )
             assert before + 1 == rig.calls["count"]
             # The record still names the first entry, done, and lives >= 10 minutes.
@@ -398,8 +431,15 @@ async def test_two_copies_added_at_once_run_once(rig: Rig, redis: aioredis.Redis
     loser = letter["id"].decode()
     assert loser in ids
     await _assert_refused(
-        rig, loser, fields, reason="replay", notice="replay",
-        sid=grant.sid, mid=out.request.mid, type_="count", alg=ALG_SK,
+        rig,
+        loser,
+        fields,
+        reason="replay",
+        notice="replay",
+        sid=grant.sid,
+        mid=out.request.mid,
+        type_="count",
+        alg=ALG_SK,
     )
     assert ["ok", "rejected"] == sorted(await _statuses(rig.raw, grant.sid, out.request.mid))
     assert 1 == rig.calls["count"]
@@ -413,11 +453,17 @@ async def test_refused_copy_does_not_burn_the_mid(rig: Rig, settings: Settings) 
         ("flipped authTag", lambda r: _fields(_tamper(r, "authTag")), "auth_failed"),
         ("changed ts", lambda r: _fields(_tamper(r, "ts")), "auth_failed"),
         ("changed type", lambda r: _fields(_tamper(r, "type")), "auth_failed"),
-        ("stale ts", lambda r: _fields(dataclasses.replace(r, ts=r.ts - window - 5_000)),
-         "expired"),
+        (
+            "stale ts",
+            lambda r: _fields(dataclasses.replace(r, ts=r.ts - window - 5_000)),
+            "expired",
+        ),
         ("unknown field", lambda r: _pack(_envelope(r) | {"x": 1}, r.field), "malformed"),
-        ("short tag", lambda r: _fields(dataclasses.replace(r, auth_tag=r.auth_tag[:15])),
-         "malformed"),
+        (
+            "short tag",
+            lambda r: _fields(dataclasses.replace(r, auth_tag=r.auth_tag[:15])),
+            "malformed",
+        ),
     ]
     grant = await rig.raw.grant()
     for alg, field in _BOTH:
@@ -443,15 +489,24 @@ async def test_refused_copy_does_not_burn_the_mid(rig: Rig, settings: Settings) 
 
 @pytest.mark.parametrize(("direction", "field"), [(-1, "e"), (1, "j")], ids=["past", "future"])
 async def test_ts_outside_window_is_expired(
-    rig: Rig, settings: Settings, direction: int, field: wire.Field,
+    rig: Rig,
+    settings: Settings,
+    direction: int,
+    field: wire.Field,
 ) -> None:
     """A ts further than the window from the entry id's time gets expired, not run."""
     grant = await rig.raw.grant()
     ts = now_ms() + direction * (settings.replay_window_ms + 5_000)
     out = rig.raw.seal(grant, {}, ts=ts, field=field)
     await _send_refused(
-        rig, out.request, reason="expired", notice="expired",
-        sid=grant.sid, mid=out.request.mid, type_="echo", alg=ALG_SK,
+        rig,
+        out.request,
+        reason="expired",
+        notice="expired",
+        sid=grant.sid,
+        mid=out.request.mid,
+        type_="echo",
+        alg=ALG_SK,
     )
     assert 0 == sum(rig.calls.values())
     # Old but inside the window is still fresh.
@@ -466,29 +521,45 @@ async def test_integer_ts_far_from_now_is_expired(rig: Rig, ts: int) -> None:
         with _case(field):
             out = rig.raw.seal(grant, {}, ts=ts, field=field)
             await _send_refused(
-                rig, out.request, reason="expired", notice="expired",
-                sid=grant.sid, mid=out.request.mid, type_="echo", alg=ALG_SK,
+                rig,
+                out.request,
+                reason="expired",
+                notice="expired",
+                sid=grant.sid,
+                mid=out.request.mid,
+                type_="echo",
+                alg=ALG_SK,
             )
     assert 0 == sum(rig.calls.values())
     await _assert_serving(rig, grant)
 
 
 async def test_wrapped_key_length_is_checked_after_the_session_record(
-    rig: Rig, keys: ThrowawayKeys,
+    rig: Rig,
+    keys: ThrowawayKeys,
 ) -> None:
     """An empty encryptedAesKey for an unknown sid is session_unknown, as the order says."""
     ghost = unknown_session(keys)
     out = rig.raw.seal(ghost, {}, alg=ALG_RSA)
     bad = dataclasses.replace(out.request, encrypted_aes_key=b"")
     await _send_refused(
-        rig, bad, reason="session_invalid", notice="session_unknown",
-        sid=ghost.sid, mid=bad.mid, type_="echo", alg=ALG_RSA,
+        rig,
+        bad,
+        reason="session_invalid",
+        notice="session_unknown",
+        sid=ghost.sid,
+        mid=bad.mid,
+        type_="echo",
+        alg=ALG_RSA,
     )
     await _assert_serving(rig, await rig.raw.grant())
 
 
 async def test_unknown_session_is_session_unknown(
-    rig: Rig, settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis,
+    rig: Rig,
+    settings: Settings,
+    keys: ThrowawayKeys,
+    redis: aioredis.Redis,
 ) -> None:
     """A well-formed request for a sid with no session gets session_unknown."""
     for alg, field in _BOTH:
@@ -496,8 +567,14 @@ async def test_unknown_session_is_session_unknown(
             ghost = unknown_session(keys)
             out = rig.raw.seal(ghost, {}, alg=alg, field=field)
             await _send_refused(
-                rig, out.request, reason="session_invalid", notice="session_unknown",
-                sid=ghost.sid, mid=out.request.mid, type_="echo", alg=alg,
+                rig,
+                out.request,
+                reason="session_invalid",
+                notice="session_unknown",
+                sid=ghost.sid,
+                mid=out.request.mid,
+                type_="echo",
+                alg=alg,
             )
             # With no session, the reply stream expires after at most 2 x window.
             ttl = await redis.pttl(rig.raw.names.reply_stream(ghost.sid))
@@ -518,8 +595,14 @@ async def test_tampered_session_record_is_session_unknown(rig: Rig, redis: aiore
         with _case(f"{alg} {field}"):
             out = rig.raw.seal(grant, {}, alg=alg, field=field)
             await _send_refused(
-                rig, out.request, reason="session_invalid", notice="session_unknown",
-                sid=grant.sid, mid=out.request.mid, type_="echo", alg=alg,
+                rig,
+                out.request,
+                reason="session_invalid",
+                notice="session_unknown",
+                sid=grant.sid,
+                mid=out.request.mid,
+                type_="echo",
+                alg=alg,
             )
     assert 1 == rig.calls["echo"]
     await redis.set(key, record, keepttl=True)
@@ -527,7 +610,8 @@ async def test_tampered_session_record_is_session_unknown(rig: Rig, redis: aiore
 
 
 async def test_session_record_under_another_sid_is_session_unknown(
-    rig: Rig, redis: aioredis.Redis,
+    rig: Rig,
+    redis: aioredis.Redis,
 ) -> None:
     """Session A's record copied to sid B's key does not open for B: session_unknown."""
     a = await rig.raw.grant()
@@ -537,15 +621,23 @@ async def test_session_record_under_another_sid_is_session_unknown(
     await redis.set(rig.raw.names.session(b.sid), record, px=600_000)
     out = rig.raw.seal(b, {})
     await _send_refused(
-        rig, out.request, reason="session_invalid", notice="session_unknown",
-        sid=b.sid, mid=out.request.mid, type_="echo", alg=ALG_SK,
+        rig,
+        out.request,
+        reason="session_invalid",
+        notice="session_unknown",
+        sid=b.sid,
+        mid=out.request.mid,
+        type_="echo",
+        alg=ALG_SK,
     )
     assert 0 == sum(rig.calls.values())
     await _assert_serving(rig, a)
 
 
 async def test_session_past_its_sealed_expiry_is_session_unknown(
-    rig: Rig, keys: ThrowawayKeys, redis: aioredis.Redis,
+    rig: Rig,
+    keys: ThrowawayKeys,
+    redis: aioredis.Redis,
 ) -> None:
     """A record whose sealed expiry has passed is refused even while Redis still holds it."""
     sid, ks, created = new_id(), os.urandom(KEY_SIZE), now_ms() - 7_200_000
@@ -559,8 +651,14 @@ async def test_session_past_its_sealed_expiry_is_session_unknown(
     )
     out = rig.raw.seal(stale, {})
     await _send_refused(
-        rig, out.request, reason="session_invalid", notice="session_unknown",
-        sid=sid, mid=out.request.mid, type_="echo", alg=ALG_SK,
+        rig,
+        out.request,
+        reason="session_invalid",
+        notice="session_unknown",
+        sid=sid,
+        mid=out.request.mid,
+        type_="echo",
+        alg=ALG_SK,
     )
     assert 0 == sum(rig.calls.values())
     await _assert_serving(rig, await rig.raw.grant())
@@ -592,13 +690,26 @@ async def test_key_wrapped_with_other_padding_fails_authentication(rig: Rig) -> 
             k, mid, ts = os.urandom(KEY_SIZE), new_id(), now_ms()
             box = seal(k, codec.dumps({}, "e"), request_aad(ALG_RSA, grant.sid, mid, ts, "echo"))
             request = wire.Request(
-                field="e", alg=ALG_RSA, sid=grant.sid, mid=mid, ts=ts, type="echo",
-                iv=box.iv, encrypted_data=box.ciphertext, auth_tag=box.tag,
+                field="e",
+                alg=ALG_RSA,
+                sid=grant.sid,
+                mid=mid,
+                ts=ts,
+                type="echo",
+                iv=box.iv,
+                encrypted_data=box.ciphertext,
+                auth_tag=box.tag,
                 encrypted_aes_key=public_key.encrypt(k, pad),
             )
             await _send_refused(
-                rig, request, reason="auth_failed", notice="rejected",
-                sid=grant.sid, mid=mid, type_="echo", alg=ALG_RSA,
+                rig,
+                request,
+                reason="auth_failed",
+                notice="rejected",
+                sid=grant.sid,
+                mid=mid,
+                type_="echo",
+                alg=ALG_RSA,
             )
     assert 0 == sum(rig.calls.values())
     await _assert_serving(rig, grant, alg=ALG_RSA)
@@ -612,14 +723,19 @@ async def test_wrapped_key_of_wrong_length_is_malformed(rig: Rig, keys: Throwawa
             out = rig.raw.seal(grant, {}, alg=ALG_RSA)
             wrapped = out.request.encrypted_aes_key
             assert wrapped is not None and 256 == len(wrapped)
-            bad = dataclasses.replace(
-                out.request, encrypted_aes_key=(wrapped * 2)[:size]
-            )
+            bad = dataclasses.replace(out.request, encrypted_aes_key=(wrapped * 2)[:size])
             fields = _fields(bad)
             entry_id = await rig.raw.send_fields(fields)
             await _assert_refused(
-                rig, entry_id, fields, reason="malformed", notice="rejected",
-                sid=grant.sid, mid=bad.mid, type_="echo", alg=ALG_RSA,
+                rig,
+                entry_id,
+                fields,
+                reason="malformed",
+                notice="rejected",
+                sid=grant.sid,
+                mid=bad.mid,
+                type_="echo",
+                alg=ALG_RSA,
             )
     with _case("a handshake's wrapped Kb of 255 bytes"):
         hs = handshake(keys)
@@ -629,8 +745,15 @@ async def test_wrapped_key_of_wrong_length_is_malformed(rig: Rig, keys: Throwawa
         fields = _fields(bad)
         entry_id = await rig.raw.send_fields(fields)
         await _assert_refused(
-            rig, entry_id, fields, reason="malformed", notice="rejected",
-            sid=bad.sid, mid=bad.mid, type_=HANDSHAKE_TYPE, alg=ALG_RSA,
+            rig,
+            entry_id,
+            fields,
+            reason="malformed",
+            notice="rejected",
+            sid=bad.sid,
+            mid=bad.mid,
+            type_=HANDSHAKE_TYPE,
+            alg=ALG_RSA,
         )
     assert 0 == sum(rig.calls.values())
     await _assert_serving(rig, grant, alg=ALG_RSA)
@@ -639,9 +762,7 @@ async def test_wrapped_key_of_wrong_length_is_malformed(rig: Rig, keys: Throwawa
 # -- format: lengths, fields, values, version, alg ----------------------------------
 
 
-@pytest.mark.parametrize(
-    ("name", "sizes"), [("authTag", [15, 17, 0]), ("iv", [16, 11, 0])]
-)
+@pytest.mark.parametrize(("name", "sizes"), [("authTag", [15, 17, 0]), ("iv", [16, 11, 0])])
 async def test_wrong_iv_or_tag_length_is_malformed(rig: Rig, name: str, sizes: list[int]) -> None:
     """An authTag that is not 16 bytes or an iv that is not 12 is malformed, before crypto."""
     grant = await rig.raw.grant()
@@ -656,8 +777,14 @@ async def test_wrong_iv_or_tag_length_is_malformed(rig: Rig, name: str, sizes: l
                     else dataclasses.replace(out.request, iv=value)
                 )
                 await _send_refused(
-                    rig, bad, reason="malformed", notice="rejected",
-                    sid=grant.sid, mid=bad.mid, type_="echo", alg=alg,
+                    rig,
+                    bad,
+                    reason="malformed",
+                    notice="rejected",
+                    sid=grant.sid,
+                    mid=bad.mid,
+                    type_="echo",
+                    alg=alg,
                 )
     assert 0 == sum(rig.calls.values())
     await _assert_serving(rig, grant)
@@ -672,7 +799,10 @@ async def test_wrong_iv_or_tag_length_is_malformed(rig: Rig, name: str, sizes: l
     ],
 )
 async def test_unknown_field_is_malformed(
-    rig: Rig, label: str, alg: str, extra: dict[str, Any],
+    rig: Rig,
+    label: str,
+    alg: str,
+    extra: dict[str, Any],
 ) -> None:
     """An envelope with a field its alg and type do not have is malformed."""
     grant = await rig.raw.grant()
@@ -681,8 +811,15 @@ async def test_unknown_field_is_malformed(
     fields = _pack(env, "e")
     entry_id = await rig.raw.send_fields(fields)
     await _assert_refused(
-        rig, entry_id, fields, reason="malformed", notice="rejected",
-        sid=grant.sid, mid=out.request.mid, type_="echo", alg=alg,
+        rig,
+        entry_id,
+        fields,
+        reason="malformed",
+        notice="rejected",
+        sid=grant.sid,
+        mid=out.request.mid,
+        type_="echo",
+        alg=alg,
     )
     assert 0 == sum(rig.calls.values())
     await _assert_serving(rig, grant)
@@ -691,8 +828,14 @@ async def test_unknown_field_is_malformed(
 async def test_missing_field_is_malformed(rig: Rig, keys: ThrowawayKeys) -> None:
     """An envelope missing any required field is malformed (no notice without sid or mid)."""
     cases = [
-        (ALG_SK, "ts"), (ALG_SK, "type"), (ALG_SK, "iv"), (ALG_SK, "encryptedData"),
-        (ALG_SK, "authTag"), (ALG_RSA, "encryptedAesKey"), (ALG_SK, "sid"), (ALG_SK, "mid"),
+        (ALG_SK, "ts"),
+        (ALG_SK, "type"),
+        (ALG_SK, "iv"),
+        (ALG_SK, "encryptedData"),
+        (ALG_SK, "authTag"),
+        (ALG_RSA, "encryptedAesKey"),
+        (ALG_SK, "sid"),
+        (ALG_SK, "mid"),
     ]
     grant = await rig.raw.grant()
     for alg, name in cases:
@@ -705,12 +848,16 @@ async def test_missing_field_is_malformed(rig: Rig, keys: ThrowawayKeys) -> None
                 entry_id = await rig.raw.send_fields(fields)
                 has_ids = name not in ("sid", "mid")
                 await _assert_refused(
-                    rig, entry_id, fields, reason="malformed",
+                    rig,
+                    entry_id,
+                    fields,
+                    reason="malformed",
                     notice="rejected" if has_ids else None,
                     sid=grant.sid if name != "sid" else None,
                     mid=out.request.mid if name != "mid" else None,
                     type_="echo" if name != "type" else None,
-                    alg=alg, watch=(grant.sid, out.request.mid),
+                    alg=alg,
+                    watch=(grant.sid, out.request.mid),
                 )
     for field in _ENCODINGS:
         with _case(f"kid in a handshake, {field}"):
@@ -720,8 +867,15 @@ async def test_missing_field_is_malformed(rig: Rig, keys: ThrowawayKeys) -> None
             fields = _pack(env, field)
             entry_id = await rig.raw.send_fields(fields)
             await _assert_refused(
-                rig, entry_id, fields, reason="malformed", notice="rejected",
-                sid=hs.request.sid, mid=hs.request.mid, type_=HANDSHAKE_TYPE, alg=ALG_RSA,
+                rig,
+                entry_id,
+                fields,
+                reason="malformed",
+                notice="rejected",
+                sid=hs.request.sid,
+                mid=hs.request.mid,
+                type_=HANDSHAKE_TYPE,
+                alg=ALG_RSA,
             )
     assert 0 == sum(rig.calls.values())
     await _assert_serving(rig, grant)
@@ -766,8 +920,12 @@ _ILL_FORMED: list[tuple[str, wire.Field, Callable[[dict[str, Any]], None], set[s
     ("type of 65 chars", "j", _set("type", "e" * 65), {"sid", "mid"}),
     ("sid in upper case", "e", lambda env: env.update(sid=env["sid"].upper()), {"mid", "type"}),
     ("mid of 31 chars", "j", lambda env: env.update(mid=env["mid"][:31]), {"sid", "type"}),
-    ("iv as text in MessagePack", "e", lambda env: env.update(iv=env["iv"].hex()),
-     {"sid", "mid", "type"}),
+    (
+        "iv as text in MessagePack",
+        "e",
+        lambda env: env.update(iv=env["iv"].hex()),
+        {"sid", "mid", "type"},
+    ),
     ("encryptedData as a number", "j", _set("encryptedData", 7), {"sid", "mid", "type"}),
     ("authTag unpadded base64", "j", _b64_variant("unpadded"), {"sid", "mid", "type"}),
     ("authTag base64 with stray bits", "j", _b64_variant("stray bits"), {"sid", "mid", "type"}),
@@ -788,11 +946,16 @@ async def test_ill_formed_values_are_malformed(rig: Rig) -> None:
             entry_id = await rig.raw.send_fields(fields)
             notice = "rejected" if {"sid", "mid"} <= kept else None
             await _assert_refused(
-                rig, entry_id, fields, reason="malformed", notice=notice,
+                rig,
+                entry_id,
+                fields,
+                reason="malformed",
+                notice=notice,
                 sid=env["sid"] if "sid" in kept else None,
                 mid=env["mid"] if "mid" in kept else None,
                 type_=env["type"] if "type" in kept else None,
-                alg=ALG_SK, watch=(env["sid"], env["mid"]),
+                alg=ALG_SK,
+                watch=(env["sid"], env["mid"]),
             )
     assert 0 == sum(rig.calls.values())
     await _assert_serving(rig, grant)
@@ -807,8 +970,15 @@ async def test_unsupported_version(rig: Rig) -> None:
             fields = _pack(_envelope(out.request) | {"v": v}, field)
             entry_id = await rig.raw.send_fields(fields)
             await _assert_refused(
-                rig, entry_id, fields, reason="unsupported", notice="rejected",
-                sid=grant.sid, mid=out.request.mid, type_="echo", alg=alg,
+                rig,
+                entry_id,
+                fields,
+                reason="unsupported",
+                notice="rejected",
+                sid=grant.sid,
+                mid=out.request.mid,
+                type_="echo",
+                alg=alg,
             )
     assert 0 == sum(rig.calls.values())
     await _assert_serving(rig, grant)
@@ -828,8 +998,15 @@ async def test_unknown_alg_is_unsupported_and_notice_has_no_alg(rig: Rig) -> Non
             fields = _pack(_envelope(out.request) | {"alg": alg}, field)
             entry_id = await rig.raw.send_fields(fields)
             await _assert_refused(
-                rig, entry_id, fields, reason="unsupported", notice="rejected",
-                sid=grant.sid, mid=out.request.mid, type_="echo", alg=None,
+                rig,
+                entry_id,
+                fields,
+                reason="unsupported",
+                notice="rejected",
+                sid=grant.sid,
+                mid=out.request.mid,
+                type_="echo",
+                alg=None,
             )
     assert 0 == sum(rig.calls.values())
     await _assert_serving(rig, grant)
@@ -864,7 +1041,11 @@ async def test_oversize_entry_is_dead_lettered_by_size_without_notice(
         assert payload == open_ok(reply, at_limit)
         over, _ = _padded_to(grant, rig.raw, 2049)
         await _send_refused(
-            rig, over.request, reason="malformed", notice=None, original=False,
+            rig,
+            over.request,
+            reason="malformed",
+            notice=None,
+            original=False,
             watch=(grant.sid, over.request.mid),
         )
         assert [] == await _statuses(rig.raw, grant.sid, over.request.mid)
@@ -920,7 +1101,12 @@ async def test_garbage_entry_is_malformed_without_notice(rig: Rig, case: str) ->
     fields, original, mid = _garbage(case, grant, rig.raw)
     entry_id = await rig.raw.send_fields(fields)
     await _assert_refused(
-        rig, entry_id, fields, reason="malformed", notice=None, original=original,
+        rig,
+        entry_id,
+        fields,
+        reason="malformed",
+        notice=None,
+        original=original,
         watch=(grant.sid, mid),
     )
     assert [] == await rig.raw.replies(grant.sid)
@@ -932,14 +1118,21 @@ async def test_garbage_entry_is_malformed_without_notice(rig: Rig, case: str) ->
 
 
 async def test_handshake_with_unknown_kid_fails_authentication(
-    rig: Rig, keys: ThrowawayKeys,
+    rig: Rig,
+    keys: ThrowawayKeys,
 ) -> None:
     """A handshake naming a kid the worker does not hold is auth_failed; no session is made."""
     kid = hashlib.sha256(os.urandom(16)).hexdigest()
     out = handshake(keys, kid=kid)
     await _send_refused(
-        rig, out.request, reason="auth_failed", notice="rejected",
-        sid=out.request.sid, mid=out.request.mid, type_=HANDSHAKE_TYPE, alg=ALG_RSA,
+        rig,
+        out.request,
+        reason="auth_failed",
+        notice="rejected",
+        sid=out.request.sid,
+        mid=out.request.mid,
+        type_=HANDSHAKE_TYPE,
+        alg=ALG_RSA,
     )
     assert await rig.raw.get(rig.raw.names.session(out.request.sid)) is None
     good = handshake(keys)
@@ -951,7 +1144,8 @@ async def test_handshake_with_unknown_kid_fails_authentication(
 
 
 async def test_handshake_for_existing_sid_is_refused_and_spends_mid(
-    rig: Rig, keys: ThrowawayKeys,
+    rig: Rig,
+    keys: ThrowawayKeys,
 ) -> None:
     """An authentic handshake for a sid with a session is session_invalid and spends its mid."""
     grant = await rig.raw.grant()
@@ -962,8 +1156,15 @@ async def test_handshake_for_existing_sid_is_refused_and_spends_mid(
     forged = _fields(_tamper(out.request, "authTag"))
     forged_id = await rig.raw.send_fields(forged)
     await _assert_refused(
-        rig, forged_id, forged, reason="auth_failed", notice="rejected",
-        sid=grant.sid, mid=out.request.mid, type_=HANDSHAKE_TYPE, alg=ALG_RSA,
+        rig,
+        forged_id,
+        forged,
+        reason="auth_failed",
+        notice="rejected",
+        sid=grant.sid,
+        mid=out.request.mid,
+        type_=HANDSHAKE_TYPE,
+        alg=ALG_RSA,
     )
     fields = _fields(out.request)
     first = await rig.raw.send_fields(fields)
@@ -995,8 +1196,14 @@ async def test_tampered_handshake_fails_authentication(rig: Rig, keys: Throwaway
                 out = handshake(keys, field=field)
                 bad = change(out.request)
                 await _send_refused(
-                    rig, bad, reason="auth_failed", notice="rejected",
-                    sid=bad.sid, mid=bad.mid, type_=HANDSHAKE_TYPE, alg=ALG_RSA,
+                    rig,
+                    bad,
+                    reason="auth_failed",
+                    notice="rejected",
+                    sid=bad.sid,
+                    mid=bad.mid,
+                    type_=HANDSHAKE_TYPE,
+                    alg=ALG_RSA,
                 )
                 for sid in {bad.sid, out.request.sid}:
                     assert await rig.raw.get(rig.raw.names.session(sid)) is None
@@ -1008,7 +1215,8 @@ async def test_tampered_handshake_fails_authentication(rig: Rig, keys: Throwaway
 
 
 async def test_handshake_with_low_order_ephemeral_is_bad_payload(
-    rig: Rig, keys: ThrowawayKeys,
+    rig: Rig,
+    keys: ThrowawayKeys,
 ) -> None:
     """A low-order or invalid clientEphemeral gets error bad_payload under Kb, no dead letter."""
     low_order: list[tuple[str, bytes, wire.Field]] = [
@@ -1067,8 +1275,15 @@ async def test_handler_exception_is_handler_error_and_dead_letter(rig: Rig) -> N
             assert "handler_error" == body["code"]
             assert _LEAK not in body["message"]
             await _assert_refused(
-                rig, entry_id, fields, reason="handler_error", notice=None,
-                sid=grant.sid, mid=out.request.mid, type_="boom", alg=alg,
+                rig,
+                entry_id,
+                fields,
+                reason="handler_error",
+                notice=None,
+                sid=grant.sid,
+                mid=out.request.mid,
+                type_="boom",
+                alg=alg,
             )
             assert ["error"] == await _statuses(rig.raw, grant.sid, out.request.mid)
     assert 2 == rig.calls["boom"]
@@ -1084,8 +1299,15 @@ async def test_handler_timeout_is_timeout_and_dead_letter(rig: Rig) -> None:
     reply = await rig.raw.reply(grant.sid, out.request.mid)
     assert "timeout" == _error_body(reply, out)["code"]
     await _assert_refused(
-        rig, entry_id, fields, reason="timeout", notice=None,
-        sid=grant.sid, mid=out.request.mid, type_="slow", alg=ALG_SK,
+        rig,
+        entry_id,
+        fields,
+        reason="timeout",
+        notice=None,
+        sid=grant.sid,
+        mid=out.request.mid,
+        type_="slow",
+        alg=ALG_SK,
     )
     assert ["error"] == await _statuses(rig.raw, grant.sid, out.request.mid)
     assert 1 == rig.calls["slow"]
@@ -1113,15 +1335,21 @@ async def test_delivery_limit_is_refused_without_running(
     # Another consumer took both and vanished; the worker's XAUTOCLAIM adds one delivery.
     await redis.xreadgroup("workers", "ghost", {stream: ">"}, count=2)
     for entry_id, count in ((at_limit_id, limit - 1), (over_id, limit)):
-        await redis.xclaim(
-            stream, "workers", "ghost", 0, [entry_id], idle=60_000, retrycount=count
-        )
+        await redis.xclaim(stream, "workers", "ghost", 0, [entry_id], idle=60_000, retrycount=count)
     async with _serving(fast, keys, redis) as rig:
         reply = await rig.raw.reply(grant.sid, at_limit.request.mid)
         assert {"counted": 1} == open_ok(reply, at_limit)
         letter = await _assert_refused(
-            rig, over_id, over_fields, reason="delivery_limit", notice="delivery_limit",
-            sid=grant.sid, mid=over.request.mid, type_="count", alg=ALG_SK, attempts=None,
+            rig,
+            over_id,
+            over_fields,
+            reason="delivery_limit",
+            notice="delivery_limit",
+            sid=grant.sid,
+            mid=over.request.mid,
+            type_="count",
+            alg=ALG_SK,
+            attempts=None,
         )
         assert limit + 1 == int(letter["attempts"])
         assert 1 == rig.calls["count"]

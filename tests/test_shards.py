@@ -88,9 +88,7 @@ async def test_cli_sets_shards(settings: Settings) -> None:
     assert {"shards": 5, "before": 1} == doc
 
 
-async def test_cli_refuses_shrinking_in_one_line(
-    settings: Settings, redis: aioredis.Redis
-) -> None:
+async def test_cli_refuses_shrinking_in_one_line(settings: Settings, redis: aioredis.Redis) -> None:
     """A refused shrink exits 2 with the reason on stderr."""
     await set_shards(redis, 2, prefix=settings.prefix)
     await redis.xadd(Names(settings.prefix).request_stream(1), {"e": b"x"})

@@ -1428,7 +1428,6 @@ def test_bytes_cannot_be_written_as_json() -> None:
         codec.dumps({"blob": b"\x00"}, "j")
 
 
-
 _SCALARS = st.one_of(
     st.none(),
     st.booleans(),

@@ -481,4 +481,3 @@ def dumps_unchecked(env: dict[str, Any], field: Field) -> bytes:
     out: list[str] = []
     _write_json(env, out)
     return "".join(out).encode("utf-8")
-

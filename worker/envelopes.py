@@ -70,9 +70,7 @@ def seal_reply_entry(
     request: Request, reply_key: bytes, status: str, plaintext: bytes, *, iv: bytes | None = None
 ) -> dict[str, bytes]:
     """``wire.encode_reply(seal_reply(...))`` in one step (the worker's hot path)."""
-    return encode_reply_fields(
-        request.field, **_sealed(request, reply_key, status, plaintext, iv)
-    )
+    return encode_reply_fields(request.field, **_sealed(request, reply_key, status, plaintext, iv))
 
 
 def _sealed(

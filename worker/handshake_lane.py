@@ -118,9 +118,7 @@ class HandshakeLane:
         if await self.retry(lambda: self.store.session_exists(request.sid)):
             raise SessionExists("a session already exists for this sid")
         try:
-            accepted = handshake.accept(
-                request, opened, max_ttl_s=self.settings.session_max_ttl_s
-            )
+            accepted = handshake.accept(request, opened, max_ttl_s=self.settings.session_max_ttl_s)
         except BadPayload as exc:
             outcome = error("bad_payload", exc.message, request.field)
             self._reply(d, request, opened.reply_key, outcome, seen_ttl_ms=claim.ttl_ms)

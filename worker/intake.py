@@ -336,4 +336,3 @@ def _open_rsa(
         except DecryptError:
             out.append(None)
     return out
-

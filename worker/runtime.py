@@ -488,4 +488,3 @@ class Worker:
 
     def _count_in_flight(self) -> int:
         return sum(len(ids) for ids in self._in_flight.values())
-

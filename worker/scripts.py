@@ -97,7 +97,9 @@ local function notify(reply, session, field, payload)
 end
 """
 
-FINISH: Final = _REPLY_STEP + """
+FINISH: Final = (
+    _REPLY_STEP
+    + """
 -- ARGV[1..4]: reply maxlen, reply-stream ttl without a session (ms), dlq maxlen, group.
 -- Then one item per message, its keys taken from KEYS in order:
 --   R (reply)   keys seen, reply, session, stream[, dlq]
@@ -173,8 +175,11 @@ end
 for stream, ids in pairs(acks) do redis.pcall('XACK', stream, group, unpack(ids)) end
 return out
 """
+)
 
-SLOT_FINISH: Final = _REPLY_STEP + """
+SLOT_FINISH: Final = (
+    _REPLY_STEP
+    + """
 -- One slot's share of a FINISH on a Redis Cluster: the batch is split by the slot of
 -- each message's {sid}; its dead letters are added before this call and its XACKs
 -- after it, as commands of their own (they live in other slots).
@@ -202,6 +207,7 @@ while a <= #ARGV do
 end
 return out
 """
+)
 
 
 @functools.cache

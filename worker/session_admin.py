@@ -42,9 +42,7 @@ class SessionCounts(NamedTuple):
     by_expiry: dict[str, int]
 
 
-async def scan_keys(
-    redis: AnyRedis, pattern: str, *, count: int = 1000
-) -> AsyncIterator[str]:
+async def scan_keys(redis: AnyRedis, pattern: str, *, count: int = 1000) -> AsyncIterator[str]:
     """Every key matching ``pattern`` (SCAN: never blocks Redis; a key may repeat).
 
     On a Redis Cluster every primary is scanned in turn.

@@ -309,13 +309,15 @@ class SentinelServers:
                 procs.launch(port, str(conf), "--sentinel")
             _wait(
                 "the sentinels to see the replica",
-                lambda: all(
-                    "num-slaves" in (out := _cli(p, "SENTINEL", "MASTER", SERVICE))
-                    and _after(out, "num-slaves") == "1"
-                    and _after(out, "num-other-sentinels") == "2"
-                    for p in sentinels
-                )
-                and _synced(replica),
+                lambda: (
+                    all(
+                        "num-slaves" in (out := _cli(p, "SENTINEL", "MASTER", SERVICE))
+                        and _after(out, "num-slaves") == "1"
+                        and _after(out, "num-other-sentinels") == "2"
+                        for p in sentinels
+                    )
+                    and _synced(replica)
+                ),
                 timeout,
             )
         except BaseException:
