@@ -12,16 +12,16 @@ import pytest
 import redis.asyncio as aioredis
 import structlog
 
-from tests.helpers import Raw, open_ok
+from tests.helpers import Raw, open_client, open_ok
 from tests.procs import WorkerProcs
-from worker import App, BadPayload, Client, Context, RemoteError, Settings
+from worker import App, BadPayload, Context, RemoteError, Settings
 from worker.handlers import CallNext
 from worker.testing import ThrowawayKeys, running_worker
 
 
 async def _request(settings: Settings, keys: ThrowawayKeys, type_: str, payload: Any) -> Any:
     async with (
-        Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as client,
+        open_client(settings, keys) as client,
         client.session() as session,
     ):
         return await session.request(type_, payload, timeout=20)

@@ -222,6 +222,9 @@ async def _assert_refused(
         size = sum(len(name.encode()) + len(value) for name, value in fields.items())
         assert str(size).encode() == letter["size"]
 
+    # The acknowledgement comes last (on a cluster the dead letter is written before
+    # the notice, in another slot): once it is in, the notice is there too.
+    await rig.raw.wait_drained()
     watch = watch or ((sid, mid) if sid is not None and mid is not None else None)
     if notice is not None:
         assert watch is not None

@@ -16,9 +16,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.apps import retrying
-from tests.helpers import Raw, open_ok
+from tests.helpers import Raw, open_client, open_ok
 from tests.procs import WorkerProcs, wait_started
-from worker import App, Backoff, Client, Context, RemoteError, RetryPolicy, Settings
+from worker import App, Backoff, Context, RemoteError, RetryPolicy, Settings
 from worker.testing import ThrowawayKeys, running_worker
 
 
@@ -35,7 +35,7 @@ def test_backoff_grows_exponentially_up_to_its_cap_with_jitter_in_the_upper_half
 
 async def _request(settings: Settings, keys: ThrowawayKeys, type_: str) -> Any:
     async with (
-        Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as client,
+        open_client(settings, keys) as client,
         client.session() as session,
     ):
         return await session.request(type_, {}, timeout=20)

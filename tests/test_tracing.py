@@ -16,7 +16,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from worker import App, Client, RemoteError, Settings, Worker
+from tests.helpers import open_client
+from worker import App, RemoteError, Settings, Worker
 from worker.testing import ThrowawayKeys
 
 SECRET = "payload-secret-7f3a"
@@ -67,7 +68,7 @@ async def _traced_worker(
 async def _send(settings: Settings, keys: ThrowawayKeys) -> list[str]:
     """An ok request and a failing one; their mids."""
     async with (
-        Client.from_url(settings.redis_url, kid=keys.service.kid, prefix=settings.prefix) as client,
+        open_client(settings, keys) as client,
         client.session() as session,
     ):
         ok = await session.submit("echo", {"secret": SECRET}, timeout=20)
@@ -115,7 +116,7 @@ async def test_spans_a_handler_starts_are_children_of_the_message_span(
     traced = dataclasses.replace(settings, otel=True)
     async with _traced_worker(traced, keys, exporter):
         async with (
-            Client.from_url(traced.redis_url, kid=keys.service.kid, prefix=traced.prefix) as client,
+            open_client(traced, keys) as client,
             client.session() as session,
         ):
             assert "done" == await session.request("nested", {}, timeout=20)
