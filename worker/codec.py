@@ -354,19 +354,23 @@ def read_flat_map(raw: bytes, field: Field) -> tuple[dict[str, Any], bool]:
     return env, flat
 
 
+def _parsed_map(value: Any) -> tuple[dict[str, Any], bool]:
+    """A fully parsed envelope's members and whether all of them are scalars."""
+    if type(value) is not dict:
+        raise DecodeError("the envelope must be a map")
+    if len(value) > MAX_FIELDS:
+        raise DecodeError(f"the envelope has more than {MAX_FIELDS} fields")
+    for item in value.values():
+        if isinstance(item, _CONTAINERS):
+            return value, False
+    return value, True
+
+
 def _msgpack_envelope(raw: bytes) -> tuple[dict[str, Any], bool]:
     if len(raw) <= SMALL:
         # Bounded work for a full parse (few bytes), and three times faster than the
         # member reader: the common case of a small payload.
-        value = loads(raw, "e")
-        if type(value) is not dict:
-            raise DecodeError("the envelope must be a map")
-        if len(value) > MAX_FIELDS:
-            raise DecodeError(f"the envelope has more than {MAX_FIELDS} fields")
-        for item in value.values():
-            if isinstance(item, _CONTAINERS):
-                return value, False
-        return value, True
+        return _parsed_map(loads(raw, "e"))
     unpacker = msgpack.Unpacker(raw=False, ext_hook=refuse_ext, timestamp=0)
     unpacker.feed(raw)
     size = unpacker.read_map_header()  # ValueError unless a map
@@ -409,15 +413,7 @@ def _json_envelope(raw: bytes) -> tuple[dict[str, Any], bool]:
     if len(raw) <= SMALL or _json_flat_and_short(raw):
         # Bounded work for a full parse: few bytes, or no nested value and at most
         # MAX_FIELDS members. The fastest path, and every valid envelope's.
-        value = loads(raw, "j")
-        if not isinstance(value, dict):
-            raise DecodeError("the envelope must be a map")
-        if len(value) > MAX_FIELDS:
-            raise DecodeError(f"the envelope has more than {MAX_FIELDS} fields")
-        for item in value.values():
-            if isinstance(item, _CONTAINERS):
-                return value, False
-        return value, True
+        return _parsed_map(loads(raw, "j"))
     return _scan_json(raw)
 
 
