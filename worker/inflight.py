@@ -44,10 +44,16 @@ class Delivery:
     #: then on it ends in ``tracker.done`` there
     handed: bool = False
 
+    #: ``owner``, once built (it is read several times per message)
+    _owner: str | None = field(default=None, init=False, repr=False, compare=False)
+
     @property
     def owner(self) -> str:
         """The replay record's value for this entry: ``<shard>|<entry id>``."""
-        return f"{self.shard}|{self.entry.id}"
+        owner = self._owner
+        if owner is None:
+            owner = self._owner = f"{self.shard}|{self.entry.id}"
+        return owner
 
 
 class Tracker(Protocol):

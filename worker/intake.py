@@ -231,8 +231,16 @@ class Intake:
         """Set the replay records (after authentication: a forgery cannot burn a mid)."""
         batch = self._still_fresh(batch)
         now, claimed_at = self.clock(), time.monotonic()
+        # seen_ttl of each, with what is the same for the whole batch taken out
+        floor = self.settings.replay_window_ms + _SEEN_MARGIN_MS - now
+        budget = self.dispatcher.budget_ms
         claims = [
-            Claim(sid=r.sid, mid=r.mid, owner=d.owner, ttl_ms=self.seen_ttl(r, now))
+            Claim(
+                sid=r.sid,
+                mid=r.mid,
+                owner=d.owner,
+                ttl_ms=max(r.ts + floor, budget(r.type) + _SEEN_MARGIN_MS),
+            )
             for d, r, _ in batch
         ]
         prevs = await self.retry(lambda: self.store.claim(claims))
