@@ -34,6 +34,9 @@ from worker.settings import Settings
 from worker.streams import ReplyWrite
 from worker.writer import Writer
 
+#: how much sooner than the replay record the attempt record expires, at least (ms)
+_ATTEMPT_MARGIN_MS = 1_000
+
 log = get_logger("sealstream.worker")
 
 
@@ -71,8 +74,14 @@ class Handling:
         return self._jobs
 
     async def save_attempt(self, work: Work) -> None:
-        """Record the attempt number of a request about to be retried."""
-        ttl_ms = int((work.expires_at - time.monotonic()) * 1000)
+        """Record the attempt number of a request about to be retried.
+
+        It must not outlive the replay record: ``expires_at`` is taken before that
+        record's claim reached Redis, but this write may take longer to get there, so
+        a second is kept in hand (the replay record outlives the handler's whole
+        budget by a minute).
+        """
+        ttl_ms = int((work.expires_at - time.monotonic()) * 1000) - _ATTEMPT_MARGIN_MS
         await self.attempts.save(
             work.ctx.session_id, work.ctx.message_id, work.attempt, ttl_ms=ttl_ms
         )
