@@ -137,3 +137,66 @@ async def test_no_more_handlers_run_at_once_than_the_concurrency(
                 for i in range(24):
                     tg.start_soon(session.request, "busy", {"i": i})
     assert 2 == running[1]
+
+
+def _scoped_app() -> App:
+    """Handlers whose first step opens anyio scopes of their own, then suspends."""
+    app = App()
+    lock = anyio.Lock()
+
+    @app.handler("task_group")
+    async def task_group(payload: Any) -> Any:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.sleep, 0.01)
+        return "grouped"
+
+    @app.handler("fail_after")
+    async def fail_after(payload: Any) -> Any:
+        with anyio.fail_after(5):
+            await anyio.sleep(0.01)
+        return "in time"
+
+    @app.handler("locked")
+    async def locked(payload: Any) -> Any:
+        async with lock:
+            await anyio.sleep(0.01)
+        return "locked"
+
+    @app.handler("group_hang", timeout_s=0.2)
+    async def group_hang(payload: Any) -> Any:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.sleep, 30)
+        return "never"
+
+    @app.middleware
+    async def bounded(call_next: Any, payload: Any, ctx: Any) -> Any:
+        with anyio.move_on_after(10):
+            return await call_next(payload, ctx)
+        return None
+
+    @app.handler("echo")
+    async def echo(payload: Any) -> Any:
+        return payload
+
+    return app
+
+
+async def test_handlers_opening_their_own_scopes_run_and_time_out(
+    settings: Settings, keys: ThrowawayKeys
+) -> None:
+    """A handler (and a middleware) may open task groups, timeouts and locks in its
+    first step: each answers, one past its limit is answered ``timeout``, and the
+    worker serves on (the attempt's own scope lies beneath theirs)."""
+    settings = dataclasses.replace(settings, concurrency=1, prefetch=1)
+    async with running_worker(_scoped_app(), settings, keys):
+        async with open_client(settings, keys) as client, client.session() as session:
+            for _ in range(2):
+                assert "grouped" == await session.request("task_group", {}, timeout=20)
+                assert "in time" == await session.request("fail_after", {}, timeout=20)
+                assert "locked" == await session.request("locked", {}, timeout=20)
+            with pytest.raises(RemoteError) as err:
+                await session.request("group_hang", {}, timeout=20)
+            assert "timeout" == err.value.code
+            assert {"still": "serving"} == await session.request(
+                "echo", {"still": "serving"}, timeout=20
+            )

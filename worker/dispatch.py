@@ -121,9 +121,12 @@ class Dispatcher:
     async def run(self, work: Work) -> Outcome:
         """Run the remaining attempts; never raises for what the handler does.
 
-        An attempt's first step runs as a plain call: most handlers compute and
-        return without suspending, and there is nothing to time out then. One that
-        suspends goes on in a cancel scope of its own (:meth:`_limited`).
+        Each attempt runs in a cancel scope of its own, without a deadline: an
+        attempt that returns without suspending (most handlers) has nothing to time
+        out; one that suspends is registered with the :meth:`watchdog`, which cancels
+        it once its time is up (a scope with a deadline costs about as much as an echo
+        handler, measured). A cancellation stays within its attempt even if the
+        handler swallows it.
         """
         spec, field, ctx = work.spec, work.field, work.ctx
         cached = self._timers.get(spec.name)
@@ -137,20 +140,28 @@ class Dispatcher:
             if work.retrying:
                 await self._wait(work)
             started = time.perf_counter()
-            timed_out = False
+            scope = anyio.CancelScope()
             try:
                 attempt_ctx = ctx if ctx.attempt == work.attempt else _attempt(ctx, work.attempt)
                 call = _call(spec, work.payload, attempt_ctx, chain)
                 if work.span is not None:
                     call = tracing.within(work.span, call)
                 try:
-                    try:
-                        yielded = call.send(None)
-                    except StopIteration as done:
-                        result = done.value  # it never suspended: no time limit to enforce
-                    else:
-                        result, timed_out = await self._limited(call, yielded, started, timeout)
+                    # The scope is entered before the handler's first step: a handler
+                    # opening scopes of its own (a task group, fail_after, a lock) must
+                    # find this one beneath them.
+                    with scope:
+                        try:
+                            yielded = call.send(None)
+                        except StopIteration as done:
+                            result = done.value  # never suspended: nothing to time out
+                        else:
+                            # loop.time() of asyncio is time.monotonic(), as the watchdog's.
+                            elapsed = time.perf_counter() - started
+                            self._deadlines[scope] = time.monotonic() + timeout - elapsed
+                            result = await resume(call, yielded)
                 finally:
+                    self._deadlines.pop(scope, None)
                     timer.observe(time.perf_counter() - started)
             except BadPayload as exc:
                 return error("bad_payload", exc.message, field)
@@ -171,7 +182,7 @@ class Dispatcher:
                     return work.outcome
                 self._schedule(work)
                 continue
-            if timed_out:
+            if scope.cancelled_caught:
                 log.warning(
                     "handler_timeout",
                     attempt=work.attempt,
@@ -202,28 +213,6 @@ class Dispatcher:
             return Outcome(status="ok", plaintext=body)
         assert work.outcome is not None  # every attempt failed, the last one said how
         return work.outcome
-
-    async def _limited(
-        self, call: Coroutine[Any, Any, Any], yielded: Any, started: float, timeout: float
-    ) -> tuple[Any, bool]:
-        """Go on with an attempt that suspended, within its time limit: its result,
-        and whether it timed out.
-
-        The scope has no deadline of its own: the :meth:`watchdog` cancels it once
-        the attempt's time (from ``started``) is up; a scope with a deadline costs
-        about as much as an echo handler, measured. A cancellation stays within its
-        attempt even if the handler swallows it.
-        """
-        scope = anyio.CancelScope()
-        # loop.time() of asyncio is time.monotonic(): the watchdog compares to it.
-        self._deadlines[scope] = time.monotonic() + timeout - (time.perf_counter() - started)
-        result = None
-        try:
-            with scope:
-                result = await resume(call, yielded)
-        finally:
-            self._deadlines.pop(scope, None)
-        return result, scope.cancelled_caught
 
     def _schedule(self, work: Work) -> bool:
         """Count the failed attempt; True when another one is due (then set its wait)."""
