@@ -1454,7 +1454,12 @@ def near_requests(draw: st.DrawFn) -> dict[bytes, bytes]:
         elif change == "duplicate":
             items.append((items[i][0], draw(_SCALARS)))
         else:
-            items.append((draw(st.text(max_size=8) | st.binary(max_size=8)), draw(_SCALARS)))
+            name = draw(
+                st.sampled_from(["encryptedAesKey", "kid", "alg", "v"])
+                | st.text(max_size=8)
+                | st.binary(max_size=8)
+            )
+            items.append((name, draw(_SCALARS)))
     return entry(draw(st.permutations(items)), "e")
 
 
@@ -1481,6 +1486,15 @@ def test_fast_path_takes_the_plain_requests() -> None:
             fields, wire.DEFAULT_MAX_SIZE
         )
     assert wire._fast_request(entry(pairs(ALG_RSA, handshake=True), "e"), 1 << 20) is None
+
+
+@pytest.mark.parametrize("value", [None, "", 0, bytes(256)])
+def test_an_sk_request_with_an_encrypted_aes_key_member_is_malformed(value: Any) -> None:
+    """An SK request carrying ``encryptedAesKey`` (even nil) has an unknown member:
+    malformed on the fast path as on the full one."""
+    fields = entry([*pairs(ALG_SK), ("encryptedAesKey", value)], "e")
+    assert wire._fast_request(fields, wire.DEFAULT_MAX_SIZE) is None
+    refused(fields, Malformed)
 
 
 def test_fast_path_respects_the_size_limit() -> None:

@@ -206,7 +206,8 @@ def _decode_request(fields: Mapping[bytes, bytes], max_size: int) -> Request:
 _SK_KEYS: Final = frozenset(_COMMON)
 _RSA_KEYS: Final = frozenset({*_COMMON, "encryptedAesKey"})
 #: fixmap headers of 9 and 10 members: the SK and RSA requests (not handshakes)
-_FAST_HEADERS: Final = {0x89: _SK_KEYS, 0x8A: _RSA_KEYS}
+_RSA_HEADER: Final = 0x8A
+_FAST_HEADERS: Final = {0x89: _SK_KEYS, _RSA_HEADER: _RSA_KEYS}
 _fullmatch_id = _HEX32.fullmatch
 _fullmatch_type = _TYPE.fullmatch
 
@@ -239,11 +240,12 @@ def _fast_request(fields: Mapping[bytes, bytes], max_size: int) -> Request | Non
         env["v"], env["alg"], env["sid"], env["mid"], env["ts"], env["type"],
     )  # fmt: skip
     iv, data, tag = env["iv"], env["encryptedData"], env["authTag"]
-    wrapped = env.get("encryptedAesKey")
+    rsa = raw[0] == _RSA_HEADER  # the members are those of an RSA request
+    wrapped = env["encryptedAesKey"] if rsa else None
     if (
         type(v) is not int
         or v != VERSION
-        or alg != (ALG_RSA if wrapped is not None else ALG_SK)
+        or alg != (ALG_RSA if rsa else ALG_SK)
         or type(ts) is not int
         or type(sid) is not str
         or type(mid) is not str
@@ -257,7 +259,7 @@ def _fast_request(fields: Mapping[bytes, bytes], max_size: int) -> Request | Non
         or type(tag) is not bytes
         or len(iv) != IV_SIZE
         or len(tag) != TAG_SIZE
-        or (wrapped is not None and type(wrapped) is not bytes)
+        or (rsa and type(wrapped) is not bytes)
     ):
         return None
     return Request(
