@@ -475,9 +475,9 @@ class Worker:
                 freed += 1
         self._slots.give(freed)
         if finished:
-            self.metrics.in_flight.dec(finished)
             if not self._count_in_flight():
                 self._idle.set()
+            self.metrics.in_flight.dec(finished)  # last: nothing above may be skipped
 
     async def _take_slots(self, most: int = _MAX_READ) -> int:
         """Wait for one free processing slot, then take up to ``most`` that are free."""

@@ -117,7 +117,12 @@ class Writer:
                     with contextlib.suppress(Exception):
                         log.exception("write_bookkeeping_failed")
                     finished.append(pending.delivery)
-            self._count_replies(replies)
+            try:
+                self._count_replies(replies)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    log.exception("write_bookkeeping_failed")
+            # The entries are done whatever the bookkeeping did.
             self.tracker.done_many(finished)
 
     async def _take_writes(self) -> list[PendingWrite]:
