@@ -99,6 +99,7 @@ class Handling:
         try:
             self._running.acquire_nowait()  # one token: these handlers run one by one
         except anyio.WouldBlock:
+            self.tracker.handlers_busy()
             self._hand_on(jobs)
             return
         try:
@@ -115,6 +116,7 @@ class Handling:
                 self._hand_on(jobs[i + 1 :])
                 self._finish_job(job, await resume(run, yielded))
                 return
+            self.tracker.handlers_idle()
         finally:
             self._running.release()
 
@@ -142,9 +144,11 @@ class Handling:
         try:
             job = recv.receive_nowait()
         except anyio.WouldBlock:
+            self.tracker.handlers_idle()
             job = await recv.receive()
             self._tick = time.perf_counter()
         else:
+            self.tracker.handlers_busy()
             if time.perf_counter() - self._tick > YIELD_S:
                 await anyio.lowlevel.checkpoint()
                 self._tick = time.perf_counter()

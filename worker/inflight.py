@@ -62,6 +62,15 @@ class Tracker(Protocol):
     def parked(self, d: Delivery) -> None:
         """``d`` waits in the handshake lane: its processing slot is free again."""
 
+    def writing(self, ds: Sequence[Delivery]) -> None:
+        """``ds`` are in a writer's script call: their processing slots are free again."""
+
+    def handlers_idle(self) -> None:
+        """The handlers had nothing to do (a batch ran inline, or a pool task waits)."""
+
+    def handlers_busy(self) -> None:
+        """A job waited for a handler (no token free, or queued in the pool)."""
+
     def done(self, d: Delivery) -> None:
         """``d`` is finished (acknowledged, or left pending to be reclaimed)."""
 

@@ -49,6 +49,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.read_ahead = Gauge(
+            "sealstream_read_ahead",
+            "Entries this worker may hold beyond its running handlers now (adaptive"
+            " unless SEALSTREAM_PREFETCH is set).",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.last_read = Gauge(
             "sealstream_last_read_timestamp_seconds",
             "When a read from a request shard last completed (Unix time; updated at most"

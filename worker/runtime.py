@@ -1,8 +1,8 @@
 """The worker runtime: an anyio task group that owns every task.
 
 - one reader per shard (XREADGROUP ``>``), reading a batch of at most as many
-  entries as there are free slots (handlers running plus ``prefetch`` read ahead)
-  and handing it to the :class:`~worker.processor.Processor`;
+  entries as there are free slots (handlers running plus the read-ahead,
+  :mod:`worker.readahead`) and handing it to the :class:`~worker.processor.Processor`;
 - a reclaimer (XAUTOCLAIM past the claim timeout, from any consumer), which also
   enforces the delivery limit;
 - a heartbeat that keeps this worker's in-flight entries from looking idle, so a
@@ -39,6 +39,7 @@ from worker.logging import get_logger
 from worker.metrics import Metrics
 from worker.metrics import serve as serve_metrics
 from worker.processor import Processor
+from worker.readahead import ReadAhead
 from worker.settings import Settings, redacted_url
 from worker.slots import Slots
 from worker.streams import AnyRedis, Entry, Retrier, Store
@@ -80,9 +81,18 @@ class Worker:
         self.shards = settings.shards
         self._in_flight: dict[int, set[str]] = {s: set() for s in range(settings.shards)}
         self._feeders: TaskGroup | None = None
-        self._parked: set[tuple[int, str]] = set()
+        #: in flight with their slot given back (parked handshakes, entries in a write)
+        self._released: set[tuple[int, str]] = set()
         self._idle = anyio.Event()
         self.metrics = metrics or Metrics()
+        self._read_ahead = ReadAhead(
+            self._slots,
+            concurrency=settings.concurrency,
+            start=settings.in_flight_limit - settings.concurrency,
+            adaptive=settings.prefetch is None,
+            on_change=self.metrics.read_ahead.set,
+        )
+        self.metrics.read_ahead.set(self._read_ahead.depth)
         self._retrier = Retrier(on_outage=self.metrics.redis_outages.inc)
         self.processor: Processor | None = None
         # Checked now: SEALSTREAM_OTEL=1 without OpenTelemetry installed is a ConfigError.
@@ -311,9 +321,11 @@ class Worker:
             delay = min(delay * 2, 5.0)
 
     async def _read_loop(self, store: Store, shard: int) -> None:
-        # A reader blocked on a quiet shard must not hold every free slot.
-        share = max(1, self.settings.in_flight_limit // self.shards)
         while not self._stopping.is_set():
+            # A reader blocked on a quiet shard must not hold every free slot.
+            share = max(1, self._slots.limit // self.shards)
+            if not self._slots.free:
+                self._read_ahead.starved()
             slots = await self._take_slots(share)
             try:
                 entries = await self._retrier(
@@ -325,6 +337,7 @@ class Worker:
             self.health.read_completed()
             self._give_back(slots - len(entries))
             if entries:
+                self._read_ahead.read(len(entries), sum(map(_entry_size, entries)))
                 await self._process(shard, entries, {})
 
     async def _reclaim_loop(self, store: Store) -> None:
@@ -440,9 +453,30 @@ class Worker:
     def parked(self, d: Delivery) -> None:
         """``d`` waits in the handshake lane: free its slot (it stays in flight)."""
         key = (d.shard, d.entry.id)
-        if d.entry.id in self._in_flight[d.shard] and key not in self._parked:
-            self._parked.add(key)
+        if d.entry.id in self._in_flight[d.shard] and key not in self._released:
+            self._released.add(key)
             self._slots.give()
+
+    def handlers_idle(self) -> None:
+        self._read_ahead.handlers_idle()
+
+    def handlers_busy(self) -> None:
+        self._read_ahead.handlers_busy()
+
+    def writing(self, ds: Sequence[Delivery]) -> None:
+        """``ds`` are in a writer's script call: free their slots (they stay in flight).
+
+        The slots bound what waits before and in the handlers; at most two script
+        calls of ``_WRITE_BATCH`` entries are past them.
+        """
+        freed = 0
+        released = self._released
+        for d in ds:
+            key = (d.shard, d.entry.id)
+            if key not in released and d.entry.id in self._in_flight[d.shard]:
+                released.add(key)
+                freed += 1
+        self._slots.give(freed)
 
     def done(self, d: Delivery) -> None:
         """``d`` is finished: no longer in flight; its slot is free (idempotent)."""
@@ -452,8 +486,8 @@ class Worker:
         ids.discard(d.entry.id)
         self.metrics.in_flight.dec()
         key = (d.shard, d.entry.id)
-        if key in self._parked:
-            self._parked.discard(key)
+        if key in self._released:
+            self._released.discard(key)
         else:
             self._slots.give()
         if not self._count_in_flight():
@@ -469,8 +503,8 @@ class Worker:
             ids.discard(d.entry.id)
             finished += 1
             key = (d.shard, d.entry.id)
-            if key in self._parked:
-                self._parked.discard(key)
+            if key in self._released:
+                self._released.discard(key)
             else:
                 freed += 1
         self._slots.give(freed)
@@ -488,3 +522,7 @@ class Worker:
 
     def _count_in_flight(self) -> int:
         return sum(len(ids) for ids in self._in_flight.values())
+
+
+def _entry_size(entry: Entry) -> int:
+    return sum(map(len, entry.fields.values()))

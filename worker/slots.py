@@ -4,6 +4,10 @@ A counter with one wake-up event, taken and given back in bulk: the reader takes
 as many as are free at once (a batch) and the writer gives a flush's worth back in
 one call. (An ``anyio.Semaphore`` costs two calls per entry, a share of the hot
 path, measured.)
+
+The limit may move (:meth:`Slots.resize`): the runtime deepens the read-ahead while
+handlers keep up and takes it back when entries wait for one. Slots taken above a
+lowered limit stay taken until given back; no new ones are handed out meanwhile.
 """
 
 from __future__ import annotations
@@ -19,24 +23,38 @@ class Slots:
         if limit < 1:
             raise ValueError("there must be at least one slot")
         self.limit = limit
-        self.free = limit
+        self.taken = 0
         self._freed = anyio.Event()
+
+    @property
+    def free(self) -> int:
+        """Slots that may be taken now."""
+        return max(0, self.limit - self.taken)
 
     async def take(self, most: int) -> int:
         """Wait until a slot is free, then take up to ``most`` of the free ones."""
         await anyio.lowlevel.checkpoint()
-        while self.free == 0:
+        while self.taken >= self.limit:
             if self._freed.is_set():
                 self._freed = anyio.Event()
             await self._freed.wait()
-        taken = min(self.free, max(1, most))
-        self.free -= taken
+        taken = min(self.limit - self.taken, max(1, most))
+        self.taken += taken
         return taken
 
     def give(self, n: int = 1) -> None:
-        """Give ``n`` taken slots back (never past the limit)."""
+        """Give ``n`` taken slots back (never more than were taken)."""
         if n <= 0:
             return
-        self.free = min(self.limit, self.free + n)
+        self.taken = max(0, self.taken - n)
         if not self._freed.is_set():
+            self._freed.set()
+
+    def resize(self, limit: int) -> None:
+        """Move the limit to ``limit`` (at least one); a waiting take sees a raise."""
+        if limit < 1:
+            raise ValueError("there must be at least one slot")
+        grew = limit > self.limit
+        self.limit = limit
+        if grew and not self._freed.is_set():
             self._freed.set()

@@ -132,7 +132,9 @@ class Writer:
             if self._written_any.is_set():
                 self._written_any = anyio.Event()
             await self._written_any.wait()
-        return [queue.popleft() for _ in range(min(len(queue), _WRITE_BATCH))]
+        batch = [queue.popleft() for _ in range(min(len(queue), _WRITE_BATCH))]
+        self.tracker.writing([p.delivery for p in batch])
+        return batch
 
     async def _finish(self, batch: list[PendingWrite]) -> list[int | None]:
         """One script call for the batch; a call Redis refuses is split to find the cause."""

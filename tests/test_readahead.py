@@ -1,0 +1,164 @@
+"""Read-ahead: deep for handlers that keep up, shallow for handlers that do not.
+
+The policy (``worker.readahead``) is checked alone, then on a real Redis: a worker
+draining fast handlers deepens its read-ahead and answers everything; a worker whose
+handlers are slow never holds more than ``concurrency`` entries beyond them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from tests import helpers
+from tests.helpers import Raw, wait_until
+from worker import wire
+from worker.handlers import App
+from worker.readahead import BUDGET_BYTES, DEEPEST, ReadAhead
+from worker.settings import Settings
+from worker.slots import Slots
+from worker.testing import ThrowawayKeys
+
+pytestmark = pytest.mark.anyio
+
+
+def _policy(concurrency: int = 4, *, adaptive: bool = True) -> tuple[Slots, ReadAhead]:
+    slots = Slots(concurrency * 2)
+    return slots, ReadAhead(slots, concurrency=concurrency, start=concurrency, adaptive=adaptive)
+
+
+async def test_idle_handlers_alone_do_not_deepen() -> None:
+    """Handlers with nothing to do while the reader has free slots: no change."""
+    slots, ra = _policy()
+    ra.handlers_idle()
+    assert (4, 8) == (ra.depth, slots.limit)
+
+
+async def test_a_starved_reader_and_idle_handlers_double_the_depth_up_to_the_deepest() -> None:
+    """Each time the reader waited for a slot while handlers were idle, the depth
+    doubles, up to ``DEEPEST``; the slots follow."""
+    slots, ra = _policy()
+    depths = []
+    for _ in range(12):
+        ra.starved()
+        ra.handlers_idle()
+        depths.append(ra.depth)
+    assert [8, 16, 32, 64, 128, 256, 512] == depths[:7]
+    assert DEEPEST == depths[-1]
+    assert 4 + DEEPEST == slots.limit
+
+
+async def test_a_job_waiting_for_a_handler_goes_back_to_the_start() -> None:
+    """One job that waits for a handler takes the depth back to the start at once."""
+    slots, ra = _policy()
+    for _ in range(3):
+        ra.starved()
+        ra.handlers_idle()
+    ra.handlers_busy()
+    assert (4, 8) == (ra.depth, slots.limit)
+    ra.handlers_idle()  # the starvation seen before the busy signal is forgotten
+    assert 4 == ra.depth
+
+
+async def test_the_byte_budget_caps_the_depth_by_the_mean_entry_size() -> None:
+    """Large entries: the depth stops where the read-ahead would pass the byte budget."""
+    _, ra = _policy()
+    ra.read(10, 10 * 1024 * 1024)  # 1 MiB entries
+    for _ in range(12):
+        ra.starved()
+        ra.handlers_idle()
+    assert BUDGET_BYTES // (1024 * 1024) == ra.depth
+
+
+async def test_a_fixed_prefetch_never_moves() -> None:
+    """With SEALSTREAM_PREFETCH set the read-ahead is what it says."""
+    slots, ra = _policy(adaptive=False)
+    ra.starved()
+    ra.handlers_idle()
+    assert (4, 8) == (ra.depth, slots.limit)
+
+
+async def test_a_lowered_limit_hands_out_no_slot_until_enough_come_back() -> None:
+    """Slots taken above a lowered limit stay taken; a take waits until the count is
+    under the new limit."""
+    slots = Slots(8)
+    assert 8 == await slots.take(8)
+    slots.resize(4)
+    slots.give(3)
+    assert 0 == slots.free
+    slots.give(2)
+    assert 1 == slots.free
+    assert 1 == await slots.take(8)
+
+
+def _app(calls: Counter[str], gate: anyio.Event) -> App:
+    app = App()
+
+    @app.handler("echo")
+    async def echo(payload: Any) -> Any:
+        calls["echo"] += 1
+        return payload
+
+    @app.handler("hold")
+    async def hold(payload: Any) -> Any:
+        calls["hold"] += 1
+        await gate.wait()
+        return payload
+
+    return app
+
+
+async def _prefill(raw: Raw, type_: str, n: int) -> list[str]:
+    grant = await raw.grant()
+    mids = []
+    async with raw.redis.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            out = raw.seal(grant, {"i": i}, type_=type_)
+            mids.append(out.request.mid)
+            pipe.xadd(raw.names.request_stream(0), wire.encode_request(out.request))
+        await pipe.execute()
+    return mids
+
+
+async def test_fast_handlers_deepen_the_read_ahead_and_every_request_is_answered(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """1,200 pre-filled requests to a handler that returns at once, concurrency 2: the
+    read-ahead grows past its start of 2 and every request is answered once."""
+    raw = Raw(redis, settings.prefix, keys)
+    await _prefill(raw, "echo", 1200)
+    calls: Counter[str] = Counter()
+    settings = dataclasses.replace(settings, concurrency=2, prefetch=None)
+    async with helpers.serving(_app(calls, anyio.Event()), calls, settings, keys, redis) as rig:
+        await rig.raw.wait_drained(timeout=60)
+        assert rig.worker.metrics.read_ahead._value.get() > 2
+    assert 1200 == calls["echo"]
+
+
+async def test_slow_handlers_never_hold_more_than_concurrency_beyond_them(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """100 pre-filled requests to handlers that wait, concurrency 2: while both handlers
+    wait, the worker holds at most 4 entries (2 running, 2 read ahead), the read-ahead
+    stays at its start, and once released every request is answered."""
+    raw = Raw(redis, settings.prefix, keys)
+    await _prefill(raw, "hold", 100)
+    calls: Counter[str] = Counter()
+    gate = anyio.Event()
+    settings = dataclasses.replace(settings, concurrency=2, prefetch=None)
+    async with helpers.serving(_app(calls, gate), calls, settings, keys, redis) as rig:
+        await wait_until(lambda: calls["hold"] >= 2, timeout=10)
+        most = 0
+        for _ in range(20):  # the reader has long since taken all it may
+            most = max(most, await rig.raw.pending())
+            await anyio.sleep(0.02)
+        assert most <= 4
+        assert 2 == rig.worker.metrics.read_ahead._value.get()
+        gate.set()
+        await rig.raw.wait_drained(timeout=60)
+    assert 100 == calls["hold"]
