@@ -1439,16 +1439,32 @@ _SCALARS = st.one_of(
 )
 
 
+#: nested values (the fast path of a large entry stops at them without building them)
+_NESTED_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["v", "iv", "sid", "x"]), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
 @st.composite
 def near_requests(draw: st.DrawFn) -> dict[bytes, bytes]:
-    """MessagePack entries close to a valid request: a member's value replaced, a
-    member dropped, duplicated or added, or the members reordered."""
+    """MessagePack entries close to a valid request: a member's value replaced (by a
+    scalar or a nested value), a member dropped, duplicated or added, or the members
+    reordered; small entries, and large ones (a long ciphertext) that the fast path
+    parses in bounded work."""
     items = pairs(draw(st.sampled_from([ALG_SK, ALG_RSA])), handshake=draw(st.booleans()))
+    if draw(st.booleans()):
+        size = draw(st.integers(min_value=codec.SMALL - 300, max_value=3 * codec.SMALL))
+        items = replaced(items, "encryptedData", bytes(size))
     for _ in range(draw(st.integers(min_value=0, max_value=2))):
         i = draw(st.integers(min_value=0, max_value=len(items) - 1))
         change = draw(st.sampled_from(["value", "drop", "duplicate", "add"]))
         if change == "value":
-            items[i] = (items[i][0], draw(_SCALARS))
+            items[i] = (items[i][0], draw(_SCALARS | _NESTED_VALUES))
         elif change == "drop":
             del items[i]
         elif change == "duplicate":
@@ -1477,14 +1493,15 @@ def test_fast_path_decodes_exactly_what_the_full_path_does(fields: dict[bytes, b
         assert fast == full
 
 
-def test_fast_path_takes_the_plain_requests() -> None:
-    """The common SK and RSA requests take the fast path (the property above would
-    pass with a fast path that always declines)."""
+@pytest.mark.parametrize("size", [10, 4096, 65536])
+def test_fast_path_takes_the_plain_requests(size: int) -> None:
+    """The common SK and RSA requests, small or large, take the fast path (the
+    property above would pass with a fast path that always declines)."""
     for alg in (ALG_SK, ALG_RSA):
-        fields = entry(pairs(alg), "e")
-        assert wire._fast_request(fields, wire.DEFAULT_MAX_SIZE) == wire._decode_request(
-            fields, wire.DEFAULT_MAX_SIZE
-        )
+        fields = entry(replaced(pairs(alg), "encryptedData", bytes(size)), "e")
+        fast = wire._fast_request(fields, wire.DEFAULT_MAX_SIZE)
+        assert fast is not None
+        assert fast == wire._decode_request(fields, wire.DEFAULT_MAX_SIZE)
     assert wire._fast_request(entry(pairs(ALG_RSA, handshake=True), "e"), 1 << 20) is None
 
 
@@ -1505,3 +1522,29 @@ def test_fast_path_respects_the_size_limit() -> None:
     assert wire._fast_request(fields, size - 1) is None
     with pytest.raises(Malformed, match="over the size limit"):
         wire.decode_request(fields, max_size=size - 1)
+
+
+@pytest.mark.parametrize(
+    "nested",
+    [
+        b"\xdf\x00\x01\x00\x00" + b"".join(b"\xa5%05d\x80" % i for i in range(65536)),
+        b"\x81\xa1a" * 50_000 + b"\x80",
+        b"\xdd\x00\x01\x00\x00" + b"\x00" * 65536,
+    ],
+    ids=["65536 empty maps", "50000 maps deep", "an array of 65536"],
+)
+def test_the_fast_path_declines_a_large_hostile_entry_without_building_it(nested: bytes) -> None:
+    """A large entry shaped like a request whose first member holds a mass of nested
+    values is declined having built almost nothing (a whole parse would build a dict
+    or an int per byte), and the full path refuses it."""
+    raw = b"\x89" + msgpack.packb("iv") + nested
+    fields = {b"e": raw}
+    tracemalloc.start()
+    try:
+        assert wire._fast_request(fields, wire.DEFAULT_MAX_SIZE) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024
+    with pytest.raises(ProtocolError):
+        wire.decode_request(fields)

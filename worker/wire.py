@@ -10,7 +10,7 @@ any cryptography: the protocol's fields, types, ids and sizes.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -208,6 +208,20 @@ _RSA_KEYS: Final = frozenset({*_COMMON, "encryptedAesKey"})
 #: fixmap headers of 9 and 10 members: the SK and RSA requests (not handshakes)
 _RSA_HEADER: Final = 0x8A
 _FAST_HEADERS: Final = {0x89: _SK_KEYS, _RSA_HEADER: _RSA_KEYS}
+
+
+def _envelope_only(keys: frozenset[str]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """An ``object_hook`` passing a map with exactly ``keys`` and stopping at any other."""
+
+    def hook(value: dict[str, Any]) -> dict[str, Any]:
+        if value.keys() != keys:
+            raise ValueError("not an envelope")
+        return value
+
+    return hook
+
+
+_ENVELOPE_ONLY: Final = {header: _envelope_only(keys) for header, keys in _FAST_HEADERS.items()}
 _fullmatch_id = _HEX32.fullmatch
 _fullmatch_type = _TYPE.fullmatch
 
@@ -215,23 +229,39 @@ _fullmatch_type = _TYPE.fullmatch
 def _fast_request(fields: Mapping[bytes, bytes], max_size: int) -> Request | None:
     """The common case in a few microseconds, or None for the full path.
 
-    Accepts only a small MessagePack ``e`` entry holding exactly the members of an
-    SK or RSA request (not a handshake), each of its exact type and form: what
+    Accepts only a MessagePack ``e`` entry holding exactly the members of an SK or
+    RSA request (not a handshake), each of its exact type and form: what
     :func:`decode_request` accepts too, so the result is the same. Anything else
-    (JSON, a large or odd entry, any doubt) returns None and the full path decodes
-    it, with its precise errors. Duplicate keys collapse in the decoded map, so its
-    size is compared with the header's.
+    (JSON, an odd entry, any doubt) returns None and the full path decodes it, with
+    its precise errors. Duplicate keys collapse in the decoded map, so its size is
+    compared with the header's.
+
+    An entry over ``SMALL`` is parsed in bounded work whatever it holds: an array
+    is refused at its header, and the first map completed that is not an envelope
+    (a nested one: the innermost completes first) stops the parse, so no more than
+    one chain of nested maps is ever built (the full path's reader skips nested
+    values without building them; a whole hostile parse could build a dict a byte).
     """
     if len(fields) != 1:
         return None
     raw = fields.get(b"e")
-    if raw is None or len(raw) > SMALL or len(raw) + 1 > max_size or not raw:
+    if raw is None or len(raw) + 1 > max_size or not raw:
         return None
     expected = _FAST_HEADERS.get(raw[0])
     if expected is None:
         return None
     try:
-        env = msgpack.unpackb(raw, raw=False, ext_hook=refuse_ext, timestamp=0)
+        if len(raw) <= SMALL:
+            env = msgpack.unpackb(raw, raw=False, ext_hook=refuse_ext, timestamp=0)
+        else:
+            env = msgpack.unpackb(
+                raw,
+                raw=False,
+                ext_hook=refuse_ext,
+                timestamp=0,
+                max_array_len=0,
+                object_hook=_ENVELOPE_ONLY[raw[0]],
+            )
     except Exception:
         return None
     if type(env) is not dict or env.keys() != expected:
