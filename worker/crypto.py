@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from worker.errors import DecryptError
 from worker.protocol import IV_SIZE, KEY_SIZE, TAG_SIZE, X25519_SIZE
+from worker.values import builder
 
 _OAEP = padding.OAEP(
     mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
@@ -35,6 +36,9 @@ class Sealed:
     iv: bytes
     ciphertext: bytes
     tag: bytes
+
+
+_sealed = builder(Sealed)  # per message: see worker.values
 
 
 def request_aad(alg: str, sid: str, mid: str, ts: int, type_: str) -> bytes:
@@ -93,7 +97,7 @@ def seal(key: bytes, plaintext: bytes, aad: bytes, *, iv: bytes | None = None) -
     if len(nonce) != IV_SIZE:
         raise ValueError("the iv must be 12 bytes")
     out = AESGCM(key).encrypt(nonce, plaintext, aad)
-    return Sealed(iv=nonce, ciphertext=out[:-TAG_SIZE], tag=out[-TAG_SIZE:])
+    return _sealed(iv=nonce, ciphertext=out[:-TAG_SIZE], tag=out[-TAG_SIZE:])
 
 
 def open_sealed(key: bytes, sealed: Sealed, aad: bytes) -> bytes:

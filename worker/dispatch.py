@@ -29,6 +29,7 @@ from worker.logging import enabled as log_enabled
 from worker.logging import get_logger
 from worker.metrics import Metrics
 from worker.payloads import to_value
+from worker.values import builder
 
 log = get_logger("sealstream.worker")
 T = TypeVar("T")
@@ -42,6 +43,9 @@ class Outcome:
     plaintext: bytes
     dead_letter: str | None = None
     code: str | None = None
+
+
+_outcome = builder(Outcome)  # per message: see worker.values
 
 
 def error(code: str, message: str, field: wire.Field, *, dead_letter: str | None = None) -> Outcome:
@@ -210,7 +214,7 @@ class Dispatcher:
                 )
             if self._debug:
                 log.debug("handler_done", ms=round((time.perf_counter() - started) * 1000, 2))
-            return Outcome(status="ok", plaintext=body)
+            return _outcome(status="ok", plaintext=body, dead_letter=None, code=None)
         assert work.outcome is not None  # every attempt failed, the last one said how
         return work.outcome
 

@@ -26,6 +26,7 @@ from worker.crypto import (
 )
 from worker.errors import DecryptError
 from worker.protocol import ALG_RSA, KEY_SIZE
+from worker.values import builder
 from worker.wire import Reply, Request, encode_reply_fields
 
 
@@ -35,6 +36,10 @@ class Opened:
 
     plaintext: bytes = field(repr=False)
     reply_key: bytes = field(repr=False)
+
+
+_opened = builder(Opened)  # per message: see worker.values
+_sealed_box = builder(Sealed)
 
 
 def open_request(
@@ -47,16 +52,16 @@ def open_request(
     caller has already checked ``encryptedAesKey`` is exactly the modulus size.
     """
     aad = request_aad(request.alg, request.sid, request.mid, request.ts, request.type)
-    box = Sealed(iv=request.iv, ciphertext=request.encrypted_data, tag=request.auth_tag)
+    box = _sealed_box(iv=request.iv, ciphertext=request.encrypted_data, tag=request.auth_tag)
     if request.alg == ALG_RSA:
         if private_key is None or request.encrypted_aes_key is None:
             raise DecryptError("cannot open") from None
         key = unwrap_key(private_key, request.encrypted_aes_key)
-        return Opened(plaintext=open_sealed(key, box, aad), reply_key=key)
+        return _opened(plaintext=open_sealed(key, box, aad), reply_key=key)
     if ks is None:
         raise DecryptError("cannot open") from None
     plaintext = open_sealed(sk_request_key(ks, request.mid), box, aad)
-    return Opened(plaintext=plaintext, reply_key=sk_reply_key(ks, request.mid))
+    return _opened(plaintext=plaintext, reply_key=sk_reply_key(ks, request.mid))
 
 
 def seal_reply(

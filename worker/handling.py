@@ -32,12 +32,14 @@ from worker.logging import get_logger
 from worker.sessions import Session, seal_record
 from worker.settings import Settings
 from worker.streams import ReplyWrite
+from worker.values import builder
 from worker.writer import Writer
 
 #: how much sooner than the replay record the attempt record expires, at least (ms)
 _ATTEMPT_MARGIN_MS = 1_000
 
 log = get_logger("sealstream.worker")
+_context = builder(Context)  # per message: see worker.values
 
 
 class Handling:
@@ -159,7 +161,7 @@ class Handling:
         if job.work is not None:
             return job.work
         r = job.request
-        ctx = Context(
+        ctx = _context(
             session_id=r.sid,
             message_id=r.mid,
             type=r.type,

@@ -32,6 +32,7 @@ from worker.codec import (
 from worker.codec import Field as Field
 from worker.errors import Malformed, ProtocolError, Unsupported
 from worker.protocol import ALG_RSA, ALG_SK, ALGORITHMS, HANDSHAKE_TYPE, IV_SIZE, TAG_SIZE, VERSION
+from worker.values import builder
 
 DEFAULT_MAX_SIZE: Final = 1024 * 1024
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -222,6 +223,7 @@ def _envelope_only(keys: frozenset[str]) -> Callable[[dict[str, Any]], dict[str,
 
 
 _ENVELOPE_ONLY: Final = {header: _envelope_only(keys) for header, keys in _FAST_HEADERS.items()}
+_request: Final = builder(Request)  # the fast path's: see worker.values
 _fullmatch_id = _HEX32.fullmatch
 _fullmatch_type = _TYPE.fullmatch
 
@@ -292,7 +294,7 @@ def _fast_request(fields: Mapping[bytes, bytes], max_size: int) -> Request | Non
         or (rsa and type(wrapped) is not bytes)
     ):
         return None
-    return Request(
+    return _request(
         field="e",
         alg=alg,
         sid=sid,
@@ -303,6 +305,7 @@ def _fast_request(fields: Mapping[bytes, bytes], max_size: int) -> Request | Non
         encrypted_data=data,
         auth_tag=tag,
         encrypted_aes_key=wrapped,
+        kid=None,
     )
 
 
