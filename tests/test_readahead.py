@@ -17,11 +17,13 @@ import redis.asyncio as aioredis
 
 from tests import helpers
 from tests.helpers import Raw, wait_until
-from worker import wire
+from worker import handshake_lane, readahead, wire
+from worker.errors import AuthFailed
 from worker.handlers import App
 from worker.readahead import BUDGET_BYTES, DEEPEST, ReadAhead
 from worker.settings import Settings
 from worker.slots import Slots
+from worker.streams import Store
 from worker.testing import ThrowawayKeys
 
 pytestmark = pytest.mark.anyio
@@ -73,6 +75,45 @@ async def test_the_byte_budget_caps_the_depth_by_the_mean_entry_size() -> None:
         ra.starved()
         ra.handlers_idle()
     assert BUDGET_BYTES // (1024 * 1024) == ra.depth
+
+
+async def test_a_read_of_larger_entries_lowers_the_depth_at_once() -> None:
+    """Deep on small entries, then reads of 1 MiB entries: within a few reads the
+    depth is down to what the byte budget allows, and stays there."""
+    _, ra = _policy()
+    ra.read(1_000_000, 200 * 1_000_000)  # a long run of 200-byte entries
+    for _ in range(12):
+        ra.starved()
+        ra.handlers_idle()
+    assert DEEPEST == ra.depth
+    for _ in range(16):
+        ra.starved()  # still busy: only the budget moves the depth
+        ra.read(100, 100 * 1024 * 1024)
+    assert ra.depth * 1024 * 1024 <= BUDGET_BYTES * 1.05
+    for _ in range(12):
+        ra.starved()
+        ra.handlers_idle()
+    assert 4 <= ra.depth <= ra.ceiling()
+    assert ra.depth * 1024 * 1024 <= BUDGET_BYTES * 1.05
+
+
+async def test_a_deep_read_ahead_decays_once_the_reader_stops_waiting() -> None:
+    """Deep after a burst, then reads with free slots for over IDLE_S: each read halves
+    the depth, down to the start."""
+    now = [1000.0]
+    ra = ReadAhead(Slots(8), concurrency=4, start=4, adaptive=True, clock=lambda: now[0])
+    for _ in range(12):
+        ra.starved()
+        ra.handlers_idle()
+    assert DEEPEST == ra.depth
+    ra.read(1, 100)
+    assert DEEPEST == ra.depth  # the reader waited just now
+    now[0] += readahead.IDLE_S + 0.1
+    depths = []
+    for _ in range(10):
+        ra.read(1, 100)
+        depths.append(ra.depth)
+    assert [256, 128, 64, 32, 16, 8, 4, 4] == depths[:8]
 
 
 async def test_a_fixed_prefetch_never_moves() -> None:
@@ -162,3 +203,113 @@ async def test_slow_handlers_never_hold_more_than_concurrency_beyond_them(
         gate.set()
         await rig.raw.wait_drained(timeout=60)
     assert 100 == calls["hold"]
+
+
+async def test_jobs_waiting_for_handlers_take_a_deep_read_ahead_back_to_the_start(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """Deepened by a drain of fast handlers, the read-ahead goes back to its start once
+    jobs wait for the two handlers (which now hold on a gate)."""
+    raw = Raw(redis, settings.prefix, keys)
+    await _prefill(raw, "echo", 1200)
+    calls: Counter[str] = Counter()
+    gate = anyio.Event()
+    settings = dataclasses.replace(settings, concurrency=2, prefetch=None)
+    async with helpers.serving(_app(calls, gate), calls, settings, keys, redis) as rig:
+        await rig.raw.wait_drained(timeout=60)
+        gauge = rig.worker.metrics.read_ahead._value
+        assert gauge.get() > 2
+        await _prefill(raw, "hold", 10)
+        await wait_until(lambda: gauge.get() == 2, timeout=10)
+        gate.set()
+        await rig.raw.wait_drained(timeout=60)
+    assert (1200, 10) == (calls["echo"], calls["hold"])
+
+
+async def test_entries_in_a_stalled_write_hold_no_slot(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for 2 entries (fixed prefetch) and the writer's script calls held up,
+    the reader goes on reading: the entries in a write no longer count; once the
+    writes go through, every request is answered once."""
+    gate = anyio.Event()
+    finish = Store.finish
+
+    async def held(self: Store, items: Any) -> Any:
+        await gate.wait()
+        return await finish(self, items)
+
+    monkeypatch.setattr(Store, "finish", held)
+    raw = Raw(redis, settings.prefix, keys)
+    await _prefill(raw, "echo", 40)
+    calls: Counter[str] = Counter()
+    settings = dataclasses.replace(settings, concurrency=1, prefetch=1)
+    async with helpers.serving(_app(calls, gate), calls, settings, keys, redis) as rig:
+        await wait_until(lambda: calls["echo"] >= 6, timeout=10)
+        assert await rig.raw.pending() >= 6
+        gate.set()
+        await rig.raw.wait_drained(timeout=30)
+    assert 40 == calls["echo"]
+
+
+async def test_quiet_shards_hold_only_their_share_and_a_trickle_does_not_deepen(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """Four shards: after a drain of shard 0, the readers blocked on the quiet shards
+    hold only their share of the starting limit, and single requests one at a time
+    leave the read-ahead where it is."""
+    raw = Raw(redis, settings.prefix, keys)
+    await _prefill(raw, "echo", 1200)
+    calls: Counter[str] = Counter()
+    settings = dataclasses.replace(settings, concurrency=2, prefetch=None, shards=4)
+    async with helpers.serving(_app(calls, anyio.Event()), calls, settings, keys, redis) as rig:
+        await rig.raw.wait_drained(timeout=60)
+        slots = rig.worker._slots
+        await wait_until(lambda: slots.taken <= settings.in_flight_limit, timeout=5)
+        rig.worker.handlers_busy()  # back to the start, as when jobs wait
+        grant = await raw.grant()
+        for i in range(6):
+            out = raw.seal(grant, {"i": i})
+            await raw.send(out.request, shard=i % 4)
+            await raw.reply(grant.sid, out.request.mid)
+        assert 2 == rig.worker.metrics.read_ahead._value.get()
+    assert 1206 == calls["echo"]
+
+
+async def test_a_full_handshake_lane_does_not_deepen_the_read_ahead(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handshakes waiting for a full lane (backlog 2, a slow lane) hold their slots:
+    the reader waits for slots, but that is the lane's doing, so the read-ahead stays
+    at its start and the worker holds no more than a few entries beyond the lane."""
+    monkeypatch.setattr(handshake_lane, "HANDSHAKE_BACKLOG", 2)
+    lane_gate = anyio.Event()
+    served = [0]
+
+    async def slow(self: Any, d: Any, request: Any) -> None:
+        served[0] += 1
+        await lane_gate.wait()
+        raise AuthFailed("unknown kid")
+
+    monkeypatch.setattr(handshake_lane.HandshakeLane, "_handshake", slow)
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    async with raw.redis.pipeline(transaction=False) as pipe:
+        for i in range(400):
+            request = (
+                helpers.handshake(keys).request if i % 2 else raw.seal(grant, {"i": i}).request
+            )
+            pipe.xadd(raw.names.request_stream(0), wire.encode_request(request))
+        await pipe.execute()
+    calls: Counter[str] = Counter()
+    settings = dataclasses.replace(settings, concurrency=2, prefetch=None, handshake_concurrency=1)
+    async with helpers.serving(_app(calls, anyio.Event()), calls, settings, keys, redis) as rig:
+        await wait_until(lambda: served[0] >= 1 and calls["echo"] >= 1, timeout=10)
+        most = 0
+        for _ in range(20):  # the reader has long since taken all it may
+            most = max(most, await rig.raw.pending())
+            await anyio.sleep(0.02)
+        assert 2 == rig.worker.metrics.read_ahead._value.get()
+        assert most <= 12
+        lane_gate.set()
+        await rig.raw.wait_drained(timeout=60)

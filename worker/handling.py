@@ -106,6 +106,11 @@ class Handling:
             return
         try:
             for i, job in enumerate(jobs):
+                if time.perf_counter() - self._tick > YIELD_S:
+                    # A long batch of handlers that never await: let the loop run
+                    # (heartbeats, writers, other batches) every few ms.
+                    await anyio.lowlevel.checkpoint()
+                    self._tick = time.perf_counter()
                 work = await self._prepare(job)
                 if work is None:
                     continue

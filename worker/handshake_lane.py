@@ -82,7 +82,10 @@ class HandshakeLane:
         try:
             send.send_nowait((d, request))
         except anyio.WouldBlock:
-            await send.send((d, request))  # the lane is full: hold the slot meanwhile
+            # The lane is full: hold the slot meanwhile, and read no further ahead
+            # (the reader waiting for slots now is the lane's doing).
+            self.tracker.handlers_busy()
+            await send.send((d, request))
         d.handed = True
         self.tracker.parked(d)
 

@@ -8,9 +8,12 @@ other workers could take:
 - it starts at ``concurrency`` (the fixed default);
 - it doubles, up to ``DEEPEST``, when the handlers had nothing to do while the
   reader waited for a free slot (the read-ahead, not the handlers, held the pace);
-- it falls back to the start as soon as an entry waits for a handler;
-- it never holds more than ``BUDGET_BYTES`` of entries read ahead (by the mean size
-  of the entries read so far), nor less than the start.
+- it falls back to the start as soon as an entry waits for a handler, and halves at
+  each read once the reader has not waited for a slot for ``IDLE_S`` (a deep
+  read-ahead left from a burst would let the next read take more than it needs);
+- it never holds more than ``BUDGET_BYTES`` of entries read ahead, by a moving mean
+  of the entry size (over about the last four reads), nor less than the start; a
+  read that moves that limit below the depth lowers the depth at once.
 
 Entries past their handler (in a writer's script call) hold no slot (see
 ``Worker.writing``): the writers' two calls bound them.
@@ -18,6 +21,7 @@ Entries past their handler (in a writer's script call) hold no slot (see
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from worker.slots import Slots
@@ -26,6 +30,8 @@ from worker.slots import Slots
 DEEPEST = 512
 #: the most bytes of entries an adaptive read-ahead holds
 BUDGET_BYTES = 32 * 1024 * 1024
+#: seconds without the reader waiting for a slot after which the depth decays
+IDLE_S = 1.0
 
 
 class ReadAhead:
@@ -39,28 +45,37 @@ class ReadAhead:
         start: int,
         adaptive: bool,
         on_change: Callable[[int], None] = lambda depth: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.slots = slots
+        self.clock = clock
         self.on_change = on_change
         self.concurrency = concurrency
         self.start = start
         self.adaptive = adaptive
         self.depth = start
         self._starved = False
-        self._entries = 0
-        self._bytes = 0
+        self._starved_at = 0.0
+        #: moving mean of the entry size (bytes), 0 before the first read
+        self._mean = 0.0
 
     def read(self, entries: int, nbytes: int) -> None:
         """The reader read ``entries`` entries of ``nbytes`` bytes in all."""
-        self._entries += entries
-        self._bytes += nbytes
-        if self._entries > 1 << 20:  # keep the mean recent
-            self._entries >>= 1
-            self._bytes >>= 1
+        if entries <= 0:
+            return
+        mean = nbytes / entries
+        self._mean = mean if not self._mean else self._mean + (mean - self._mean) / 4
+        if self.adaptive and self.depth > self.start:
+            depth = min(self.depth, self.ceiling())
+            if self.clock() - self._starved_at > IDLE_S:
+                depth = max(self.start, depth // 2)
+            if depth != self.depth:
+                self._set(depth)
 
     def starved(self) -> None:
         """The reader found no free slot."""
         self._starved = True
+        self._starved_at = self.clock()
 
     def handlers_idle(self) -> None:
         """The handlers had nothing to do: deepen if the reader was starved meanwhile."""
@@ -79,8 +94,7 @@ class ReadAhead:
 
     def ceiling(self) -> int:
         """The deepest read-ahead allowed by ``DEEPEST`` and the byte budget."""
-        mean = self._bytes / self._entries if self._entries else 0.0
-        by_bytes = int(BUDGET_BYTES / mean) if mean else DEEPEST
+        by_bytes = int(BUDGET_BYTES / self._mean) if self._mean else DEEPEST
         return max(self.start, min(DEEPEST, by_bytes))
 
     def _set(self, depth: int) -> None:

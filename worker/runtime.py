@@ -321,10 +321,15 @@ class Worker:
             delay = min(delay * 2, 5.0)
 
     async def _read_loop(self, store: Store, shard: int) -> None:
+        busy = False  # whether the last read filled what it asked for
         while not self._stopping.is_set():
-            # A reader blocked on a quiet shard must not hold every free slot.
-            share = max(1, self._slots.limit // self.shards)
-            if not self._slots.free:
+            # A reader blocked on a quiet shard must not hold every free slot: it
+            # asks for its share of the starting limit; only a reader whose last
+            # read came back full asks for its share of a deeper one, and only its
+            # waiting for a slot counts as the read-ahead holding the pace.
+            limit = self._slots.limit if busy else self.settings.in_flight_limit
+            share = max(1, limit // self.shards)
+            if busy and not self._slots.free:
                 self._read_ahead.starved()
             slots = await self._take_slots(share)
             try:
@@ -336,6 +341,7 @@ class Worker:
                 raise
             self.health.read_completed()
             self._give_back(slots - len(entries))
+            busy = slots > 1 and len(entries) >= slots  # one asked for proves nothing
             if entries:
                 self._read_ahead.read(len(entries), sum(map(_entry_size, entries)))
                 await self._process(shard, entries, {})
