@@ -7,8 +7,8 @@ handlers are slow never holds more than ``concurrency`` entries beyond them.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests import helpers
-from tests.helpers import Raw, wait_until
+from tests.helpers import Raw, Rig, wait_until
 from worker import handshake_lane, readahead, wire
 from worker.errors import AuthFailed
 from worker.handlers import App
@@ -154,6 +154,18 @@ def _app(calls: Counter[str], gate: anyio.Event) -> App:
     return app
 
 
+def _serving(
+    settings: Settings,
+    keys: ThrowawayKeys,
+    redis: aioredis.Redis,
+    calls: Counter[str],
+    gate: anyio.Event,
+    **changes: Any,
+) -> AbstractAsyncContextManager[Rig]:
+    """A worker running ``_app`` with ``settings`` changed by ``changes``."""
+    return helpers.serving(_app(calls, gate), calls, settings, keys, redis, **changes)
+
+
 async def _prefill(raw: Raw, type_: str, n: int) -> list[str]:
     grant = await raw.grant()
     mids = []
@@ -166,6 +178,16 @@ async def _prefill(raw: Raw, type_: str, n: int) -> list[str]:
     return mids
 
 
+async def _most_pending(raw: Raw) -> int:
+    """The most entries pending over 0.4 s, once the reader has long since taken all
+    it may (proving that it takes no more needs a window)."""
+    most = 0
+    for _ in range(20):
+        most = max(most, await raw.pending())
+        await anyio.sleep(0.02)
+    return most
+
+
 async def test_fast_handlers_deepen_the_read_ahead_and_every_request_is_answered(
     settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
 ) -> None:
@@ -174,8 +196,9 @@ async def test_fast_handlers_deepen_the_read_ahead_and_every_request_is_answered
     raw = Raw(redis, settings.prefix, keys)
     await _prefill(raw, "echo", 1200)
     calls: Counter[str] = Counter()
-    settings = dataclasses.replace(settings, concurrency=2, prefetch=None)
-    async with helpers.serving(_app(calls, anyio.Event()), calls, settings, keys, redis) as rig:
+    async with _serving(
+        settings, keys, redis, calls, anyio.Event(), concurrency=2, prefetch=None
+    ) as rig:
         await rig.raw.wait_drained(timeout=60)
         assert rig.worker.metrics.read_ahead._value.get() > 2
     assert 1200 == calls["echo"]
@@ -191,13 +214,9 @@ async def test_slow_handlers_never_hold_more_than_concurrency_beyond_them(
     await _prefill(raw, "hold", 100)
     calls: Counter[str] = Counter()
     gate = anyio.Event()
-    settings = dataclasses.replace(settings, concurrency=2, prefetch=None)
-    async with helpers.serving(_app(calls, gate), calls, settings, keys, redis) as rig:
+    async with _serving(settings, keys, redis, calls, gate, concurrency=2, prefetch=None) as rig:
         await wait_until(lambda: calls["hold"] >= 2, timeout=10)
-        most = 0
-        for _ in range(20):  # the reader has long since taken all it may
-            most = max(most, await rig.raw.pending())
-            await anyio.sleep(0.02)
+        most = await _most_pending(rig.raw)
         assert most <= 4
         assert 2 == rig.worker.metrics.read_ahead._value.get()
         gate.set()
@@ -214,8 +233,7 @@ async def test_jobs_waiting_for_handlers_take_a_deep_read_ahead_back_to_the_star
     await _prefill(raw, "echo", 1200)
     calls: Counter[str] = Counter()
     gate = anyio.Event()
-    settings = dataclasses.replace(settings, concurrency=2, prefetch=None)
-    async with helpers.serving(_app(calls, gate), calls, settings, keys, redis) as rig:
+    async with _serving(settings, keys, redis, calls, gate, concurrency=2, prefetch=None) as rig:
         await rig.raw.wait_drained(timeout=60)
         gauge = rig.worker.metrics.read_ahead._value
         assert gauge.get() > 2
@@ -243,8 +261,7 @@ async def test_entries_in_a_stalled_write_hold_no_slot(
     raw = Raw(redis, settings.prefix, keys)
     await _prefill(raw, "echo", 40)
     calls: Counter[str] = Counter()
-    settings = dataclasses.replace(settings, concurrency=1, prefetch=1)
-    async with helpers.serving(_app(calls, gate), calls, settings, keys, redis) as rig:
+    async with _serving(settings, keys, redis, calls, gate, concurrency=1, prefetch=1) as rig:
         await wait_until(lambda: calls["echo"] >= 6, timeout=10)
         assert await rig.raw.pending() >= 6
         gate.set()
@@ -261,11 +278,12 @@ async def test_quiet_shards_hold_only_their_share_and_a_trickle_does_not_deepen(
     raw = Raw(redis, settings.prefix, keys)
     await _prefill(raw, "echo", 1200)
     calls: Counter[str] = Counter()
-    settings = dataclasses.replace(settings, concurrency=2, prefetch=None, shards=4)
-    async with helpers.serving(_app(calls, anyio.Event()), calls, settings, keys, redis) as rig:
+    async with _serving(
+        settings, keys, redis, calls, anyio.Event(), concurrency=2, prefetch=None, shards=4
+    ) as rig:
         await rig.raw.wait_drained(timeout=60)
         slots = rig.worker._slots
-        await wait_until(lambda: slots.taken <= settings.in_flight_limit, timeout=5)
+        await wait_until(lambda: slots.taken <= rig.worker.settings.in_flight_limit, timeout=5)
         rig.worker.handlers_busy()  # back to the start, as when jobs wait
         grant = await raw.grant()
         for i in range(6):
@@ -302,13 +320,18 @@ async def test_a_full_handshake_lane_does_not_deepen_the_read_ahead(
             pipe.xadd(raw.names.request_stream(0), wire.encode_request(request))
         await pipe.execute()
     calls: Counter[str] = Counter()
-    settings = dataclasses.replace(settings, concurrency=2, prefetch=None, handshake_concurrency=1)
-    async with helpers.serving(_app(calls, anyio.Event()), calls, settings, keys, redis) as rig:
+    async with _serving(
+        settings,
+        keys,
+        redis,
+        calls,
+        anyio.Event(),
+        concurrency=2,
+        prefetch=None,
+        handshake_concurrency=1,
+    ) as rig:
         await wait_until(lambda: served[0] >= 1 and calls["echo"] >= 1, timeout=10)
-        most = 0
-        for _ in range(20):  # the reader has long since taken all it may
-            most = max(most, await rig.raw.pending())
-            await anyio.sleep(0.02)
+        most = await _most_pending(rig.raw)
         assert 2 == rig.worker.metrics.read_ahead._value.get()
         assert most <= 12
         lane_gate.set()
