@@ -272,26 +272,48 @@ async def test_entries_in_a_stalled_write_hold_no_slot(
 async def test_quiet_shards_hold_only_their_share_and_a_trickle_does_not_deepen(
     settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
 ) -> None:
-    """Four shards: after a drain of shard 0, the readers blocked on the quiet shards
-    hold only their share of the starting limit, and single requests one at a time
-    leave the read-ahead where it is."""
+    """Four shards, concurrency 8 (a starting limit of 16, 4 a shard): a drain of
+    shard 0 deepens the read-ahead, yet the readers blocked on the quiet shards hold
+    only their share of the starting limit; back at the start, single requests one at
+    a time (one asked for proves nothing) leave it there."""
     raw = Raw(redis, settings.prefix, keys)
     await _prefill(raw, "echo", 1200)
     calls: Counter[str] = Counter()
     async with _serving(
-        settings, keys, redis, calls, anyio.Event(), concurrency=2, prefetch=None, shards=4
+        settings, keys, redis, calls, anyio.Event(), concurrency=8, prefetch=None, shards=4
     ) as rig:
         await rig.raw.wait_drained(timeout=60)
+        gauge = rig.worker.metrics.read_ahead._value
+        assert gauge.get() > 8
         slots = rig.worker._slots
-        await wait_until(lambda: slots.taken <= rig.worker.settings.in_flight_limit, timeout=5)
+        await wait_until(lambda: slots.taken <= 16, timeout=5)
         rig.worker.handlers_busy()  # back to the start, as when jobs wait
         grant = await raw.grant()
         for i in range(6):
             out = raw.seal(grant, {"i": i})
             await raw.send(out.request, shard=i % 4)
             await raw.reply(grant.sid, out.request.mid)
-        assert 2 == rig.worker.metrics.read_ahead._value.get()
+        assert 8 == gauge.get()
     assert 1206 == calls["echo"]
+
+
+async def test_reads_of_one_entry_never_deepen_the_read_ahead(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """Four shards, concurrency 2 (a share of one slot a shard): every read asks for
+    one entry and comes back full, which proves nothing about a backlog, so single
+    requests one at a time leave the read-ahead at its start."""
+    calls: Counter[str] = Counter()
+    async with _serving(
+        settings, keys, redis, calls, anyio.Event(), concurrency=2, prefetch=None, shards=4
+    ) as rig:
+        grant = await rig.raw.grant()
+        for i in range(12):
+            out = rig.raw.seal(grant, {"i": i})
+            await rig.raw.send(out.request, shard=i % 4)
+            await rig.raw.reply(grant.sid, out.request.mid)
+        assert 2 == rig.worker.metrics.read_ahead._value.get()
+    assert 12 == calls["echo"]
 
 
 async def test_a_full_handshake_lane_does_not_deepen_the_read_ahead(
