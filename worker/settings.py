@@ -54,6 +54,7 @@ class Settings:
     dlq_copy_max: int = 64 * 1024
     handshake_concurrency: int = 1
     session_max_ttl_s: int = 86_400
+    #: entries read ahead of the handlers; None: adaptive (worker.readahead)
     prefetch: int | None = None
     session_key_bits: int = 2048
     trim_interval_s: float = 10.0
@@ -137,7 +138,9 @@ class Settings:
 
     @property
     def in_flight_limit(self) -> int:
-        """Entries a worker holds at once: running handlers plus those read ahead."""
+        """Entries a worker holds before and in its handlers at the start: running
+        handlers plus those read ahead (an adaptive read-ahead moves it; entries whose
+        replies are being written do not count)."""
         return self.concurrency + (self.prefetch if self.prefetch is not None else self.concurrency)
 
     def load_service_key(self) -> ServiceKey:
