@@ -65,3 +65,38 @@ def test_only_frozen_slotted_dataclasses_without_post_init_have_builders() -> No
     for cls in (Mutable, NoSlots, Checked, int):
         with pytest.raises(TypeError):
             builder(cls)
+
+
+def test_a_class_with_its_own_init_or_fields_outside_init_has_no_builder() -> None:
+    """A builder would skip a hand-written ``__init__`` (its checks) or demand fields
+    that ``__init__`` does not take: such classes are refused."""
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Own:
+        a: int
+
+        def __init__(self, a: int) -> None:
+            if a < 0:
+                raise ValueError
+            object.__setattr__(self, "a", a)
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Derived:
+        a: int
+        b: int = dataclasses.field(init=False, default=0)
+
+    @dataclasses.dataclass(frozen=True, slots=True, init=False)
+    class NoInit:
+        a: int
+
+    for cls in (Own, Derived, NoInit):
+        with pytest.raises(TypeError):
+            builder(cls)
+
+
+@pytest.mark.parametrize("name", ["o", "build", "_new", "_cls", "_set0"])
+def test_a_field_named_like_the_builders_own_names_is_refused(name: str) -> None:
+    """The generated function's own names cannot be shadowed by a field."""
+    cls = dataclasses.make_dataclass("Clash", [(name, int), ("x", int)], frozen=True, slots=True)
+    with pytest.raises(TypeError):
+        builder(cls)

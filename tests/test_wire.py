@@ -1524,14 +1524,34 @@ def test_fast_path_respects_the_size_limit() -> None:
         wire.decode_request(fields, max_size=size - 1)
 
 
+_SK_MEMBERS = [name for name, _ in pairs(ALG_SK)]
+#: a nested map with exactly the envelope's members (all empty arrays)
+_ENVELOPE_LIKE = b"\x89" + b"".join(msgpack.packb(k) + b"\x90" for k in _SK_MEMBERS)
+
+
+def _wide(n: int, value: bytes) -> bytes:
+    """A map of ``n`` members ``"00000"``... each holding ``value`` (raw MessagePack)."""
+    return b"\xdf" + n.to_bytes(4, "big") + b"".join(b"\xa5%05d" % i + value for i in range(n))
+
+
 @pytest.mark.parametrize(
     "nested",
     [
-        b"\xdf\x00\x01\x00\x00" + b"".join(b"\xa5%05d\x80" % i for i in range(65536)),
+        _wide(65536, b"\x80"),
         b"\x81\xa1a" * 50_000 + b"\x80",
         b"\xdd\x00\x01\x00\x00" + b"\x00" * 65536,
+        _wide(99_999, b"\x90"),
+        _wide(15_000, _ENVELOPE_LIKE),
+        b"\x89" + b"".join(msgpack.packb(k) + _ENVELOPE_LIKE * 0 + b"\x90" for k in _SK_MEMBERS),
     ],
-    ids=["65536 empty maps", "50000 maps deep", "an array of 65536"],
+    ids=[
+        "65536 empty maps",
+        "50000 maps deep",
+        "an array of 65536",
+        "one map of 99999 members",
+        "15000 envelope-like maps",
+        "an envelope-like map",
+    ],
 )
 def test_the_fast_path_declines_a_large_hostile_entry_without_building_it(nested: bytes) -> None:
     """A large entry shaped like a request whose first member holds a mass of nested

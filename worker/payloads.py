@@ -15,7 +15,7 @@ import inspect
 import types
 import typing
 from collections.abc import Callable
-from typing import Any, Final, Literal, Union
+from typing import Any, Literal, Union
 
 from worker.errors import BadPayload
 
@@ -87,13 +87,10 @@ def from_value(tp: Any, value: Any, path: str = "payload") -> Any:
     raise BadPayload(f"{path}: cannot check {_name(tp)}")  # refused at registration
 
 
-#: result types returned as they are without a look (the common case)
-_PLAIN: Final = frozenset({dict, list, str, bytes, int, float, bool, type(None)})
-
-
 def to_value(result: Any) -> Any:
     """A dataclass result as a map (recursively); anything else unchanged."""
-    if type(result) in _PLAIN:
+    t = type(result)  # the common results, returned without a look (by identity)
+    if t is dict or t is list or t is str or t is int or t is bytes or result is None:
         return result
     if dataclasses.is_dataclass(result) and not isinstance(result, type):
         return dataclasses.asdict(result)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 T = TypeVar("T")
+#: the names the generated function uses itself (and ``_set<i>``)
+_RESERVED: Final = frozenset({"build", "o", "_new", "_cls"})
 
 
 def builder(cls: type[T]) -> Callable[..., T]:
@@ -27,7 +29,15 @@ def builder(cls: type[T]) -> Callable[..., T]:
         raise TypeError(f"{cls.__name__} is not a frozen, slotted dataclass")
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"{cls.__name__} has a __post_init__: build it the usual way")
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    # The ``__init__`` dataclasses generated (by exec, as here), not one of the class's.
+    code = getattr(cls.__init__, "__code__", None)
+    generated = code is not None and code.co_filename == "<string>"
+    if not params.init or not generated or not all(f.init for f in fields):
+        raise TypeError(f"{cls.__name__} has its own or no __init__: build it the usual way")
+    names = [f.name for f in fields]
+    if _RESERVED & set(names) or any(name.startswith("_set") for name in names):
+        raise TypeError(f"{cls.__name__} has a field named like the builder's own names")
     scope: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
     lines = [f"def build(*, {', '.join(names)}):", "    o = _new(_cls)"]
     for i, name in enumerate(names):

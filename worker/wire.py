@@ -212,11 +212,15 @@ _FAST_HEADERS: Final = {0x89: _SK_KEYS, _RSA_HEADER: _RSA_KEYS}
 
 
 def _envelope_only(keys: frozenset[str]) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """An ``object_hook`` passing a map with exactly ``keys`` and stopping at any other."""
+    """An ``object_hook`` passing a flat map with exactly ``keys``, stopping at any other
+    (the parse builds at most one chain of small maps: see :func:`_fast_request`)."""
 
     def hook(value: dict[str, Any]) -> dict[str, Any]:
         if value.keys() != keys:
             raise ValueError("not an envelope")
+        for item in value.values():
+            if type(item) is dict:
+                raise ValueError("not a flat map")
         return value
 
     return hook
@@ -239,10 +243,11 @@ def _fast_request(fields: Mapping[bytes, bytes], max_size: int) -> Request | Non
     compared with the header's.
 
     An entry over ``SMALL`` is parsed in bounded work whatever it holds: an array
-    is refused at its header, and the first map completed that is not an envelope
-    (a nested one: the innermost completes first) stops the parse, so no more than
-    one chain of nested maps is ever built (the full path's reader skips nested
-    values without building them; a whole hostile parse could build a dict a byte).
+    is refused at its header, as is a map of more members than the envelope has,
+    and the first map completed that is not a flat envelope (a nested one: the
+    innermost completes first) stops the parse, so no more than one chain of small
+    maps is ever built (the full path's reader skips nested values without building
+    them; a whole hostile parse could build a dict a byte).
     """
     if len(fields) != 1:
         return None
@@ -262,6 +267,7 @@ def _fast_request(fields: Mapping[bytes, bytes], max_size: int) -> Request | Non
                 ext_hook=refuse_ext,
                 timestamp=0,
                 max_array_len=0,
+                max_map_len=len(expected),
                 object_hook=_ENVELOPE_ONLY[raw[0]],
             )
     except Exception:
