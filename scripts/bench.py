@@ -716,7 +716,16 @@ PEER_SIZE = KIB
 
 
 #: The project's own dependencies: installing a peer must not move them.
-PINNED = ("anyio", "cryptography", "redis", "hiredis", "msgpack", "structlog", "prometheus-client")
+PINNED = (
+    "anyio",
+    "cryptography",
+    "redis",
+    "hiredis",
+    "msgpack",
+    "orjson",
+    "structlog",
+    "prometheus-client",
+)
 
 
 def install_peer(package: str, module: str, tmp: Path) -> str | None:
