@@ -458,10 +458,7 @@ class Worker:
 
     def parked(self, d: Delivery) -> None:
         """``d`` waits in the handshake lane: free its slot (it stays in flight)."""
-        key = (d.shard, d.entry.id)
-        if d.entry.id in self._in_flight[d.shard] and key not in self._released:
-            self._released.add(key)
-            self._slots.give()
+        self._release((d,))
 
     def handlers_idle(self) -> None:
         self._read_ahead.handlers_idle()
@@ -475,6 +472,11 @@ class Worker:
         The slots bound what waits before and in the handlers; at most two script
         calls of ``_WRITE_BATCH`` entries are past them.
         """
+        self._release(ds)
+
+    def _release(self, ds: Sequence[Delivery]) -> None:
+        """Give back the slots of ``ds`` still in flight, once each (``done`` then gives
+        none back for them)."""
         freed = 0
         released = self._released
         for d in ds:
