@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import os
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from worker.errors import DecryptError
 from worker.protocol import IV_SIZE, KEY_SIZE, TAG_SIZE, X25519_SIZE
+from worker.randomness import fresh_iv, fresh_key
 from worker.values import builder
 
 _OAEP = padding.OAEP(
@@ -93,7 +93,7 @@ def seal(key: bytes, plaintext: bytes, aad: bytes, *, iv: bytes | None = None) -
     """AES-256-GCM under ``key`` with a fresh random 12-byte iv (or the one given)."""
     if len(key) != KEY_SIZE:
         raise ValueError("AES-256-GCM needs a 32-byte key")
-    nonce = os.urandom(IV_SIZE) if iv is None else iv
+    nonce = fresh_iv() if iv is None else iv
     if len(nonce) != IV_SIZE:
         raise ValueError("the iv must be 12 bytes")
     out = AESGCM(key).encrypt(nonce, plaintext, aad)
@@ -121,7 +121,7 @@ def unwrap_key(private_key: rsa.RSAPrivateKey, wrapped: bytes) -> bytes:
     The caller then fails the GCM tag check on the same path as a wrong tag, so an
     attacker cannot tell a padding failure from a tag failure.
     """
-    substitute = os.urandom(KEY_SIZE)
+    substitute = fresh_key()
     try:
         key = private_key.decrypt(wrapped, _OAEP)
     except ValueError:
