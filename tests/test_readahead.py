@@ -358,3 +358,31 @@ async def test_a_full_handshake_lane_does_not_deepen_the_read_ahead(
         assert most <= 12
         lane_gate.set()
         await rig.raw.wait_drained(timeout=60)
+
+
+async def test_a_reader_with_no_slot_free_waits_for_a_quarter_of_its_share(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrency 4, fixed prefetch 12 (16 slots, one shard): each time the reader
+    finds every slot taken it asks to wait for 4 (a quarter of its share), and every
+    one of 300 requests is answered once."""
+    asked: list[tuple[int, int, int]] = []  # (free when asked, most, refill)
+    take = Slots.take
+
+    async def recording(self: Slots, most: int, *, refill: int = 1) -> int:
+        asked.append((self.free, most, refill))
+        return await take(self, most, refill=refill)
+
+    monkeypatch.setattr(Slots, "take", recording)
+    raw = Raw(redis, settings.prefix, keys)
+    await _prefill(raw, "echo", 300)
+    calls: Counter[str] = Counter()
+    async with _serving(
+        settings, keys, redis, calls, anyio.Event(), concurrency=4, prefetch=12
+    ) as rig:
+        await rig.raw.wait_drained(timeout=60)
+    assert 300 == calls["echo"]
+    # The reader asks for its share (16); the reclaimer, for up to 256.
+    starved = [refill for free, most, refill in asked if free == 0 and most <= 16]
+    assert starved, "the reader never found every slot taken"
+    assert {4} == set(starved)

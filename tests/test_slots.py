@@ -68,3 +68,59 @@ def test_there_is_at_least_one_slot() -> None:
     """A limit under one is refused."""
     with pytest.raises(ValueError):
         Slots(0)
+
+
+async def test_a_take_with_none_free_waits_for_its_refill() -> None:
+    """With none free, a take asking for a refill of 3 does not wake for 1 or 2 given
+    back, only once 3 are free, and then takes them."""
+    slots = Slots(4)
+    assert 4 == await slots.take(4)
+    got: list[int] = []
+
+    async def taker() -> None:
+        got.append(await slots.take(4, refill=3))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(taker)
+        await anyio.wait_all_tasks_blocked()
+        slots.give()
+        await anyio.wait_all_tasks_blocked()
+        slots.give()
+        await anyio.wait_all_tasks_blocked()
+        assert [] == got
+        slots.give()
+    assert [3] == got
+
+
+async def test_a_take_with_some_free_does_not_wait_for_its_refill() -> None:
+    """A refill applies only when none is free: with one free, a take gets it at once."""
+    slots = Slots(4)
+    await slots.take(3)
+    with anyio.fail_after(1):
+        assert 1 == await slots.take(4, refill=3)
+
+
+async def test_a_refill_never_asks_for_more_than_most_or_the_limit() -> None:
+    """A refill above ``most`` waits for ``most``; one above a limit lowered while waiting
+    waits for the new limit, not forever."""
+    slots = Slots(4)
+    await slots.take(4)
+    got: list[int] = []
+
+    async def taker(most: int) -> None:
+        got.append(await slots.take(most, refill=10))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(taker, 2)
+        await anyio.wait_all_tasks_blocked()
+        slots.give(2)
+    assert [2] == got
+    slots.give(2)  # all four free again: take them, then lower the limit to 2
+    await slots.take(4)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(taker, 4)
+            await anyio.wait_all_tasks_blocked()
+            slots.resize(2)
+            slots.give(4)
+    assert [2, 2] == got

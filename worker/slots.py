@@ -3,7 +3,9 @@
 A counter with one wake-up event, taken and given back in bulk: the reader takes
 as many as are free at once (a batch) and the writer gives a flush's worth back in
 one call. (An ``anyio.Semaphore`` costs two calls per entry, a share of the hot
-path, measured.)
+path, measured.) A reader that found none free waits until some are (``refill``),
+not for the first one given back: a saturated worker then reads in batches, not in
+dribbles of a few entries that each pay for a read and a batch's round trips.
 
 The limit may move (:meth:`Slots.resize`): the runtime deepens the read-ahead while
 handlers keep up and takes it back when entries wait for one. Slots taken above a
@@ -31,13 +33,15 @@ class Slots:
         """Slots that may be taken now."""
         return max(0, self.limit - self.taken)
 
-    async def take(self, most: int) -> int:
-        """Wait until a slot is free, then take up to ``most`` of the free ones."""
+    async def take(self, most: int, *, refill: int = 1) -> int:
+        """Take up to ``most`` of the free slots; with none free, first wait until
+        ``refill`` are (at most ``most``, at most the limit)."""
         await anyio.lowlevel.checkpoint()
-        while self.taken >= self.limit:
-            if self._freed.is_set():
-                self._freed = anyio.Event()
-            await self._freed.wait()
+        if self.taken >= self.limit:
+            while self.limit - self.taken < max(1, min(refill, most, self.limit)):
+                if self._freed.is_set():
+                    self._freed = anyio.Event()
+                await self._freed.wait()
         taken = min(self.limit - self.taken, max(1, most))
         self.taken += taken
         return taken
