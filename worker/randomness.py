@@ -7,9 +7,15 @@ unwrap thread, and the loop then waited to get it back (measured: an RSA drain i
 pieces:
 
 - each piece is handed out once: ``deque.popleft`` is atomic, and threads share a pool;
-- a forked child starts with empty pools (``os.register_at_fork``), so a parent and
-  its child never hand out the same bytes;
+- a pool drawn in another process is dropped: the pool notes the pid that drew it, so
+  a parent and its forked child (by ``os.fork`` or by C code) never hand out the
+  same bytes;
 - the pieces are the OS's CSPRNG output, unchanged.
+
+A snapshot of a running process restored twice (a VM or CRIU clone) would hand out
+the same pieces in both until their blocks run out, as would any random state held
+in memory; plain ``os.urandom`` would not. Keys never come from here:
+only ivs (unique, not secret) and the throwaway key an RSA unwrap failure opens with.
 """
 
 from __future__ import annotations
@@ -31,9 +37,13 @@ class Pool:
             raise ValueError("a piece is at least one byte")
         self.size = size
         self._pieces: deque[bytes] = deque()
+        self._pid = os.getpid()
 
     def take(self) -> bytes:
         """``size`` fresh random bytes, never handed out before."""
+        if self._pid != os.getpid():  # drawn by the process this one was forked from
+            self._pieces.clear()
+            self._pid = os.getpid()
         try:
             return self._pieces.popleft()
         except IndexError:
@@ -64,11 +74,3 @@ def fresh_iv() -> bytes:
 def fresh_key() -> bytes:
     """A fresh random 32-byte key."""
     return _keys.take()
-
-
-def _forget() -> None:
-    _ivs.clear()
-    _keys.clear()
-
-
-os.register_at_fork(after_in_child=_forget)
