@@ -369,9 +369,9 @@ async def test_a_reader_with_no_slot_free_waits_for_a_quarter_of_its_share(
     asked: list[tuple[int, int, int]] = []  # (free when asked, most, refill)
     take = Slots.take
 
-    async def recording(self: Slots, most: int, *, refill: int = 1) -> int:
+    async def recording(self: Slots, most: int, *, refill: int = 1, patience_s: float = 0) -> int:
         asked.append((self.free, most, refill))
-        return await take(self, most, refill=refill)
+        return await take(self, most, refill=refill, patience_s=patience_s)
 
     monkeypatch.setattr(Slots, "take", recording)
     raw = Raw(redis, settings.prefix, keys)

@@ -71,14 +71,14 @@ def test_there_is_at_least_one_slot() -> None:
 
 
 async def test_a_take_with_none_free_waits_for_its_refill() -> None:
-    """With none free, a take asking for a refill of 3 does not wake for 1 or 2 given
-    back, only once 3 are free, and then takes them."""
+    """With none free, a take asking for a refill of 3 (and patient enough) does not
+    wake for 1 or 2 given back, only once 3 are free, and then takes them."""
     slots = Slots(4)
     assert 4 == await slots.take(4)
     got: list[int] = []
 
     async def taker() -> None:
-        got.append(await slots.take(4, refill=3))
+        got.append(await slots.take(4, refill=3, patience_s=60))
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(taker)
@@ -97,7 +97,7 @@ async def test_a_take_with_some_free_does_not_wait_for_its_refill() -> None:
     slots = Slots(4)
     await slots.take(3)
     with anyio.fail_after(1):
-        assert 1 == await slots.take(4, refill=3)
+        assert 1 == await slots.take(4, refill=3, patience_s=60)
 
 
 async def test_a_refill_never_asks_for_more_than_most_or_the_limit() -> None:
@@ -108,7 +108,7 @@ async def test_a_refill_never_asks_for_more_than_most_or_the_limit() -> None:
     got: list[int] = []
 
     async def taker(most: int) -> None:
-        got.append(await slots.take(most, refill=10))
+        got.append(await slots.take(most, refill=10, patience_s=60))
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(taker, 2)
@@ -124,3 +124,45 @@ async def test_a_refill_never_asks_for_more_than_most_or_the_limit() -> None:
             slots.resize(2)
             slots.give(4)
     assert [2, 2] == got
+
+
+async def test_a_refill_held_elsewhere_is_waited_for_only_as_long_as_the_patience() -> None:
+    """Slots held by others may never let the refill come free: once one is free, the
+    take waits at most its patience (50 ms), then takes what is free."""
+    slots = Slots(8)
+    await slots.take(8)
+    got: list[int] = []
+
+    async def taker() -> None:
+        got.append(await slots.take(8, refill=6, patience_s=0.05))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(taker)
+            await anyio.wait_all_tasks_blocked()
+            assert [] == got
+            slots.give(2)  # the other six stay taken
+    assert [2] == got
+
+
+async def test_a_take_whose_free_slots_were_taken_meanwhile_waits_again() -> None:
+    """Free slots another take grabs during the patience are not counted: the waiting
+    take ends with at least one slot, never zero or less."""
+    slots = Slots(4)
+    await slots.take(4)
+    got: list[int] = []
+
+    async def patient() -> None:
+        got.append(await slots.take(4, refill=4, patience_s=0.05))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(patient)
+            await anyio.wait_all_tasks_blocked()
+            slots.give(1)
+            assert 1 == await slots.take(1)  # grabbed before the patient take's turn
+            await anyio.sleep(0.1)  # its patience runs out with none free
+            assert [] == got
+            slots.give(1)
+    assert [1] == got
+    assert 4 == slots.taken

@@ -48,10 +48,15 @@ log = get_logger("sealstream.worker")
 _READ_BLOCK_MS = 500
 #: Entries one XREADGROUP or XAUTOCLAIM asks for at most.
 _MAX_READ = 256
-#: A reader that found no slot free waits for this part of its share (1/4) to be.
-#: RSA 1 KiB drain, three alternating pairs: 3,913-3,944 vs 3,450-3,732 req/s (reads of
-#: ~39 entries became ~150); session-key drains unchanged.
+#: A reader that found no slot free waits, once one is, up to _REFILL_PATIENCE_S for
+#: this part of its share (1/4) to be. RSA 1 KiB drain, three alternating rounds:
+#: 3,610-3,974 req/s with 50 ms, 3,577-3,701 with 10 ms, 3,386-3,409 without (reads of
+#: ~39 entries become ~150); session-key drains unchanged (their slots are rarely all
+#: taken). A bound, not a wait for the refill alone: slots held by other shards'
+#: readers or above a lowered limit may never let it come free (a review found that
+#: reader starving).
 _REFILL_PART = 4
+_REFILL_PATIENCE_S = 0.05
 #: SET NX GET, XINFO GROUPS lag (7.0), XAUTOCLAIM (6.2).
 MIN_REDIS = (7, 0)
 
@@ -335,8 +340,8 @@ class Worker:
             share = max(1, limit // self.shards)
             if busy and not self._slots.free:
                 self._read_ahead.starved()
-            # With no slot free, wait for a quarter of the share rather than read
-            # the first one given back (see worker.slots).
+            # With no slot free, wait a little for a quarter of the share rather than
+            # read the first one given back (see worker.slots).
             slots = await self._take_slots(share, refill=share // _REFILL_PART)
             try:
                 entries = await self._retrier(
@@ -528,8 +533,11 @@ class Worker:
             self.metrics.in_flight.dec(finished)  # last: nothing above may be skipped
 
     async def _take_slots(self, most: int = _MAX_READ, *, refill: int = 1) -> int:
-        """Take up to ``most`` free processing slots (with none free, wait for ``refill``)."""
-        return await self._slots.take(min(most, _MAX_READ), refill=refill)
+        """Take up to ``most`` free processing slots (with none free, wait for one, then
+        a little for ``refill``)."""
+        return await self._slots.take(
+            min(most, _MAX_READ), refill=refill, patience_s=_REFILL_PATIENCE_S
+        )
 
     def _give_back(self, n: int) -> None:
         self._slots.give(n)
