@@ -139,7 +139,7 @@ async def test_handshake_ignores_a_forged_reply(
                 )
                 await redis.xadd(raw.names.reply_stream(request.sid), wire.encode_reply(forged))
                 async with running_worker(app, settings, keys):
-                    # Key generation runs at nice 19: on a busy machine it waits for CPU.
+                    # Key generation runs at the lowest priority: a busy machine makes it wait.
                     await _wait_reply(raw, request.sid, request.mid, "ok", timeout=30)
                     # Both on the stream now; the handshake must take the genuine one.
                     with anyio.fail_after(30):

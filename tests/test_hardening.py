@@ -23,6 +23,7 @@ import structlog
 from tests import helpers
 from tests.helpers import Raw, Rig, new_id, now_ms, open_ok, wait_until
 from worker import codec, envelopes, wire
+from worker.errors import ConfigError
 from worker.handlers import App
 from worker.handshake import SessionGrant
 from worker.protocol import ALG_RSA, ALG_SK
@@ -366,12 +367,29 @@ async def test_a_handshake_ttl_is_clamped_to_the_maximum_session_lifetime(
 
 
 def test_handshake_settings_are_read_from_the_environment() -> None:
-    """SEALSTREAM_HANDSHAKE_CONCURRENCY and SEALSTREAM_SESSION_MAX_TTL_S are settings."""
+    """SEALSTREAM_HANDSHAKE_CONCURRENCY, SEALSTREAM_HANDSHAKE_PRIORITY and
+    SEALSTREAM_SESSION_MAX_TTL_S are settings."""
     s = Settings.from_env(
-        {"SEALSTREAM_HANDSHAKE_CONCURRENCY": "3", "SEALSTREAM_SESSION_MAX_TTL_S": "7200"}
+        {
+            "SEALSTREAM_HANDSHAKE_CONCURRENCY": "3",
+            "SEALSTREAM_HANDSHAKE_PRIORITY": "Low",
+            "SEALSTREAM_SESSION_MAX_TTL_S": "7200",
+        }
     )
-    assert (3, 7200) == (s.handshake_concurrency, s.session_max_ttl_s)
-    assert (1, 86_400) == (Settings().handshake_concurrency, Settings().session_max_ttl_s)
+    assert (3, "low", 7200) == (s.handshake_concurrency, s.handshake_priority, s.session_max_ttl_s)
+    d = Settings()
+    assert (1, "idle", 86_400) == (
+        d.handshake_concurrency,
+        d.handshake_priority,
+        d.session_max_ttl_s,
+    )
+
+
+def test_an_unknown_handshake_priority_is_refused_by_name() -> None:
+    """SEALSTREAM_HANDSHAKE_PRIORITY takes idle or low; anything else is a ConfigError
+    that names the variable."""
+    with pytest.raises(ConfigError, match="SEALSTREAM_HANDSHAKE_PRIORITY: expected idle or low"):
+        Settings.from_env({"SEALSTREAM_HANDSHAKE_PRIORITY": "realtime"})
 
 
 def _metrics_text(worker: Worker) -> str:

@@ -1140,7 +1140,7 @@ async def test_handshake_with_unknown_kid_fails_authentication(
     assert await rig.raw.get(rig.raw.names.session(out.request.sid)) is None
     good = handshake(keys)
     await rig.raw.send(good.request)
-    # Key generation runs at nice 19: on a busy machine it waits for spare CPU.
+    # Key generation runs at the lowest priority: on a busy machine it waits for spare CPU.
     reply = await rig.raw.reply(good.request.sid, good.request.mid, timeout=30)
     assert good.request.sid == open_ok(reply, good)["sessionId"]
     await _assert_serving(rig, await rig.raw.grant())
@@ -1212,7 +1212,7 @@ async def test_tampered_handshake_fails_authentication(rig: Rig, keys: Throwaway
                     assert await rig.raw.get(rig.raw.names.session(sid)) is None
     good = handshake(keys)
     await rig.raw.send(good.request)
-    # Key generation runs at nice 19: on a busy machine it waits for spare CPU.
+    # Key generation runs at the lowest priority: on a busy machine it waits for spare CPU.
     reply = await rig.raw.reply(good.request.sid, good.request.mid, timeout=30)
     assert good.request.sid == open_ok(reply, good)["sessionId"]
 

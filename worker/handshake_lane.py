@@ -10,8 +10,9 @@
       -> Handling.reply (the reply and the new session record) -> writer
 
 The unwrap and the session's key generation run in :class:`~worker.keypool.KeyPool`'s
-own nice-19 threads, so a flood of handshakes takes neither the slots nor the threads
-of ordinary requests. The writer creates the session record in the reply's FINISH step.
+own threads, at the lowest CPU priority, so a flood of handshakes takes neither the
+slots nor the threads of ordinary requests (nor much of their CPU). The writer
+creates the session record in the reply's FINISH step.
 """
 
 from __future__ import annotations

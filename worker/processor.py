@@ -78,7 +78,10 @@ class Processor:
         )
         self.attempts = AttemptLog(store, self.retry)
         self.keys = KeyPool(
-            bits=settings.session_key_bits, size=4, threads=settings.handshake_concurrency
+            bits=settings.session_key_bits,
+            size=4,
+            threads=settings.handshake_concurrency,
+            priority=settings.handshake_priority,
         )
         # The stages, last first: each holds the ones it hands on to.
         self.writer = Writer(

@@ -23,6 +23,7 @@ from worker.keys import (
 )
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+HANDSHAKE_PRIORITIES = ("idle", "low")
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
 CLUSTER_MODES = ("auto", "yes", "no")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -53,6 +54,8 @@ class Settings:
     dlq_maxlen: int = 100_000
     dlq_copy_max: int = 64 * 1024
     handshake_concurrency: int = 1
+    #: the handshake lane's CPU priority: "idle" (SCHED_IDLE) or "low" (nice 19)
+    handshake_priority: str = "idle"
     session_max_ttl_s: int = 86_400
     #: entries read ahead of the handlers; None: adaptive (worker.readahead)
     prefetch: int | None = None
@@ -102,6 +105,7 @@ class Settings:
             dlq_maxlen=_int(env, "DLQ_MAXLEN", 100_000, low=1),
             dlq_copy_max=_int(env, "DLQ_COPY_MAX", 64 * 1024, low=0),
             handshake_concurrency=_int(env, "HANDSHAKE_CONCURRENCY", 1, low=1, high=64),
+            handshake_priority=text("HANDSHAKE_PRIORITY", "idle").lower(),
             session_max_ttl_s=_int(env, "SESSION_MAX_TTL_S", 86_400, low=60),
             prefetch=_int(env, "PREFETCH", 0, low=1, high=10_000)
             if env.get("SEALSTREAM_PREFETCH")
@@ -130,6 +134,8 @@ class Settings:
             raise ConfigError("SEALSTREAM_CLUSTER: expected auto, yes or no")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"SEALSTREAM_LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}")
+        if self.handshake_priority not in HANDSHAKE_PRIORITIES:
+            raise ConfigError("SEALSTREAM_HANDSHAKE_PRIORITY: expected idle or low")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError("SEALSTREAM_LOG_FORMAT: expected auto, json or console")
         if not self.prefix or any(c in self.prefix for c in "{} \n"):
