@@ -15,7 +15,7 @@ went from ~9 ms to ~220 ms during 200 handshakes at normal priority).
   core running only such threads as idle when it places a waking thread, so the
   event loop, Redis and the producers preempt key generation at once. Measured, 200
   handshakes during 4,500 SK 4 KiB requests/s: request p99 9.0-11.4 ms against
-  19.9-21.2 ms at nice 19 (7.7-13 ms with no handshakes); at 8,000 req/s 45-67 against
+  20-48 ms at nice 19 (7.7-13 ms with no handshakes); at 8,000 req/s 45-67 against
   94-99 ms. The cost: handshakes get only spare CPU (103-110 against 152-163 of the
   200 answered within those 10 s at 8,000 req/s), and next to none while every core is
   busy.
