@@ -68,6 +68,9 @@ def settings(redis_server: RedisServer, prefix: str) -> Settings:
         handler_timeout_s=5.0,
         trim_interval_s=0.5,
         log_level="warning",
+        # Handshake tests wait for key generation; at the default (idle) priority a
+        # busy CI runner would starve it. tests/test_keypool.py checks idle itself.
+        handshake_priority="low",
     )
 
 

@@ -15,10 +15,11 @@ went from ~9 ms to ~220 ms during 200 handshakes at normal priority).
   core running only such threads as idle when it places a waking thread, so the
   event loop, Redis and the producers preempt key generation at once. Measured, 200
   handshakes during 4,500 SK 4 KiB requests/s: request p99 9.0-11.4 ms against
-  20-48 ms at nice 19 (7.7-13 ms with no handshakes); at 8,000 req/s 45-67 against
-  94-99 ms. The cost: handshakes get only spare CPU (103-110 against 152-163 of the
-  200 answered within those 10 s at 8,000 req/s), and next to none while every core is
-  busy.
+  19.9-21.2 ms at nice 19 in two alternating pairs (7.7-13 ms with no handshakes); at
+  8,000 req/s 45-67 against 94-99 ms. The cost: handshakes get only spare CPU
+  (103-110 against 152-163 of the 200 answered within those 10 s at 8,000 req/s), and
+  next to none while every core is busy. Where the system refuses the policy, a
+  warning (``handshake_priority_unavailable``) says so and nice 19 stays.
 - ``low``: nice 19 alone, which keeps a small share of a busy machine for handshakes.
 
 Elsewhere than Linux both are no-ops.
@@ -38,7 +39,10 @@ import anyio
 from anyio.abc import TaskStatus
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from worker.logging import get_logger
+
 T = TypeVar("T")
+log = get_logger("sealstream.worker")
 
 
 def generate(bits: int) -> rsa.RSAPrivateKey:
@@ -55,9 +59,11 @@ def lower_priority(priority: str) -> None:
     tid = threading.get_native_id()
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, tid, 19)
-    if priority == "idle":
-        with contextlib.suppress(AttributeError, OSError):
+    if priority == "idle" and hasattr(os, "sched_setscheduler"):
+        try:
             os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as exc:  # a sandbox may refuse it: say so, run at nice 19
+            log.warning("handshake_priority_unavailable", priority=priority, errno=exc.errno)
 
 
 class KeyPool:
