@@ -14,8 +14,8 @@ pieces:
 
 A snapshot of a running process restored twice (a VM or CRIU clone) would hand out
 the same pieces in both until their blocks run out, as would any random state held
-in memory; plain ``os.urandom`` would not. Keys never come from here:
-only ivs (unique, not secret) and the throwaway key an RSA unwrap failure opens with.
+in memory; plain ``os.urandom`` would not. Keys never come from here: only ivs
+(unique, not secret) and the throwaway key an RSA unwrap failure opens with.
 """
 
 from __future__ import annotations
@@ -57,10 +57,6 @@ class Pool:
     def __len__(self) -> int:
         return len(self._pieces)
 
-    def clear(self) -> None:
-        """Forget the pieces drawn and not handed out."""
-        self._pieces.clear()
-
 
 _ivs = Pool(IV_SIZE)
 _keys = Pool(KEY_SIZE)
@@ -72,5 +68,6 @@ def fresh_iv() -> bytes:
 
 
 def fresh_key() -> bytes:
-    """A fresh random 32-byte key."""
+    """Fresh random 32 bytes for a throwaway key (a failed RSA unwrap's substitute),
+    never for a key that protects anything."""
     return _keys.take()
