@@ -44,6 +44,7 @@ from worker.streams import (
     ReplyWrite,
     Store,
     Write,
+    claim_arguments,
     client_options,
     connect,
     transient,
@@ -264,16 +265,13 @@ class ClusterStore(Store):
         """The replay-record claims, one CLAIM script call per slot, pipelined."""
         if not claims:
             return []
-        keys = [self.names.seen(c.sid, c.mid) for c in claims]
         groups: dict[int, list[int]] = {}
-        for i, key in enumerate(keys):
-            groups.setdefault(key_slot(key.encode()), []).append(i)
-        calls = []
-        for members in groups.values():
-            args: list[Any] = []
-            for i in members:
-                args += (claims[i].owner, claims[i].ttl_ms)
-            calls.append(([keys[i] for i in members], args))
+        for i, c in enumerate(claims):
+            # The seen and session keys of a sid share its slot.
+            groups.setdefault(key_slot(self.names.seen(c.sid, c.mid).encode()), []).append(i)
+        calls = [
+            claim_arguments(self.names, [claims[i] for i in members]) for members in groups.values()
+        ]
         results = await self._scripts(scripts.CLAIM, calls)
         _raise_first(results)
         out: list[str | None] = [None] * len(claims)

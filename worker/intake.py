@@ -16,10 +16,12 @@ bad input.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import anyio
@@ -68,24 +70,52 @@ _RSA_CHUNK = 16
 _Authed = tuple[Delivery, wire.Request, envelopes.Opened]
 
 
+#: an opened session and the SHA-1 (hex) of the record it was opened from
+Known = tuple[Session, str]
+
+
 class SessionCache:
-    """Opened sessions by sid, valid only while the stored record bytes are the same."""
+    """Opened sessions by sid (the ``size`` used last), with their record's digest.
+
+    A session's key never changes for its sid, and its expiry is inside the record,
+    so a cached session stays right while its record is unchanged: the CLAIM script
+    sets a request's replay record only while the session record's SHA-1 is the
+    digest the worker opened (a record revoked, expired, re-sealed or tampered with
+    sends the request back to read it again). A sid is served from here without
+    reading its record; :meth:`open` re-opens a record whose bytes changed.
+    """
 
     def __init__(self, size: int = 10_000) -> None:
         self._size = size
-        self._items: OrderedDict[str, tuple[bytes, Session]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[bytes, Known]] = OrderedDict()
 
-    def open(self, sid: str, raw: bytes, keks: MasterKeys) -> Session:
+    def known(self, sid: str) -> Known | None:
+        """The cached session of ``sid`` and its record's digest, if any."""
+        hit = self._items.get(sid)
+        if hit is None:
+            return None
+        self._items.move_to_end(sid)
+        return hit[1]
+
+    def forget(self, sid: str) -> None:
+        """Drop ``sid`` (its record changed or is gone)."""
+        self._items.pop(sid, None)
+
+    def open(self, sid: str, raw: bytes, keks: MasterKeys) -> Known:
         """The session for this record (cached); DecryptError when it fails to open."""
         hit = self._items.get(sid)
         if hit is not None and hit[0] == raw:
             self._items.move_to_end(sid)
             return hit[1]
-        session = open_record(sid, raw, keks)
-        self._items[sid] = (raw, session)
+        # A change detector, matched by Lua's redis.sha1hex (the only hash scripts
+        # have); no security rests on it: a record that is not the one opened is
+        # never used, only read again.
+        digest = hashlib.sha1(raw, usedforsecurity=False).hexdigest()
+        known = (open_record(sid, raw, keks), digest)
+        self._items[sid] = (raw, known)
         if len(self._items) > self._size:
             self._items.popitem(last=False)
-        return session
+        return known
 
 
 class Intake:
@@ -166,18 +196,37 @@ class Intake:
             raise
         return request
 
-    async def _authenticate(self, batch: list[tuple[Delivery, wire.Request]]) -> None:
-        sids = list(dict.fromkeys(r.sid for _, r in batch))
-        raws = await self.retry(lambda: self.store.get_sessions(sids))
-        sessions = {sid: self._session(sid, raw) for sid, raw in zip(sids, raws, strict=True)}
+    async def _authenticate(
+        self, batch: list[tuple[Delivery, wire.Request]], *, cached: bool = True
+    ) -> None:
+        """Open the batch's requests with their sessions (cached, or one MGET).
+
+        ``cached=False``: the second pass of requests a cached session failed (they
+        failed to open with it, or its record changed): every record is read.
+        """
+        sessions: dict[str, Known | None] = {}
+        unknown: list[str] = []
+        for _, r in batch:
+            if r.sid not in sessions:
+                sessions[r.sid] = known = self.sessions.known(r.sid) if cached else None
+                if known is None:
+                    unknown.append(r.sid)
+        from_cache = sessions.keys() - unknown
+        if unknown:
+            raws = await self.retry(lambda: self.store.get_sessions(unknown))
+            for sid, raw in zip(unknown, raws, strict=True):
+                sessions[sid] = self._session(sid, raw)
         now = self.clock()
-        opened: list[tuple[Delivery, wire.Request, envelopes.Opened]] = []
+        opened: list[_Authed] = []
         wrapped: list[tuple[Delivery, wire.Request, Session]] = []
+        # Failed to open with a cached session: read the record again (below).
+        doubtful: list[tuple[Delivery, wire.Request]] = []
         for d, r in batch:
             try:
-                session = sessions[r.sid]
-                if session is None:
+                known = sessions[r.sid]
+                if known is None:
                     raise SessionInvalid("no session, or its record failed to open")
+                session = known[0]
                 if session.expired(now):
                     raise SessionInvalid("the session has expired")
                 if r.alg == ALG_RSA:
@@ -186,6 +235,11 @@ class Intake:
                     wrapped.append((d, r, session))
                 else:
                     opened.append((d, r, open_request(r, None, session.ks)))
+            except AuthFailed as exc:
+                if r.sid in from_cache:
+                    doubtful.append((d, r))
+                else:
+                    self._refuse(d, fill_context(exc, r))
             except ProtocolError as exc:
                 fill_context(exc, r)
                 self._refuse(d, exc)
@@ -193,23 +247,36 @@ class Intake:
             # Chunks run in parallel threads (cryptography releases the GIL for RSA).
             async with anyio.create_task_group() as tg:
                 for start in range(0, len(wrapped), _RSA_CHUNK):
-                    tg.start_soon(self._unwrap, wrapped[start : start + _RSA_CHUNK], opened)
+                    chunk = wrapped[start : start + _RSA_CHUNK]
+                    tg.start_soon(self._unwrap, chunk, opened, doubtful, from_cache)
         if opened:
-            await self._claim(opened)
+            digests = {sid: known[1] for sid, known in sessions.items() if known is not None}
+            doubtful += await self._claim(opened, digests, recheck=cached)
+        if doubtful:
+            # The record of a cached session may have changed or gone (revoked,
+            # expired: session_unknown, which the protocol checks before
+            # authentication): read these sessions' records and go again.
+            for _, r in doubtful:
+                self.sessions.forget(r.sid)
+            await self._authenticate(doubtful, cached=False)
 
     async def _unwrap(
         self,
         chunk: list[tuple[Delivery, wire.Request, Session]],
         opened: list[tuple[Delivery, wire.Request, envelopes.Opened]],
+        doubtful: list[tuple[Delivery, wire.Request]],
+        from_cache: AbstractSet[str],
     ) -> None:
         results = await anyio.to_thread.run_sync(_open_rsa, chunk, limiter=self._rsa)
         for (d, r, _), result in zip(chunk, results, strict=True):
-            if result is None:
-                self._refuse(d, fill_context(AuthFailed("authentication failed"), r))
-            else:
+            if result is not None:
                 opened.append((d, r, result))
+            elif r.sid in from_cache:
+                doubtful.append((d, r))
+            else:
+                self._refuse(d, fill_context(AuthFailed("authentication failed"), r))
 
-    def _session(self, sid: str, raw: bytes | None) -> Session | None:
+    def _session(self, sid: str, raw: bytes | None) -> Known | None:
         if raw is None:
             return None
         try:
@@ -227,8 +294,15 @@ class Intake:
             self.dispatcher.budget_ms(request.type) + _SEEN_MARGIN_MS,
         )
 
-    async def _claim(self, batch: list[_Authed]) -> None:
-        """Set the replay records (after authentication: a forgery cannot burn a mid)."""
+    async def _claim(
+        self, batch: list[_Authed], digests: dict[str, str], *, recheck: bool
+    ) -> list[tuple[Delivery, wire.Request]]:
+        """Set the replay records (after authentication: a forgery cannot burn a mid),
+        each only while its session record is the one opened (``digests``).
+
+        Returns the requests whose session record changed, to be read again when
+        ``recheck``; without it they are ``session_unknown``.
+        """
         batch = self._still_fresh(batch)
         now, claimed_at = self.clock(), time.monotonic()
         # seen_ttl of each, with what is the same for the whole batch taken out
@@ -240,14 +314,21 @@ class Intake:
                 mid=r.mid,
                 owner=d.owner,
                 ttl_ms=max(r.ts + floor, budget(r.type) + _SEEN_MARGIN_MS),
+                session_digest=digests[r.sid],
             )
             for d, r, _ in batch
         ]
         prevs = await self.retry(lambda: self.store.claim(claims))
         jobs: list[Job] = []
         resumed: list[Job] = []
+        changed: list[tuple[Delivery, wire.Request]] = []
         for (d, r, o), claim, prev in zip(batch, claims, prevs, strict=True):
             try:
+                if prev == "?":
+                    if recheck:
+                        changed.append((d, r))
+                        continue
+                    raise SessionInvalid("the session record changed or is gone")
                 if not self.claimed(d, prev):
                     continue
             except ProtocolError as exc:
@@ -275,6 +356,7 @@ class Intake:
                 job.first_attempt = attempt
         if jobs:
             await self._run_here(jobs)
+        return changed
 
     def _still_fresh(self, batch: list[_Authed]) -> list[_Authed]:
         """The entries still fresh by the clock *now*, right before their records are

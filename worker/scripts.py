@@ -21,24 +21,42 @@ import hashlib
 from typing import Final
 
 CLAIM: Final = """
--- KEYS[i]: P:{sid}:seen:<mid>; ARGV[2i-1]: "<shard>|<entry id>", ARGV[2i]: ttl (ms).
--- Per request: false when this call set the record, else its previous value, or
--- "!" when the key holds another type. A redelivery (the record is this entry's)
--- pushes the expiry out, never in.
+-- KEYS[2i-1]: P:{sid}:seen:<mid>, KEYS[2i]: P:{sid}:session; ARGV[3i-2]:
+-- "<shard>|<entry id>", ARGV[3i-1]: ttl (ms), ARGV[3i]: the SHA-1 (hex) the session
+-- record must have, or "" (a handshake: its session is created later).
+-- Per request: false when this call set the record, else its previous value, "!"
+-- when the key holds another type, or "?" when the session record is not the one
+-- named (changed, revoked, expired: nothing is set). A redelivery (the record is
+-- this entry's) pushes the expiry out, never in.
 -- An error by which Redis says it cannot write *for now* (out of memory, a replica)
 -- aborts the call: the caller waits it out and retries.
 local FOR_NOW = {OOM = true, LOADING = true, READONLY = true, MASTERDOWN = true,
   TRYAGAIN = true, CLUSTERDOWN = true, BUSY = true}
-local out = {}
-for i = 1, #KEYS do
-  local owner, ttl = ARGV[2 * i - 1], ARGV[2 * i]
-  local prev = redis.pcall('SET', KEYS[i], owner, 'NX', 'PX', ttl, 'GET')
-  if type(prev) == 'table' and prev.err then
-    if FOR_NOW[string.match(prev.err, '^%u+')] then return redis.error_reply(prev.err) end
-    out[i] = '!'
+local out, digests = {}, {}
+for i = 1, #KEYS / 2 do
+  local seen, session = KEYS[2 * i - 1], KEYS[2 * i]
+  local owner, ttl, digest = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  local live = true
+  if digest ~= '' then
+    local have = digests[session]
+    if have == nil then
+      local record = redis.pcall('GET', session)
+      have = type(record) == 'string' and redis.sha1hex(record) or ''
+      digests[session] = have
+    end
+    live = have == digest
+  end
+  if not live then
+    out[i] = '?'
   else
-    if prev == owner then redis.pcall('PEXPIRE', KEYS[i], ttl, 'GT') end
-    out[i] = prev
+    local prev = redis.pcall('SET', seen, owner, 'NX', 'PX', ttl, 'GET')
+    if type(prev) == 'table' and prev.err then
+      if FOR_NOW[string.match(prev.err, '^%u+')] then return redis.error_reply(prev.err) end
+      out[i] = '!'
+    else
+      if prev == owner then redis.pcall('PEXPIRE', seen, ttl, 'GT') end
+      out[i] = prev
+    end
   end
 end
 return out

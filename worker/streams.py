@@ -82,15 +82,28 @@ class Pending:
 
 @dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
 class Claim:
-    """A replay-record claim: ``owner`` is ``<shard>|<entry id>``."""
+    """A replay-record claim: ``owner`` is ``<shard>|<entry id>``; with
+    ``session_digest`` the record is set only while the session record's SHA-1 (hex)
+    is that digest."""
 
     sid: str
     mid: str
     owner: str
     ttl_ms: int
+    session_digest: str | None = None
 
 
 Letter = Mapping[str, bytes | str | int]
+
+
+def claim_arguments(names: Names, claims: Sequence[Claim]) -> tuple[list[str], list[Any]]:
+    """CLAIM's KEYS and ARGV for ``claims`` (see :data:`worker.scripts.CLAIM`)."""
+    keys: list[str] = []
+    args: list[Any] = []
+    for c in claims:
+        keys += (names.seen(c.sid, c.mid), names.session(c.sid))
+        args += (c.owner, c.ttl_ms, c.session_digest or "")
+    return keys, args
 
 
 @dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
@@ -377,16 +390,14 @@ class Store:
     async def claim(self, claims: Sequence[Claim]) -> list[str | None]:
         """Set each request's replay record (NX) in one step; return the previous values.
 
-        None: this call set it. ``"!"``: the key holds another type. A record equal
-        to the claim's owner is a redelivery (its expiry is pushed out, never in).
-        Retry-safe: a retried call finds its own owner, as a redelivery does.
+        None: this call set it. ``"!"``: the key holds another type. ``"?"``: the
+        session record is not the one the claim names (changed or gone; nothing set). A record
+        equal to the claim's owner is a redelivery (its expiry is pushed out, never
+        in). Retry-safe: a retried call finds its own owner, as a redelivery does.
         """
         if not claims:
             return []
-        keys = [self.names.seen(c.sid, c.mid) for c in claims]
-        args: list[Any] = []
-        for c in claims:
-            args += (c.owner, c.ttl_ms)
+        keys, args = claim_arguments(self.names, claims)
         raw = await self._script(scripts.CLAIM, keys, args)
         return [_s(r) if r is not None else None for r in raw]
 
