@@ -88,7 +88,7 @@ class Dispatcher:
         #: looks the backend up each time (a third of the scope's cost, measured)
         self._scope_class: type[anyio.CancelScope] | None = None
         self._decode_lane = anyio.CapacityLimiter(1)
-        self._timers: dict[str, tuple[Any, CallNext | None, float]] = {}
+        self._timers: dict[str, tuple[Any, CallNext | None, float, bool]] = {}
         self._budgets: dict[str, int] = {}
         #: Called before a retry waits (the processor persists the attempt number).
         self.on_retry: Callable[[Work], Awaitable[None]] | None = None
@@ -133,45 +133,63 @@ class Dispatcher:
         out; one that suspends is registered with the :meth:`watchdog`, which cancels
         it once its time is up (a scope with a deadline costs about as much as an echo
         handler, measured). A cancellation stays within its attempt even if the
-        handler swallows it.
+        handler swallows it. A handler that cannot suspend at all (an ``async def``
+        with no ``await``, ``async with`` or ``async for``: :mod:`worker.suspension`),
+        called without middleware, gets no scope: it has nothing to time out and no
+        scope of its own to nest.
         """
         spec, field, ctx = work.spec, work.field, work.ctx
         cached = self._timers.get(spec.name)
         if cached is None:
             chain = _chain(spec, self.app.middlewares) if self.app.middlewares else None
             timer = self.metrics.handler_seconds.labels(type=spec.name)
-            cached = (timer, chain, self.timeout_s(spec))
+            # A handler that cannot suspend (worker.suspension), called without
+            # middleware, runs without an attempt scope: it returns at its first step.
+            cached = (timer, chain, self.timeout_s(spec), chain is None and not spec.suspends)
             self._timers[spec.name] = cached
-        timer, chain, timeout = cached
+        timer, chain, timeout, unscoped = cached
         while work.attempt <= spec.policy.retries + 1:
             if work.retrying:
                 await self._wait(work)
             started = time.perf_counter()
-            scope_class = self._scope_class
-            if scope_class is None:
-                scope_class = self._scope_class = type(anyio.CancelScope())
-            scope = scope_class()
+            scope = None
             try:
                 attempt_ctx = ctx if ctx.attempt == work.attempt else _attempt(ctx, work.attempt)
                 call = _call(spec, work.payload, attempt_ctx, chain)
                 if work.span is not None:
                     call = tracing.within(work.span, call)
                 try:
-                    # The scope is entered before the handler's first step: a handler
-                    # opening scopes of its own (a task group, fail_after, a lock) must
-                    # find this one beneath them.
-                    with scope:
+                    if unscoped and work.span is None:
                         try:
                             yielded = call.send(None)
                         except StopIteration as done:
-                            result = done.value  # never suspended: nothing to time out
+                            result = done.value  # returned at its first step, as it must
                         else:
-                            # loop.time() of asyncio is time.monotonic(), as the watchdog's.
-                            elapsed = time.perf_counter() - started
-                            self._deadlines[scope] = time.monotonic() + timeout - elapsed
-                            result = await resume(call, yielded)
+                            # Not for the code read at registration (its __code__
+                            # replaced since?): time it out all the same.
+                            scope = self._scope()
+                            with scope:
+                                self._deadlines[scope] = time.monotonic() + timeout
+                                result = await resume(call, yielded)
+                    else:
+                        # The scope is entered before the handler's first step: a
+                        # handler opening scopes of its own (a task group, fail_after,
+                        # a lock) must find this one beneath them.
+                        scope = self._scope()
+                        with scope:
+                            try:
+                                yielded = call.send(None)
+                            except StopIteration as done:
+                                result = done.value  # never suspended: nothing to time out
+                            else:
+                                # loop.time() of asyncio is time.monotonic(), as the
+                                # watchdog's.
+                                elapsed = time.perf_counter() - started
+                                self._deadlines[scope] = time.monotonic() + timeout - elapsed
+                                result = await resume(call, yielded)
                 finally:
-                    self._deadlines.pop(scope, None)
+                    if scope is not None:
+                        self._deadlines.pop(scope, None)
                     timer.observe(time.perf_counter() - started)
             except BadPayload as exc:
                 return error("bad_payload", exc.message, field)
@@ -192,7 +210,7 @@ class Dispatcher:
                     return work.outcome
                 self._schedule(work)
                 continue
-            if scope.cancelled_caught:
+            if scope is not None and scope.cancelled_caught:
                 log.warning(
                     "handler_timeout",
                     attempt=work.attempt,
@@ -223,6 +241,14 @@ class Dispatcher:
             return _outcome(status="ok", plaintext=body, dead_letter=None, code=None)
         assert work.outcome is not None  # every attempt failed, the last one said how
         return work.outcome
+
+    def _scope(self) -> anyio.CancelScope:
+        """A new cancel scope, from the running backend's class (called directly:
+        ``anyio.CancelScope()`` looks the backend up each time)."""
+        scope_class = self._scope_class
+        if scope_class is None:
+            scope_class = self._scope_class = type(anyio.CancelScope())
+        return scope_class()
 
     def _schedule(self, work: Work) -> bool:
         """Count the failed attempt; True when another one is due (then set its wait)."""

@@ -1,0 +1,186 @@
+"""A handler that cannot suspend runs without an attempt scope; any other keeps its own.
+
+:func:`worker.suspension.never_suspends` reads a handler's bytecode once; the
+dispatcher then skips the cancel scope only where nothing could be timed out or
+nested. Everything that might suspend (or that the reader cannot see into) keeps
+the scope, and a time limit still holds if a handler's code changes after
+registration.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+import pytest
+
+from worker import App
+from worker.dispatch import Dispatcher, Outcome, Work
+from worker.handlers import CallNext, Context
+from worker.metrics import Metrics
+from worker.suspension import never_suspends
+
+
+async def _returns(payload: Any) -> Any:
+    return {"echo": payload}
+
+
+async def _raises(payload: Any) -> Any:
+    raise ValueError(payload)
+
+
+async def _calls_sync_code(payload: Any) -> Any:
+    with anyio.move_on_after(1):  # noqa: ASYNC100 - a sync scope, entered and left in the step
+        return sorted(payload)
+
+
+async def _awaits(payload: Any) -> Any:
+    await anyio.lowlevel.checkpoint()
+    return payload
+
+
+async def _async_with(payload: Any) -> Any:
+    async with anyio.Lock():
+        return payload
+
+
+async def _async_for(payload: Any) -> Any:
+    async def gen() -> AsyncIterator[int]:
+        yield 1
+
+    return [i async for i in gen()]
+
+
+async def _await_in_comprehension(payload: Any) -> Any:
+    return [await anyio.to_thread.run_sync(str, x) for x in payload]
+
+
+def _plain(payload: Any) -> Any:
+    return payload
+
+
+@types.coroutine
+def _generator_based(payload: Any) -> Any:
+    yield
+    return payload
+
+
+class _Callable:
+    async def __call__(self, payload: Any) -> Any:
+        return payload
+
+
+def _decorated(fn: Any) -> Any:
+    @functools.wraps(fn)
+    async def wrapper(payload: Any) -> Any:
+        return await fn(payload)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("fn", [_returns, _raises, _calls_sync_code])
+def test_an_async_def_without_suspension_points_never_suspends(fn: Any) -> None:
+    """``async def`` code with no await, async with or async for returns at its first step."""
+    assert never_suspends(fn)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        _awaits,
+        _async_with,
+        _async_for,
+        _await_in_comprehension,
+        _plain,
+        _generator_based,
+        _Callable(),
+        functools.partial(_returns),
+        _decorated(_returns),
+    ],
+)
+def test_anything_that_may_suspend_or_cannot_be_read_is_taken_to_suspend(fn: Any) -> None:
+    """Awaiting code, plain functions, generator-based coroutines, callables, partials
+    and wrappers all keep their attempt scope."""
+    assert not never_suspends(fn)
+
+
+def test_registration_records_whether_a_handler_suspends() -> None:
+    """``HandlerSpec.suspends`` is read from the handler at registration."""
+    app = App()
+    app.add("quick", _returns)
+    app.add("slow", _awaits)
+    assert (False, True) == (app.get("quick").suspends, app.get("slow").suspends)  # type: ignore[union-attr]
+
+
+class _Scopes:
+    """Counts the attempt scopes a dispatcher makes (its scope class, wrapped)."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.made = 0
+        base = type(anyio.CancelScope())
+        counter = self
+
+        class Counted(base):  # type: ignore[valid-type,misc]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                counter.made += 1
+                super().__init__(*args, **kwargs)
+
+        dispatcher._scope_class = Counted
+
+
+async def _dispatch(app: App, type_: str, payload: Any) -> tuple[Outcome, int]:
+    dispatcher = Dispatcher(app, default_timeout_s=0.2, metrics=Metrics())
+    scopes = _Scopes(dispatcher)
+    ctx = Context(session_id="s", message_id="m", type=type_, ts=0, entry_id="1-0", attempt=1)
+    work = await dispatcher.prepare(ctx, "j", b'{"a": 1}')
+    assert isinstance(work, Work)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(dispatcher.watchdog)
+        outcome = await dispatcher.run(work)
+        tg.cancel_scope.cancel()
+    return outcome, scopes.made
+
+
+async def test_a_handler_that_cannot_suspend_runs_without_a_scope() -> None:
+    """The echo shape answers ``ok`` and no cancel scope is made for it."""
+    app = App()
+    app.add("echo", _returns)
+    outcome, made = await _dispatch(app, "echo", None)
+    assert ("ok", 0) == (outcome.status, made)
+
+
+async def test_a_handler_that_awaits_runs_in_its_attempt_scope() -> None:
+    """A handler with an await gets its scope, as does one called through middleware."""
+    awaiting = App()
+    awaiting.add("nap", _awaits)
+    wrapped = App()
+    wrapped.add("echo", _returns)
+
+    @wrapped.middleware
+    async def passthrough(call_next: CallNext, payload: Any, ctx: Context) -> Any:
+        return await call_next(payload, ctx)
+
+    results = [await _dispatch(awaiting, "nap", None), await _dispatch(wrapped, "echo", None)]
+    assert [("ok", 1), ("ok", 1)] == [(o.status, made) for o, made in results]
+
+
+async def test_a_handler_whose_code_changed_after_registration_still_times_out() -> None:
+    """Registered as never suspending, then given awaiting code: its time limit holds."""
+
+    async def hang(payload: Any) -> Any:
+        await anyio.sleep(30)
+
+    async def quick(payload: Any) -> Any:
+        return payload
+
+    app = App()
+    app.add("quick", quick, timeout_s=0.2)
+    quick.__code__ = hang.__code__
+    with anyio.fail_after(5):
+        outcome, made = await _dispatch(app, "quick", None)
+    assert ("error", "timeout", 1) == (outcome.status, outcome.code, made)

@@ -1,0 +1,45 @@
+"""Whether a handler can suspend, read once from its bytecode at registration.
+
+A coroutine suspends only at an ``await``, ``async with`` or ``async for`` of its own
+code, and CPython compiles each of them to a ``YIELD_VALUE`` (with ``SEND`` and
+``GET_AWAITABLE`` or ``GET_ANEXT`` around it) in that code object; an ``await`` in a
+comprehension is awaited by the enclosing code the same way. An ``async def`` with
+none of these returns at its first step, so it can neither time out nor leave a
+cancel scope of its own open across a suspension: the dispatcher runs it without an
+attempt scope (:mod:`worker.dispatch`; ~3 µs a message, measured).
+
+Anything else is taken to suspend: plain functions, partials, bound methods, objects
+with ``__call__``, generator-based coroutines, wrappers (a decorator's ``wrapper``
+awaits the function it wraps: its own code is what runs, and is what is read).
+"""
+
+from __future__ import annotations
+
+import dis
+import inspect
+import types
+from collections.abc import Callable
+from typing import Any, Final
+
+#: Opcodes around any suspension point (``await``, ``async with``, ``async for``).
+_SUSPENDING: Final = frozenset(
+    {
+        "YIELD_VALUE",
+        "SEND",
+        "GET_AWAITABLE",
+        "BEFORE_ASYNC_WITH",
+        "GET_AITER",
+        "GET_ANEXT",
+        "END_ASYNC_FOR",
+    }
+)
+
+
+def never_suspends(fn: Callable[..., Any]) -> bool:
+    """True only for an ``async def`` function whose own code has no suspension point."""
+    if not isinstance(fn, types.FunctionType):
+        return False
+    code = fn.__code__
+    if not code.co_flags & inspect.CO_COROUTINE:
+        return False
+    return not any(ins.opname in _SUSPENDING for ins in dis.get_instructions(code))
