@@ -17,6 +17,8 @@ import redis.asyncio as aioredis
 from tests.helpers import ALG_RSA, ALG_SK, Raw, open_ok
 from worker import revoke_session
 from worker.demo_app import app
+from worker.handshake import SessionGrant
+from worker.keys import MasterKey, MasterKeys
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker
 
@@ -111,3 +113,29 @@ async def test_a_cached_session_whose_record_expired_in_redis_is_session_unknown
         reply = await raw.reply(grant.sid, late.request.mid)
     assert ("rejected", "session_unknown") == (reply.status, reply.code)
     assert await redis.get(raw.names.seen(grant.sid, late.request.mid)) is None
+
+
+async def _served(raw: Raw, grant: SessionGrant, *, alg: str = ALG_SK) -> None:
+    """One request of ``grant``'s session answered ``ok`` (its session is now cached)."""
+    out = raw.seal(grant, {"n": 0}, alg=alg)
+    await raw.send(out.request)
+    assert {"n": 0} == open_ok(await raw.reply(grant.sid, out.request.mid), out)
+
+
+async def test_a_master_key_dropped_on_reload_ends_its_cached_sessions(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """After a reload whose ring no longer holds the KEK a record was sealed under, the
+    record fails to open: a session cached before the reload is ``session_unknown``
+    (dead letter ``session_invalid``), as after a restart."""
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    async with running_worker(app, settings, keys) as worker:
+        await _served(raw, grant)
+        await worker.reload_keys(keys.service, MasterKeys(MasterKey.generate()))
+        out = raw.seal(grant, {"n": 1})
+        entry_id = await raw.send(out.request)
+        reply = await raw.reply(grant.sid, out.request.mid)
+        letter = await raw.letter_for(entry_id)
+    assert ("rejected", "session_unknown") == (reply.status, reply.code)
+    assert b"session_invalid" == letter["reason"]

@@ -101,6 +101,10 @@ class SessionCache:
         """Drop ``sid`` (its record changed or is gone)."""
         self._items.pop(sid, None)
 
+    def clear(self) -> None:
+        """Drop every session (the master keys changed: a record may no longer open)."""
+        self._items.clear()
+
     def open(self, sid: str, raw: bytes, keks: MasterKeys) -> Known:
         """The session for this record (cached); DecryptError when it fails to open."""
         hit = self._items.get(sid)
@@ -144,10 +148,9 @@ class Intake:
         self.metrics = metrics
         self.app = app
         self.settings = settings
-        #: opens session records (swapped on a key reload)
-        self.master_keys = master_keys
-        self.clock = clock
         self.sessions = SessionCache()
+        self._master_keys = master_keys
+        self.clock = clock
         self.stats = stats
         self.dispatcher = dispatcher
         self.attempts = attempts
@@ -155,6 +158,18 @@ class Intake:
         self._refuse = writer.refuse
         self._write = writer.write
         self._rsa = anyio.CapacityLimiter(os.cpu_count() or 2)
+
+    @property
+    def master_keys(self) -> MasterKeys:
+        """The master keys session records are opened with."""
+        return self._master_keys
+
+    @master_keys.setter
+    def master_keys(self, master_keys: MasterKeys) -> None:
+        # A key reload: a cached session was opened under the old ring, and its record
+        # may not open under the new one (a KEK retired): open every record again.
+        self._master_keys = master_keys
+        self.sessions.clear()
 
     async def process(self, batch: Sequence[Delivery]) -> list[tuple[Delivery, wire.Request]]:
         """Take a batch as far as its handlers; refuse the rest. Returns its handshakes,
