@@ -10,15 +10,17 @@ session answers ``session_unknown`` before authentication, as the protocol order
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from tests.helpers import ALG_RSA, ALG_SK, Raw, open_ok
-from worker import revoke_session
+from worker import create_session, envelopes, revoke_session, wire
 from worker.demo_app import app
 from worker.handshake import SessionGrant
 from worker.keys import MasterKey, MasterKeys
+from worker.protocol import now_ms
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker
 
@@ -120,6 +122,98 @@ async def _served(raw: Raw, grant: SessionGrant, *, alg: str = ALG_SK) -> None:
     out = raw.seal(grant, {"n": 0}, alg=alg)
     await raw.send(out.request)
     assert {"n": 0} == open_ok(await raw.reply(grant.sid, out.request.mid), out)
+
+
+async def test_a_wrong_size_key_for_a_revoked_cached_session_is_session_unknown(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """The session is checked before the ``encryptedAesKey`` size: for a revoked cached
+    session a wrong-size key is ``session_unknown`` (dead letter ``session_invalid``),
+    not a ``malformed`` refusal."""
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    async with running_worker(app, settings, keys):
+        await _served(raw, grant, alg=ALG_RSA)
+        assert await revoke_session(redis, grant.sid, prefix=settings.prefix)
+        out = raw.seal(grant, {"n": 1}, alg=ALG_RSA)
+        wrong = dataclasses.replace(out.request, encrypted_aes_key=bytes(100))
+        entry_id = await raw.send(wrong)
+        reply = await raw.reply(grant.sid, out.request.mid)
+        letter = await raw.letter_for(entry_id)
+    assert ("rejected", "session_unknown") == (reply.status, reply.code)
+    assert b"session_invalid" == letter["reason"]
+
+
+async def test_a_sid_given_a_new_session_with_another_key_size_is_served(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A sid revoked and given a new session (a trusted back end may choose the sid) with
+    a 3072-bit key: its requests are answered, though the old 2048-bit session is
+    cached."""
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    async with running_worker(app, settings, keys):
+        await _served(raw, grant, alg=ALG_RSA)
+        assert await revoke_session(redis, grant.sid, prefix=settings.prefix)
+        again = await create_session(
+            redis, keys.master, prefix=settings.prefix, sid=grant.sid, bits=3072
+        )
+        await _served(raw, again, alg=ALG_RSA)
+
+
+async def test_a_sid_given_a_new_session_after_its_cached_one_expired_is_served(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A cached session past its sealed expiry, its sid then given a new session: the
+    new session's requests are answered (the record is read again, not refused from
+    the cache)."""
+    offset = [0]
+
+    def clock() -> int:
+        return now_ms() + offset[0]
+
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant(ttl_s=60)
+    async with running_worker(app, settings, keys, clock=clock):
+        await _served(raw, grant)
+        offset[0] = 120_000  # the cached session is over by the worker's clock
+        assert await revoke_session(redis, grant.sid, prefix=settings.prefix)
+        again = await create_session(
+            redis, keys.master, prefix=settings.prefix, sid=grant.sid, ttl_s=3600
+        )
+        out = raw.seal(again, {"n": 1}, ts=clock())
+        await raw.send(out.request)
+        assert {"n": 1} == open_ok(await raw.reply(again.sid, out.request.mid), out)
+
+
+@pytest.mark.parametrize("alg", [ALG_SK, ALG_RSA])
+async def test_a_forged_request_for_a_live_cached_session_is_opened_once(
+    settings: Settings,
+    keys: ThrowawayKeys,
+    redis: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    alg: str,
+) -> None:
+    """A forged request for a live cached session costs one unwrap or tag check, as
+    without the cache: reading its unchanged record again does not repeat the crypto
+    (a hostile producer cannot double the RSA work)."""
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    opens: list[str] = []
+    real = envelopes.open_request
+
+    def counted(request: wire.Request, **options: Any) -> envelopes.Opened:
+        opens.append(request.mid)
+        return real(request, **options)
+
+    monkeypatch.setattr(envelopes, "open_request", counted)
+    async with running_worker(app, settings, keys):
+        await _served(raw, grant, alg=alg)
+        forged = raw.seal(grant, {"n": 1}, alg=alg)
+        entry_id = await raw.send(dataclasses.replace(forged.request, auth_tag=bytes(16)))
+        letter = await raw.letter_for(entry_id)
+    assert b"auth_failed" == letter["reason"]
+    assert [forged.request.mid] == [m for m in opens if m == forged.request.mid]
 
 
 async def test_a_master_key_dropped_on_reload_ends_its_cached_sessions(
