@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from tests.helpers import ALG_RSA, ALG_SK, Raw, open_ok
+from tests.helpers import ALG_RSA, ALG_SK, Raw, handshake, open_ok
 from worker import create_session, envelopes, revoke_session, wire
 from worker.demo_app import app
 from worker.handshake import SessionGrant
@@ -233,3 +233,63 @@ async def test_a_master_key_dropped_on_reload_ends_its_cached_sessions(
         letter = await raw.letter_for(entry_id)
     assert ("rejected", "session_unknown") == (reply.status, reply.code)
     assert b"session_invalid" == letter["reason"]
+
+
+async def _send_at_once(raw: Raw, requests: list[wire.Request]) -> list[str]:
+    """XADD ``requests`` to shard 0 in one script step, so one read takes them all."""
+    args: list[Any] = []
+    for request in requests:
+        ((field, value),) = wire.encode_request(request).items()
+        args += (field, value)
+    script = """
+    local ids = {}
+    for i = 1, #ARGV, 2 do
+      ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', ARGV[i], ARGV[i + 1])
+    end
+    return ids
+    """
+    ids = await raw.redis.eval(script, 1, raw.names.request_stream(0), *args)
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+
+async def test_a_mixed_batch_of_cached_sessions_gets_the_uncached_answers(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """One batch: a live cached session's genuine and forged requests, a revoked cached
+    session's genuine and forged requests in both algorithms, and a handshake (its claim
+    names no session). Each gets the answer it gets with no cache: ``ok``,
+    ``auth_failed``, ``session_unknown`` for all of the revoked one's, and the handshake
+    its session."""
+    raw = Raw(redis, settings.prefix, keys)
+    live, gone = await raw.grant(), await raw.grant()
+    async with running_worker(app, settings, keys):
+        await _served(raw, live)
+        await _served(raw, gone, alg=ALG_RSA)
+        assert await revoke_session(redis, gone.sid, prefix=settings.prefix)
+        ok = raw.seal(live, {"n": 1})
+        forged = raw.seal(live, {"n": 2}, alg=ALG_RSA)
+        revoked = [raw.seal(gone, {"n": n}, alg=alg) for n, alg in enumerate([ALG_SK, ALG_RSA])]
+        revoked_forged = [
+            raw.seal(gone, {"n": n}, alg=alg) for n, alg in enumerate([ALG_SK, ALG_RSA], 2)
+        ]
+        hello = handshake(keys)
+        ids = await _send_at_once(
+            raw,
+            [
+                ok.request,
+                dataclasses.replace(forged.request, auth_tag=bytes(16)),
+                *(out.request for out in revoked),
+                *(dataclasses.replace(out.request, auth_tag=bytes(16)) for out in revoked_forged),
+                hello.request,
+            ],
+        )
+        assert {"n": 1} == open_ok(await raw.reply(live.sid, ok.request.mid), ok)
+        gone_replies = [
+            await raw.reply(gone.sid, out.request.mid) for out in (*revoked, *revoked_forged)
+        ]
+        hello_reply = await raw.reply(hello.request.sid, hello.request.mid)
+        letters = [(await raw.letter_for(i))["reason"] for i in ids[1:6]]
+    assert [("rejected", "session_unknown")] * 4 == [(r.status, r.code) for r in gone_replies]
+    assert [b"auth_failed", *[b"session_invalid"] * 4] == letters
+    assert "ok" == hello_reply.status
+    assert await redis.get(raw.names.session(hello.request.sid)) is not None
