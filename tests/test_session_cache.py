@@ -21,6 +21,8 @@ from worker.demo_app import app
 from worker.handshake import SessionGrant
 from worker.keys import MasterKey, MasterKeys
 from worker.protocol import now_ms
+from worker.rotation import compare_and_set
+from worker.sessions import open_record, seal_record
 from worker.settings import Settings
 from worker.testing import ThrowawayKeys, running_worker
 
@@ -293,3 +295,29 @@ async def test_a_mixed_batch_of_cached_sessions_gets_the_uncached_answers(
     assert [b"auth_failed", *[b"session_invalid"] * 4] == letters
     assert "ok" == hello_reply.status
     assert await redis.get(raw.names.session(hello.request.sid)) is not None
+
+
+@pytest.mark.parametrize("alg", [ALG_SK, ALG_RSA])
+async def test_a_cached_session_whose_record_is_resealed_serves_on(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, alg: str
+) -> None:
+    """A cached session's record re-sealed under another KEK of the ring (a rotation):
+    the claim finds the record changed, the record is read again and opened, and the
+    request is answered (no ``session_unknown``); the next one from the cache again."""
+    older = MasterKey.generate()
+    ring = ThrowawayKeys(service=keys.service, master=MasterKeys(keys.master.active, [older]))
+    raw = Raw(redis, settings.prefix, ring)
+    grant = await raw.grant()
+    async with running_worker(app, settings, ring):
+        await _served(raw, grant, alg=alg)
+        key = raw.names.session(grant.sid)
+        before = await raw.get(key)
+        assert before is not None
+        after = seal_record(open_record(grant.sid, before, ring.master), older)
+        assert await compare_and_set(redis, key, before, after)
+        mgets = await _mgets(redis)
+        for n in (1, 2):
+            out = raw.seal(grant, {"n": n}, alg=alg)
+            await raw.send(out.request)
+            assert {"n": n} == open_ok(await raw.reply(grant.sid, out.request.mid), out)
+        assert mgets + 1 == await _mgets(redis)  # read once, then cached again
