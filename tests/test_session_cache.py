@@ -3,8 +3,10 @@ record, and a record gone from Redis (revoked, expired) still ends the session a
 
 The CLAIM script sets a request's replay record only while its session record has the
 digest the worker opened (a tampered record after use: ``test_rejections``); a request
-that fails to open with a cached session has its record read again, so a revoked
-session answers ``session_unknown`` before authentication, as the protocol orders.
+refused with a cached session (authentication, the key size, its sealed expiry) has its
+record read again, so a revoked session answers ``session_unknown`` before the rest, as
+the protocol orders, and a sid given a new session is served by it. A forgery for a live
+cached session costs one unwrap, as without the cache; a key reload empties the cache.
 """
 
 from __future__ import annotations
