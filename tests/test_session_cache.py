@@ -12,20 +12,25 @@ cached session costs one unwrap, as without the cache; a key reload empties the 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.cluster import key_slot
 
 from tests.helpers import ALG_RSA, ALG_SK, Raw, handshake, open_ok
 from worker import create_session, envelopes, revoke_session, wire
+from worker.cluster import open_redis, store_for
 from worker.demo_app import app
 from worker.handshake import SessionGrant
 from worker.keys import MasterKey, MasterKeys
-from worker.protocol import now_ms
+from worker.keyspace import Names
+from worker.protocol import new_id, now_ms
 from worker.rotation import compare_and_set
 from worker.sessions import open_record, seal_record
 from worker.settings import Settings
+from worker.streams import Claim
 from worker.testing import ThrowawayKeys, running_worker
 
 pytestmark = pytest.mark.anyio
@@ -323,3 +328,36 @@ async def test_a_cached_session_whose_record_is_resealed_serves_on(
             await raw.send(out.request)
             assert {"n": n} == open_ok(await raw.reply(grant.sid, out.request.mid), out)
         assert mgets + 1 == await _mgets(redis)  # read once, then cached again
+
+
+@pytest.mark.parametrize("on", ["server", "cluster"])
+async def test_claims_name_their_session_digest_and_a_retried_call_answers_alike(
+    request: pytest.FixtureRequest, prefix: str, on: str
+) -> None:
+    """CLAIM over sids in several slots: a claim whose session record has the digest it
+    names, or that names none (a handshake), is set; one naming another digest, or whose
+    record is gone, answers ``"?"`` and sets nothing. The same call again (a retry after
+    a lost answer) finds its own owners (redeliveries) and the same ``"?"``."""
+    url = request.getfixturevalue("redis_server" if on == "server" else "redis_cluster").url
+    client = await open_redis(url)
+    names = Names(prefix)
+    store = store_for(client, names)
+    try:
+        record = b"sealed record"
+        digest = hashlib.sha1(record, usedforsecurity=False).hexdigest()
+        live, changed, gone, hello = (new_id() for _ in range(4))
+        for sid in (live, changed):
+            await client.set(names.session(sid), record)
+        await client.set(names.session(changed), record + b"!")
+        claims = [
+            Claim(sid=live, mid=new_id(), owner="0|1-0", ttl_ms=60_000, session_digest=digest),
+            Claim(sid=changed, mid=new_id(), owner="0|1-1", ttl_ms=60_000, session_digest=digest),
+            Claim(sid=gone, mid=new_id(), owner="0|1-2", ttl_ms=60_000, session_digest=digest),
+            Claim(sid=hello, mid=new_id(), owner="0|1-3", ttl_ms=60_000),
+        ]
+        assert 2 <= len({key_slot(names.seen(c.sid, c.mid).encode()) for c in claims})
+        assert [None, "?", "?", None] == await store.claim(claims)
+        assert ["0|1-0", "?", "?", "0|1-3"] == await store.claim(claims)
+        assert [None, None] == [await client.get(names.seen(c.sid, c.mid)) for c in claims[1:3]]
+    finally:
+        await client.aclose()
