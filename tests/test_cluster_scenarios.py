@@ -3,12 +3,13 @@
 The tests below are the single-server tests of the same names (imported, so pytest
 runs them here a second time): only the ``settings`` and ``redis`` fixtures differ,
 pointing at a 3-primary cluster. A representative subset, chosen for the batch
-steps a cluster splits per slot: replies (with their dead letters first), notices,
-dead letters alone, replay records, handshakes (the session record in the reply's
-slot), and keys of the wrong type in each of those places; and the operations that
-SCAN every node or pipeline per slot (stats, dlq, sessions, master-key rotation),
-and the gateway (its ``grant`` and ``http`` fixtures come along, as does the
-rejection tests' ``rig``).
+steps a cluster splits per slot: replay-record claims (each with its session
+record's digest: cached sessions, revoked or not, several sids in a batch), replies
+(with their dead letters first), notices, dead letters alone, replay records,
+handshakes (the session record in the reply's slot), and keys of the wrong type in
+each of those places; and the operations that SCAN every node or pipeline per slot
+(stats, dlq, sessions, master-key rotation), and the gateway (its ``grant`` and
+``http`` fixtures come along, as does the rejection tests' ``rig``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ from tests.test_session_admin import (
     test_list_counts_sessions_by_time_left,
     test_revoked_session_gets_session_unknown,
 )
+from tests.test_session_cache import (
+    test_a_cached_session_whose_record_expired_in_redis_is_session_unknown,
+    test_a_forged_request_for_a_revoked_cached_session_is_session_unknown,
+    test_a_mixed_batch_of_cached_sessions_gets_the_uncached_answers,
+)
 from tests.test_stats import test_stats_json_reports_every_figure
 from worker.cluster import cluster_client
 from worker.settings import Settings
@@ -64,7 +70,10 @@ __all__ = [
     "grant",
     "http",
     "rig",
+    "test_a_cached_session_whose_record_expired_in_redis_is_session_unknown",
     "test_a_dead_letter_stream_of_another_type_still_ends_in_an_ack",
+    "test_a_forged_request_for_a_revoked_cached_session_is_session_unknown",
+    "test_a_mixed_batch_of_cached_sessions_gets_the_uncached_answers",
     "test_a_refusal_whose_notice_redis_refuses_is_dead_lettered_and_acked",
     "test_a_replay_record_of_another_type_is_refused_as_a_replay",
     "test_a_reply_redis_refuses_is_dead_lettered_unanswerable_and_acked",

@@ -20,8 +20,7 @@ import hashlib
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -73,6 +72,10 @@ _Authed = tuple[Delivery, wire.Request, envelopes.Opened]
 #: an opened session and the SHA-1 (hex) of the record it was opened from
 Known = tuple[Session, str]
 
+#: a request for the second pass, with the digest of the cached session's record it
+#: failed with (None: it opened, but the claim found the record changed)
+_Doubt = tuple[Delivery, wire.Request, str | None]
+
 
 class SessionCache:
     """Opened sessions by sid (the ``size`` used last), with their record's digest.
@@ -98,8 +101,12 @@ class SessionCache:
         return hit[1]
 
     def forget(self, sid: str) -> None:
-        """Drop ``sid`` (its record changed or is gone)."""
+        """Drop ``sid`` (its record is gone or fails to open)."""
         self._items.pop(sid, None)
+
+    def clear(self) -> None:
+        """Drop every session (the master keys changed: a record may no longer open)."""
+        self._items.clear()
 
     def open(self, sid: str, raw: bytes, keks: MasterKeys) -> Known:
         """The session for this record (cached); DecryptError when it fails to open."""
@@ -144,10 +151,9 @@ class Intake:
         self.metrics = metrics
         self.app = app
         self.settings = settings
-        #: opens session records (swapped on a key reload)
-        self.master_keys = master_keys
-        self.clock = clock
         self.sessions = SessionCache()
+        self._master_keys = master_keys
+        self.clock = clock
         self.stats = stats
         self.dispatcher = dispatcher
         self.attempts = attempts
@@ -155,6 +161,18 @@ class Intake:
         self._refuse = writer.refuse
         self._write = writer.write
         self._rsa = anyio.CapacityLimiter(os.cpu_count() or 2)
+
+    @property
+    def master_keys(self) -> MasterKeys:
+        """The master keys session records are opened with."""
+        return self._master_keys
+
+    @master_keys.setter
+    def master_keys(self, master_keys: MasterKeys) -> None:
+        # A key reload: a cached session was opened under the old ring, and its record
+        # may not open under the new one (a KEK retired): open every record again.
+        self._master_keys = master_keys
+        self.sessions.clear()
 
     async def process(self, batch: Sequence[Delivery]) -> list[tuple[Delivery, wire.Request]]:
         """Take a batch as far as its handlers; refuse the rest. Returns its handshakes,
@@ -174,7 +192,7 @@ class Intake:
                 continue
             (handshakes if request.is_handshake else ordinary).append((d, request))
         if ordinary:
-            await self._authenticate(ordinary)
+            await self._authenticate([(d, r, None) for d, r in ordinary])
         return handshakes
 
     def _admit(self, d: Delivery, now: int) -> wire.Request:
@@ -196,22 +214,24 @@ class Intake:
             raise
         return request
 
-    async def _authenticate(
-        self, batch: list[tuple[Delivery, wire.Request]], *, cached: bool = True
-    ) -> None:
+    async def _authenticate(self, batch: Sequence[_Doubt], *, cached: bool = True) -> None:
         """Open the batch's requests with their sessions (cached, or one MGET).
 
-        ``cached=False``: the second pass of requests a cached session failed (they
-        failed to open with it, or its record changed): every record is read.
+        A request refused with a cached session (expired, the ``encryptedAesKey``
+        size, authentication) or whose claim finds its record changed comes back once,
+        ``cached=False``: every record is read, since the protocol checks the session
+        first (revoked, expired in Redis, replaced: ``session_unknown``). One that
+        failed to open with the record read now is refused without the crypto again.
         """
         sessions: dict[str, Known | None] = {}
         unknown: list[str] = []
-        for _, r in batch:
+        for _, r, _ in batch:
             if r.sid not in sessions:
                 sessions[r.sid] = known = self.sessions.known(r.sid) if cached else None
                 if known is None:
                     unknown.append(r.sid)
-        from_cache = sessions.keys() - unknown
+        # sid -> the digest of its cached session's record
+        from_cache = {sid: known[1] for sid, known in sessions.items() if known is not None}
         if unknown:
             raws = await self.retry(lambda: self.store.get_sessions(unknown))
             for sid, raw in zip(unknown, raws, strict=True):
@@ -219,30 +239,32 @@ class Intake:
         now = self.clock()
         opened: list[_Authed] = []
         wrapped: list[tuple[Delivery, wire.Request, Session]] = []
-        # Failed to open with a cached session: read the record again (below).
-        doubtful: list[tuple[Delivery, wire.Request]] = []
-        for d, r in batch:
+        doubtful: list[_Doubt] = []
+        for d, r, failed_with in batch:
             try:
                 known = sessions[r.sid]
                 if known is None:
                     raise SessionInvalid("no session, or its record failed to open")
-                session = known[0]
+                session, digest = known
                 if session.expired(now):
                     raise SessionInvalid("the session has expired")
+                if r.alg == ALG_RSA and (
+                    len(r.encrypted_aes_key or b"") != session.wrapped_key_size
+                ):
+                    raise Malformed("encryptedAesKey is not the session modulus size")
+                if digest == failed_with:
+                    # The record it failed to open with, unchanged: the same outcome
+                    # without the crypto again (a forgery costs one unwrap, as uncached).
+                    raise AuthFailed("authentication failed")
                 if r.alg == ALG_RSA:
-                    if len(r.encrypted_aes_key or b"") != session.wrapped_key_size:
-                        raise Malformed("encryptedAesKey is not the session modulus size")
                     wrapped.append((d, r, session))
                 else:
                     opened.append((d, r, open_request(r, None, session.ks)))
-            except AuthFailed as exc:
+            except ProtocolError as exc:
                 if r.sid in from_cache:
-                    doubtful.append((d, r))
+                    doubtful.append((d, r, from_cache[r.sid]))
                 else:
                     self._refuse(d, fill_context(exc, r))
-            except ProtocolError as exc:
-                fill_context(exc, r)
-                self._refuse(d, exc)
         if wrapped:
             # Chunks run in parallel threads (cryptography releases the GIL for RSA).
             async with anyio.create_task_group() as tg:
@@ -251,37 +273,35 @@ class Intake:
                     tg.start_soon(self._unwrap, chunk, opened, doubtful, from_cache)
         if opened:
             digests = {sid: known[1] for sid, known in sessions.items() if known is not None}
-            doubtful += await self._claim(opened, digests, recheck=cached)
+            changed = await self._claim(opened, digests, recheck=cached)
+            doubtful += ((d, r, None) for d, r in changed)
         if doubtful:
-            # The record of a cached session may have changed or gone (revoked,
-            # expired: session_unknown, which the protocol checks before
-            # authentication): read these sessions' records and go again.
-            for _, r in doubtful:
-                self.sessions.forget(r.sid)
             await self._authenticate(doubtful, cached=False)
 
     async def _unwrap(
         self,
         chunk: list[tuple[Delivery, wire.Request, Session]],
         opened: list[tuple[Delivery, wire.Request, envelopes.Opened]],
-        doubtful: list[tuple[Delivery, wire.Request]],
-        from_cache: AbstractSet[str],
+        doubtful: list[_Doubt],
+        from_cache: Mapping[str, str],
     ) -> None:
         results = await anyio.to_thread.run_sync(_open_rsa, chunk, limiter=self._rsa)
         for (d, r, _), result in zip(chunk, results, strict=True):
             if result is not None:
                 opened.append((d, r, result))
             elif r.sid in from_cache:
-                doubtful.append((d, r))
+                doubtful.append((d, r, from_cache[r.sid]))
             else:
                 self._refuse(d, fill_context(AuthFailed("authentication failed"), r))
 
     def _session(self, sid: str, raw: bytes | None) -> Known | None:
         if raw is None:
+            self.sessions.forget(sid)
             return None
         try:
             return self.sessions.open(sid, raw, self.master_keys)
         except DecryptError:
+            self.sessions.forget(sid)
             # No traceback: it would carry the crypto library's text.
             log.error("session_record_invalid", alarm="tamper", session_id=sid)  # noqa: TRY400
             return None
