@@ -41,6 +41,13 @@ async def _mgets(redis: aioredis.Redis) -> int:
     return int(stats.get("cmdstat_mget", {}).get("calls", 0))
 
 
+async def _served(raw: Raw, grant: SessionGrant, *, alg: str = ALG_SK) -> None:
+    """One request of ``grant``'s session answered ``ok`` (its session is now cached)."""
+    out = raw.seal(grant, {"n": 0}, alg=alg)
+    await raw.send(out.request)
+    assert {"n": 0} == open_ok(await raw.reply(grant.sid, out.request.mid), out)
+
+
 async def test_later_requests_of_a_session_do_not_read_its_record(
     settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
 ) -> None:
@@ -48,9 +55,7 @@ async def test_later_requests_of_a_session_do_not_read_its_record(
     raw = Raw(redis, settings.prefix, keys)
     grant = await raw.grant()
     async with running_worker(app, settings, keys):
-        first = raw.seal(grant, {"n": 0})
-        await raw.send(first.request)
-        assert {"n": 0} == open_ok(await raw.reply(grant.sid, first.request.mid), first)
+        await _served(raw, grant)
         before = await _mgets(redis)
         for n in range(1, 11):
             out = raw.seal(grant, {"n": n})
@@ -69,9 +74,7 @@ async def test_a_forged_request_for_a_revoked_cached_session_is_session_unknown(
     raw = Raw(redis, settings.prefix, keys)
     grant = await raw.grant()
     async with running_worker(app, settings, keys):
-        first = raw.seal(grant, {"n": 0}, alg=alg)
-        await raw.send(first.request)
-        assert "ok" == (await raw.reply(grant.sid, first.request.mid)).status
+        await _served(raw, grant, alg=alg)
         assert await revoke_session(redis, grant.sid, prefix=settings.prefix)
         forged = raw.seal(grant, {"n": 1}, alg=alg)
         await raw.send(dataclasses.replace(forged.request, auth_tag=bytes(16)))
@@ -93,9 +96,7 @@ async def test_a_forged_request_for_a_live_cached_session_is_auth_failed(
     raw = Raw(redis, settings.prefix, keys)
     grant = await raw.grant()
     async with running_worker(app, settings, keys):
-        first = raw.seal(grant, {"n": 0}, alg=alg)
-        await raw.send(first.request)
-        assert "ok" == (await raw.reply(grant.sid, first.request.mid)).status
+        await _served(raw, grant, alg=alg)
         forged = raw.seal(grant, {"n": 1}, alg=alg)
         forged_id = await raw.send(dataclasses.replace(forged.request, auth_tag=bytes(16)))
         reply = await raw.reply(grant.sid, forged.request.mid)
@@ -115,22 +116,13 @@ async def test_a_cached_session_whose_record_expired_in_redis_is_session_unknown
     raw = Raw(redis, settings.prefix, keys)
     grant = await raw.grant()
     async with running_worker(app, settings, keys):
-        first = raw.seal(grant, {"n": 0})
-        await raw.send(first.request)
-        assert "ok" == (await raw.reply(grant.sid, first.request.mid)).status
+        await _served(raw, grant)
         await redis.delete(raw.names.session(grant.sid))  # what an expiry leaves
         late = raw.seal(grant, {"n": 1})
         await raw.send(late.request)
         reply = await raw.reply(grant.sid, late.request.mid)
     assert ("rejected", "session_unknown") == (reply.status, reply.code)
     assert await redis.get(raw.names.seen(grant.sid, late.request.mid)) is None
-
-
-async def _served(raw: Raw, grant: SessionGrant, *, alg: str = ALG_SK) -> None:
-    """One request of ``grant``'s session answered ``ok`` (its session is now cached)."""
-    out = raw.seal(grant, {"n": 0}, alg=alg)
-    await raw.send(out.request)
-    assert {"n": 0} == open_ok(await raw.reply(grant.sid, out.request.mid), out)
 
 
 async def test_a_wrong_size_key_for_a_revoked_cached_session_is_session_unknown(
