@@ -10,6 +10,7 @@ registration.
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 from collections.abc import AsyncIterator
 from typing import Any
@@ -184,3 +185,16 @@ async def test_a_handler_whose_code_changed_after_registration_still_times_out()
     with anyio.fail_after(5):
         outcome, made = await _dispatch(app, "quick", None)
     assert ("error", "timeout", 1) == (outcome.status, outcome.code, made)
+
+
+def test_a_coroutine_flag_on_code_that_returns_an_awaitable_is_not_read_as_an_async_def() -> None:
+    """Code flagged CO_COROUTINE but not compiled as a coroutine (no RETURN_GENERATOR)
+    returns whatever it returns, an awaitable that suspends included."""
+
+    def plain(payload: Any) -> Any:
+        return anyio.sleep(payload)
+
+    code = plain.__code__.replace(co_flags=plain.__code__.co_flags | inspect.CO_COROUTINE)
+    flagged = types.FunctionType(code, plain.__globals__)
+    assert inspect.iscoroutinefunction(flagged)
+    assert not never_suspends(flagged)
