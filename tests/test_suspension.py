@@ -10,6 +10,8 @@ registration.
 from __future__ import annotations
 
 import functools
+import inspect
+import time
 import types
 from collections.abc import AsyncIterator
 from typing import Any
@@ -184,3 +186,121 @@ async def test_a_handler_whose_code_changed_after_registration_still_times_out()
     with anyio.fail_after(5):
         outcome, made = await _dispatch(app, "quick", None)
     assert ("error", "timeout", 1) == (outcome.status, outcome.code, made)
+
+
+async def test_code_replaced_with_a_scope_before_its_await_keeps_its_attempt_scope() -> None:
+    """Given code that opens a scope of its own before it awaits (a hot reload, say),
+    the handler still finds its attempt scope beneath its own: it answers ``ok`` and
+    leaves the task's scopes as they were."""
+
+    async def scoped(payload: Any) -> Any:
+        with anyio.fail_after(5):
+            await anyio.lowlevel.checkpoint()
+            return payload
+
+    async def quick(payload: Any) -> Any:
+        return payload
+
+    app = App()
+    app.add("quick", quick)
+    quick.__code__ = scoped.__code__
+    with anyio.fail_after(5):
+        outcome, made = await _dispatch(app, "quick", None)
+    assert ("ok", 1) == (outcome.status, made)
+
+
+async def test_code_replaced_after_a_first_call_keeps_its_attempt_scope() -> None:
+    """The code read at registration is checked at every call, not only the first."""
+
+    async def scoped(payload: Any) -> Any:
+        with anyio.fail_after(5):
+            await anyio.lowlevel.checkpoint()
+            return payload
+
+    async def quick(payload: Any) -> Any:
+        return payload
+
+    app = App()
+    app.add("quick", quick)
+    dispatcher = Dispatcher(app, default_timeout_s=0.2, metrics=Metrics())
+    scopes = _Scopes(dispatcher)
+    ctx = Context(session_id="s", message_id="m", type="quick", ts=0, entry_id="1-0", attempt=1)
+    statuses = []
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(dispatcher.watchdog)
+            for _ in range(2):
+                work = await dispatcher.prepare(ctx, "j", b"1")
+                assert isinstance(work, Work)
+                statuses.append((await dispatcher.run(work)).status)
+                quick.__code__ = scoped.__code__
+            tg.cancel_scope.cancel()
+    assert (["ok", "ok"], 1) == (statuses, scopes.made)
+
+
+async def test_code_replaced_after_registration_is_timed_out_from_its_first_step() -> None:
+    """The first step's time counts toward the limit, as for any other handler."""
+
+    async def slow_start(payload: Any) -> Any:
+        time.sleep(0.3)  # noqa: ASYNC251 - CPU-bound first step, on purpose
+        await anyio.sleep(0.3)
+        return payload
+
+    async def quick(payload: Any) -> Any:
+        return payload
+
+    app = App()
+    app.add("quick", quick, timeout_s=0.4)
+    quick.__code__ = slow_start.__code__
+    with anyio.fail_after(5):
+        outcome, _ = await _dispatch(app, "quick", None)
+    assert ("error", "timeout") == (outcome.status, outcome.code)
+
+
+def test_a_coroutine_flag_on_code_that_returns_an_awaitable_is_not_read_as_an_async_def() -> None:
+    """Code flagged CO_COROUTINE but not compiled as a coroutine (no RETURN_GENERATOR)
+    returns whatever it returns, an awaitable that suspends included."""
+
+    def plain(payload: Any) -> Any:
+        return anyio.sleep(payload)
+
+    code = plain.__code__.replace(co_flags=plain.__code__.co_flags | inspect.CO_COROUTINE)
+    flagged = types.FunctionType(code, plain.__globals__)
+    assert inspect.iscoroutinefunction(flagged)
+    assert not never_suspends(flagged)
+
+
+async def test_were_the_reader_wrong_the_limit_still_holds_from_the_first_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A handler run unscoped that yields after all gets a scope then, with its first
+    step's time counted, and leaves no deadline behind."""
+
+    async def slow_start(payload: Any) -> Any:
+        time.sleep(0.3)  # noqa: ASYNC251 - CPU-bound first step, on purpose
+        await anyio.sleep(0.3)
+        return payload
+
+    async def quick(payload: Any) -> Any:
+        return payload
+
+    app = App()
+    app.add("quick", quick, timeout_s=0.4)
+    quick.__code__ = slow_start.__code__
+    monkeypatch.setattr("worker.dispatch.steady_code", lambda fn: fn.__code__)
+    dispatcher = Dispatcher(app, default_timeout_s=0.2, metrics=Metrics())
+    scopes = _Scopes(dispatcher)
+    ctx = Context(session_id="s", message_id="m", type="quick", ts=0, entry_id="1-0", attempt=1)
+    work = await dispatcher.prepare(ctx, "j", b"1")
+    assert isinstance(work, Work)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(dispatcher.watchdog)
+            outcome = await dispatcher.run(work)
+            tg.cancel_scope.cancel()
+    assert ("error", "timeout", 1, {}) == (
+        outcome.status,
+        outcome.code,
+        scopes.made,
+        dispatcher._deadlines,
+    )

@@ -29,6 +29,7 @@ from worker.logging import enabled as log_enabled
 from worker.logging import get_logger
 from worker.metrics import Metrics
 from worker.payloads import to_value
+from worker.suspension import steady_code
 from worker.values import builder
 
 log = get_logger("sealstream.worker")
@@ -88,7 +89,10 @@ class Dispatcher:
         #: looks the backend up each time (a third of the scope's cost, measured)
         self._scope_class: type[anyio.CancelScope] | None = None
         self._decode_lane = anyio.CapacityLimiter(1)
-        self._timers: dict[str, tuple[Any, CallNext | None, float, bool]] = {}
+        self._timers: dict[
+            str,
+            tuple[Any, CallNext | None, float, types.FunctionType | None, types.CodeType | None],
+        ] = {}
         self._budgets: dict[str, int] = {}
         #: Called before a retry waits (the processor persists the attempt number).
         self.on_retry: Callable[[Work], Awaitable[None]] | None = None
@@ -136,7 +140,8 @@ class Dispatcher:
         handler swallows it. A handler that cannot suspend at all (an ``async def``
         with no ``await``, ``async with`` or ``async for``: :mod:`worker.suspension`),
         called without middleware, gets no scope: it has nothing to time out and no
-        scope of its own to nest.
+        scope of its own to nest; while its ``__code__`` is the one read (checked at
+        every call: a hot reload may replace it), else it keeps its scope.
         """
         spec, field, ctx = work.spec, work.field, work.ctx
         cached = self._timers.get(spec.name)
@@ -144,10 +149,14 @@ class Dispatcher:
             chain = _chain(spec, self.app.middlewares) if self.app.middlewares else None
             timer = self.metrics.handler_seconds.labels(type=spec.name)
             # A handler that cannot suspend (worker.suspension), called without
-            # middleware, runs without an attempt scope: it returns at its first step.
-            cached = (timer, chain, self.timeout_s(spec), chain is None and not spec.suspends)
+            # middleware, runs without an attempt scope while its code is the one read
+            # (read again here: it may have been replaced since registration).
+            fn = spec.fn
+            code = steady_code(fn) if chain is None and not spec.suspends else None
+            steady = fn if code is not None and isinstance(fn, types.FunctionType) else None
+            cached = (timer, chain, self.timeout_s(spec), steady, code)
             self._timers[spec.name] = cached
-        timer, chain, timeout, unscoped = cached
+        timer, chain, timeout, steady, code = cached
         while work.attempt <= spec.policy.retries + 1:
             if work.retrying:
                 await self._wait(work)
@@ -159,17 +168,21 @@ class Dispatcher:
                 if work.span is not None:
                     call = tracing.within(work.span, call)
                 try:
-                    if unscoped and work.span is None:
+                    if steady is not None and steady.__code__ is code and work.span is None:
                         try:
                             yielded = call.send(None)
                         except StopIteration as done:
                             result = done.value  # returned at its first step, as it must
                         else:
-                            # Not for the code read at registration (its __code__
-                            # replaced since?): time it out all the same.
+                            # Not what was read (its __code__ replaced from another
+                            # thread since the check?): time it out all the same, its
+                            # first step included (its own scopes, if it opened any in
+                            # that step, are beneath this one: only a scoped start
+                            # avoids that).
                             scope = self._scope()
                             with scope:
-                                self._deadlines[scope] = time.monotonic() + timeout
+                                elapsed = time.perf_counter() - started
+                                self._deadlines[scope] = time.monotonic() + timeout - elapsed
                                 result = await resume(call, yielded)
                     else:
                         # The scope is entered before the handler's first step: a

@@ -10,7 +10,13 @@ attempt scope (:mod:`worker.dispatch`; ~3 µs a message, measured).
 
 Anything else is taken to suspend: plain functions, partials, bound methods, objects
 with ``__call__``, generator-based coroutines, wrappers (a decorator's ``wrapper``
-awaits the function it wraps: its own code is what runs, and is what is read).
+awaits the function it wraps: its own code is what runs, and is what is read), code
+flagged ``CO_COROUTINE`` that was not compiled as one (no ``RETURN_GENERATOR``: it
+returns whatever it returns, an awaitable that suspends included).
+
+What is read is one code object: a function's ``__code__`` may be replaced later (a
+hot reload), so :func:`steady_code` returns the object it read, for the dispatcher
+to check that it is still the one that runs.
 """
 
 from __future__ import annotations
@@ -37,9 +43,20 @@ _SUSPENDING: Final = frozenset(
 
 def never_suspends(fn: Callable[..., Any]) -> bool:
     """True only for an ``async def`` function whose own code has no suspension point."""
+    return steady_code(fn) is not None
+
+
+def steady_code(fn: Callable[..., Any]) -> types.CodeType | None:
+    """The code of ``fn``, read now, when it is an ``async def`` with no suspension
+    point; None otherwise."""
     if not isinstance(fn, types.FunctionType):
-        return False
-    code = fn.__code__
+        return None
+    code = fn.__code__  # read once: what is checked is what is returned
     if not code.co_flags & inspect.CO_COROUTINE:
-        return False
-    return not any(ins.opname in _SUSPENDING for ins in dis.get_instructions(code))
+        return None
+    names = {ins.opname for ins in dis.get_instructions(code)}
+    # Every generator or coroutine code object makes its generator with
+    # RETURN_GENERATOR (CPython >= 3.11); the flag alone does not.
+    if "RETURN_GENERATOR" not in names or not names.isdisjoint(_SUSPENDING):
+        return None
+    return code
