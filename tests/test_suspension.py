@@ -188,22 +188,31 @@ async def test_a_handler_whose_code_changed_after_registration_still_times_out()
     assert ("error", "timeout", 1) == (outcome.status, outcome.code, made)
 
 
+async def _scoped(payload: Any) -> Any:
+    """Opens a scope of its own before it awaits (what a hot reload may swap in)."""
+    with anyio.fail_after(5):
+        await anyio.lowlevel.checkpoint()
+        return payload
+
+
+def _fresh_quick() -> Any:
+    """A new never-suspending handler (each test replaces its ``__code__``)."""
+
+    async def quick(payload: Any) -> Any:
+        return payload
+
+    return quick
+
+
 async def test_code_replaced_with_a_scope_before_its_await_keeps_its_attempt_scope() -> None:
     """Given code that opens a scope of its own before it awaits (a hot reload, say),
     the handler still finds its attempt scope beneath its own: it answers ``ok`` and
     leaves the task's scopes as they were."""
 
-    async def scoped(payload: Any) -> Any:
-        with anyio.fail_after(5):
-            await anyio.lowlevel.checkpoint()
-            return payload
-
-    async def quick(payload: Any) -> Any:
-        return payload
-
+    quick = _fresh_quick()
     app = App()
     app.add("quick", quick)
-    quick.__code__ = scoped.__code__
+    quick.__code__ = _scoped.__code__
     with anyio.fail_after(5):
         outcome, made = await _dispatch(app, "quick", None)
     assert ("ok", 1) == (outcome.status, made)
@@ -212,14 +221,7 @@ async def test_code_replaced_with_a_scope_before_its_await_keeps_its_attempt_sco
 async def test_code_replaced_after_a_first_call_keeps_its_attempt_scope() -> None:
     """The code read at registration is checked at every call, not only the first."""
 
-    async def scoped(payload: Any) -> Any:
-        with anyio.fail_after(5):
-            await anyio.lowlevel.checkpoint()
-            return payload
-
-    async def quick(payload: Any) -> Any:
-        return payload
-
+    quick = _fresh_quick()
     app = App()
     app.add("quick", quick)
     dispatcher = Dispatcher(app, default_timeout_s=0.2, metrics=Metrics())
@@ -233,13 +235,14 @@ async def test_code_replaced_after_a_first_call_keeps_its_attempt_scope() -> Non
                 work = await dispatcher.prepare(ctx, "j", b"1")
                 assert isinstance(work, Work)
                 statuses.append((await dispatcher.run(work)).status)
-                quick.__code__ = scoped.__code__
+                quick.__code__ = _scoped.__code__
             tg.cancel_scope.cancel()
     assert (["ok", "ok"], 1) == (statuses, scopes.made)
 
 
-async def test_code_replaced_after_registration_is_timed_out_from_its_first_step() -> None:
-    """The first step's time counts toward the limit, as for any other handler."""
+def _slow_start_app() -> App:
+    """An app whose handler ``quick`` (limit 0.4 s) was registered as never suspending,
+    then given code that blocks 0.3 s in its first step and sleeps 0.3 s after it."""
 
     async def slow_start(payload: Any) -> Any:
         time.sleep(0.3)  # noqa: ASYNC251 - CPU-bound first step, on purpose
@@ -252,6 +255,13 @@ async def test_code_replaced_after_registration_is_timed_out_from_its_first_step
     app = App()
     app.add("quick", quick, timeout_s=0.4)
     quick.__code__ = slow_start.__code__
+    return app
+
+
+async def test_code_replaced_after_registration_is_timed_out_from_its_first_step() -> None:
+    """The first step's time counts toward the limit, as for any other handler."""
+
+    app = _slow_start_app()
     with anyio.fail_after(5):
         outcome, _ = await _dispatch(app, "quick", None)
     assert ("error", "timeout") == (outcome.status, outcome.code)
@@ -276,17 +286,7 @@ async def test_were_the_reader_wrong_the_limit_still_holds_from_the_first_step(
     """A handler run unscoped that yields after all gets a scope then, with its first
     step's time counted, and leaves no deadline behind."""
 
-    async def slow_start(payload: Any) -> Any:
-        time.sleep(0.3)  # noqa: ASYNC251 - CPU-bound first step, on purpose
-        await anyio.sleep(0.3)
-        return payload
-
-    async def quick(payload: Any) -> Any:
-        return payload
-
-    app = App()
-    app.add("quick", quick, timeout_s=0.4)
-    quick.__code__ = slow_start.__code__
+    app = _slow_start_app()
     monkeypatch.setattr("worker.dispatch.steady_code", lambda fn: fn.__code__)
     dispatcher = Dispatcher(app, default_timeout_s=0.2, metrics=Metrics())
     scopes = _Scopes(dispatcher)
