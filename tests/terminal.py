@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import pty
+import select
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
 from tests.cli import base_env
@@ -41,7 +43,13 @@ def _run(
         os.close(follower)
         follower = -1
         out = b""
+        deadline = time.monotonic() + timeout
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([leader], [], [], left)[0]:
+                proc.kill()  # still running past the timeout: fail, never hang
+                proc.wait()
+                raise TimeoutError(f"{command[:2]} ran past {timeout} s; it wrote {out!r}")
             try:
                 chunk = os.read(leader, 65536)
             except OSError:  # EIO: the terminal's other side is closed

@@ -121,11 +121,13 @@ async def test_watch_on_a_terminal_redraws_in_place(settings: Settings) -> None:
     """On a terminal, --watch clears the screen before each table (redraw in place);
     piped, it only appends (see the JSON watch test)."""
     env = redis_env(settings)
+    # The interrupt is timed from after the imports (slow on a busy machine).
     script = (
         "import signal, threading, os, sys; "
-        "threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start(); "
         "sys.argv = ['sealstream', 'stats', '--watch', '--interval', '0.2']; "
-        "from worker.cli import main; sys.exit(main())"
+        "from worker.cli import main; "
+        "threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start(); "
+        "sys.exit(main())"
     )
     code, out = await anyio.to_thread.run_sync(lambda: run_python_on_terminal(script, env))
     assert 0 == code
@@ -163,3 +165,19 @@ async def test_watch_rides_out_a_redis_outage(settings: Settings) -> None:
                 assert 0 == await proc.wait()
     finally:
         server.stop()
+
+
+async def test_watch_stops_at_sigterm_with_exit_0(settings: Settings) -> None:
+    """SIGTERM ends a watch as SIGINT does: the refreshing stops and it exits 0."""
+    async with await anyio.open_process(
+        [sys.executable, "-m", "worker", "stats", "--watch", "--json", "--interval", "0.2"],
+        env=redis_env(settings),
+    ) as proc:
+        assert proc.stdout is not None
+        out = b""
+        with anyio.fail_after(20):
+            while out.count(b"\n") < 2:
+                out += await proc.stdout.receive()
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(10):
+            assert 0 == await proc.wait()

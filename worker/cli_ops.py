@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -183,6 +184,17 @@ def _stats(args: argparse.Namespace) -> int:
     tty = sys.stdout.isatty()
 
     async def body(redis: AnyRedis, prefix: str) -> int:
+        if not args.watch:
+            return await show(redis, prefix)
+        # SIGINT/SIGTERM cancel the watch's scope, which stays cancelled: a cancellation
+        # lost in a library's wait (asyncio.wait_for on Python 3.11 can swallow one)
+        # is delivered again at the next await, instead of the watch running on.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cancel_on_signal, tg.cancel_scope)
+            await show(redis, prefix)
+        return 0
+
+    async def show(redis: AnyRedis, prefix: str) -> int:
         while True:
             try:
                 snapshot = await stats.collect(redis, prefix=prefix)
@@ -207,6 +219,14 @@ def _stats(args: argparse.Namespace) -> int:
         return with_redis(args, body)
     except KeyboardInterrupt:
         return 0
+
+
+async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
+    """Cancel ``scope`` at the first SIGINT or SIGTERM."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
 
 
 # -- dlq ---------------------------------------------------------------------------
