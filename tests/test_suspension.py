@@ -1,10 +1,10 @@
 """A handler that cannot suspend runs without an attempt scope; any other keeps its own.
 
-:func:`worker.suspension.never_suspends` reads a handler's bytecode once; the
-dispatcher then skips the cancel scope only where nothing could be timed out or
-nested. Everything that might suspend (or that the reader cannot see into) keeps
-the scope, and a time limit still holds if a handler's code changes after
-registration.
+:func:`worker.suspension.steady_code` reads a handler's bytecode once (when the
+dispatcher first runs it); the dispatcher then skips the cancel scope only where
+nothing could be timed out or nested. Everything that might suspend (or that the
+reader cannot see into) keeps the scope, and a time limit still holds if a
+handler's code changes after registration.
 """
 
 from __future__ import annotations
@@ -111,14 +111,6 @@ def test_anything_that_may_suspend_or_cannot_be_read_is_taken_to_suspend(fn: Any
     assert not never_suspends(fn)
 
 
-def test_registration_records_whether_a_handler_suspends() -> None:
-    """``HandlerSpec.suspends`` is read from the handler at registration."""
-    app = App()
-    app.add("quick", _returns)
-    app.add("slow", _awaits)
-    assert (False, True) == (app.get("quick").suspends, app.get("slow").suspends)  # type: ignore[union-attr]
-
-
 class _Scopes:
     """Counts the attempt scopes a dispatcher makes (its scope class, wrapped)."""
 
@@ -172,7 +164,8 @@ async def test_a_handler_that_awaits_runs_in_its_attempt_scope() -> None:
 
 
 async def test_a_handler_whose_code_changed_after_registration_still_times_out() -> None:
-    """Registered as never suspending, then given awaiting code: its time limit holds."""
+    """Registered as a handler that never suspends, then given awaiting code: its time
+    limit holds."""
 
     async def hang(payload: Any) -> Any:
         await anyio.sleep(30)
@@ -219,7 +212,7 @@ async def test_code_replaced_with_a_scope_before_its_await_keeps_its_attempt_sco
 
 
 async def test_code_replaced_after_a_first_call_keeps_its_attempt_scope() -> None:
-    """The code read at registration is checked at every call, not only the first."""
+    """The code read is checked at every call, not only the first."""
 
     quick = _fresh_quick()
     app = App()

@@ -149,10 +149,9 @@ class Dispatcher:
             chain = _chain(spec, self.app.middlewares) if self.app.middlewares else None
             timer = self.metrics.handler_seconds.labels(type=spec.name)
             # A handler that cannot suspend (worker.suspension), called without
-            # middleware, runs without an attempt scope while its code is the one read
-            # (read again here: it may have been replaced since registration).
+            # middleware, runs without an attempt scope while its code is the one read.
             fn = spec.fn
-            code = steady_code(fn) if chain is None and not spec.suspends else None
+            code = steady_code(fn) if chain is None else None
             steady = fn if code is not None and isinstance(fn, types.FunctionType) else None
             cached = (timer, chain, self.timeout_s(spec), steady, code)
             self._timers[spec.name] = cached

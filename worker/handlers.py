@@ -24,7 +24,6 @@ from worker.logging import get_logger
 from worker.payloads import Converter, payload_converter
 from worker.protocol import HANDSHAKE_TYPE
 from worker.retries import Backoff, RetryPolicy
-from worker.suspension import never_suspends
 
 F = TypeVar("F", bound=Callable[..., Any])
 #: ``call_next(payload, ctx)``: the rest of the chain (the handler last).
@@ -66,10 +65,6 @@ class HandlerSpec:
     takes_context: bool
     is_async: bool
     convert: Converter | None = None
-    #: False for an ``async def`` with no ``await``, ``async with`` or ``async for``:
-    #: it returns at its first step, and runs without an attempt scope
-    #: (:mod:`worker.suspension`).
-    suspends: bool = True
 
     @property
     def retries(self) -> int:
@@ -192,7 +187,6 @@ class App:
             takes_context=len(params) == 2,
             is_async=inspect.iscoroutinefunction(fn),
             convert=payload_converter(fn),
-            suspends=not never_suspends(fn),
         )
 
     def get(self, name: str) -> HandlerSpec | None:

@@ -1,4 +1,4 @@
-"""Whether a handler can suspend, read once from its bytecode at registration.
+"""Whether a handler can suspend, read once from its bytecode.
 
 A coroutine suspends only at an ``await``, ``async with`` or ``async for`` of its own
 code, and CPython compiles each of them to a ``YIELD_VALUE`` (with ``SEND`` and
