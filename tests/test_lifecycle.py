@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.helpers import Raw, now_ms, open_client, open_ok, wait_until
-from worker import App, Worker
+from worker import App, Worker, runtime
 from worker.demo_app import app as demo_app
 from worker.errors import ConfigError
 from worker.keyspace import GROUP
@@ -95,6 +95,28 @@ async def test_trimming_empties_a_drained_shard(
 
         async def empty() -> bool:
             return not await redis.xlen(raw.names.request_stream(0))
+
+        await wait_until(empty, timeout=10, interval=0.05)
+
+
+async def test_a_busy_shard_is_trimmed_before_the_next_pass(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard this worker read many entries from is trimmed within about a second,
+    not at the next pass (Redis would free a whole interval's entries at once)."""
+    monkeypatch.setattr(runtime, "_TRIM_AFTER_READ", 20)
+    raw = Raw(redis, settings.prefix, keys)
+    grant = await raw.grant()
+    stream = raw.names.request_stream(0)
+    async with running_worker(demo_app, replace(settings, trim_interval_s=3600), keys):
+        outs = [raw.seal(grant, {"i": i}) for i in range(25)]
+        for out in outs:
+            await raw.send(out.request)
+        for out in outs:
+            await raw.reply(grant.sid, out.request.mid)
+
+        async def empty() -> bool:
+            return not await redis.xlen(stream)
 
         await wait_until(empty, timeout=10, interval=0.05)
 

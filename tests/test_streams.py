@@ -7,7 +7,7 @@ import pytest
 from redis.exceptions import ResponseError
 
 from worker.keyspace import GROUP, Names
-from worker.streams import Claim, RefusalWrite, ReplyWrite, Store, connect, transient
+from worker.streams import TRIM_STEP, Claim, RefusalWrite, ReplyWrite, Store, connect, transient
 from worker.testing import RedisServer
 
 
@@ -35,6 +35,32 @@ async def test_read_returns_entries_under_either_protocol(
         assert (GROUP, 2) == (group["name"].decode(), group["pending"])
     finally:
         await client.aclose()
+
+
+async def test_a_trim_frees_a_backlog_in_steps_and_keeps_what_is_pending(prefix: str) -> None:
+    """A backlog of acknowledged entries goes in XTRIM calls of at most TRIM_STEP
+    entries each (Redis frees them while other clients wait), down to the oldest
+    pending entry exactly."""
+    backlog = 2 * TRIM_STEP + 300
+    with RedisServer.start() as server:
+        client = connect(server.url)
+        try:
+            store = Store(client, Names(prefix))
+            stream = store.names.request_stream(0)
+            await store.ensure_groups(1)
+            async with client.pipeline(transaction=False) as pipe:
+                for i in range(backlog + 3):
+                    pipe.xadd(stream, {"i": i})
+                ids = await pipe.execute()
+            await client.xreadgroup(GROUP, "c", {stream: ">"}, count=backlog + 3)
+            await client.xack(stream, GROUP, *ids[:backlog])
+            await client.config_resetstat()
+            assert backlog == await store.trim(0)
+            calls = (await client.info("commandstats"))["cmdstat_xtrim"]["calls"]
+            assert calls >= backlog // TRIM_STEP + 1
+            assert ids[backlog:] == [eid for eid, _ in await client.xrange(stream)]
+        finally:
+            await client.aclose()
 
 
 async def test_out_of_memory_is_a_refusal_for_now(redis_server: RedisServer, prefix: str) -> None:

@@ -35,6 +35,9 @@ __all__ = ["AnyRedis", "Retrier", "Store", "client_options", "connect", "transie
 
 #: The client a Store holds: one server (or a Sentinel-watched primary), or a cluster.
 AnyRedis: TypeAlias = aioredis.Redis | RedisCluster
+#: Entries one XTRIM call frees at most (:meth:`Store.trim`): ~0.7 ms of Redis's time
+#: at 4 KiB an entry on the development machine.
+TRIM_STEP = 1000
 
 
 def client_options(url: str, *, name: str | None = None) -> dict[str, Any]:
@@ -334,7 +337,12 @@ class Store:
         """XTRIM MINID behind the group: never past a pending or undelivered entry.
 
         The group's last-delivered id is read before the pending list, so an entry
-        delivered in between is newer than the bound and survives.
+        delivered in between is newer than the bound and survives. Redis frees
+        trimmed entries while every other client waits (~5 ms for 7,000 entries of
+        4 KiB here), so a backlog goes in steps of at most :data:`TRIM_STEP` entries
+        (whole stream nodes, ``MINID ~ … LIMIT``), other clients' commands running
+        between them; an exact trim then takes what is left below the bound, less
+        than a node's worth.
         """
         stream = self.names.request_stream(shard)
         groups = await self.redis.xinfo_groups(stream)
@@ -350,7 +358,12 @@ class Store:
             bound = f"{ms}-{seq + 1}"
         if bound in ("0-1", "0-0"):
             return 0
-        return int(await self.redis.xtrim(stream, minid=bound, approximate=False))
+        trimmed = 0
+        while step := int(
+            await self.redis.xtrim(stream, minid=bound, approximate=True, limit=TRIM_STEP)
+        ):
+            trimmed += step
+        return trimmed + int(await self.redis.xtrim(stream, minid=bound, approximate=False))
 
     async def delete_idle_consumers(self, shard: int, *, idle_ms: int) -> int:
         """Remove consumers with nothing pending that have been idle past ``idle_ms``."""
