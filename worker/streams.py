@@ -342,7 +342,10 @@ class Store:
         4 KiB here), so a backlog goes in steps of at most :data:`TRIM_STEP` entries
         (whole stream nodes, ``MINID ~ … LIMIT``), other clients' commands running
         between them; an exact trim then takes what is left below the bound, less
-        than a node's worth.
+        than a node's worth. A node holds at most 100 entries at Redis's default
+        ``stream-node-max-entries``; on a server set above TRIM_STEP (or to 0, with a
+        large ``stream-node-max-bytes``) no node fits in a step, and the exact trim
+        frees the whole backlog in one call.
         """
         stream = self.names.request_stream(shard)
         groups = await self.redis.xinfo_groups(stream)
