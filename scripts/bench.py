@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.metadata
 import importlib.util
 import json
 import math
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -45,11 +47,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
+import hiredis
 import msgpack
 import redis as sync_redis
 import redis.asyncio as aioredis
+from anyio.abc import SocketStream
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
 
@@ -168,6 +173,24 @@ def vm_hwm_bytes(pid: int) -> int | None:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return None
+
+
+def cpu_seconds(pid: int | None = None) -> float | None:
+    """CPU time (user + system) of a process so far, or of this one (``pid`` None)."""
+    if pid is None:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
+def cpu_us_per(before: float | None, after: float | None, n: int) -> float | None:
+    """Microseconds of CPU per request between two :func:`cpu_seconds` readings."""
+    if before is None or after is None or n <= 0:
+        return None
+    return round((after - before) / n * 1e6, 1)
 
 
 class Progress:
@@ -336,6 +359,49 @@ def seal_many(b: Bed, alg: str, size: int, n: int) -> tuple[Entries, list[str]]:
         )
         out.append(wire.encode_request(sealed.request))
     return out, mids
+
+
+#: hiredis's command packer (its type stub declares the argument a 1-tuple)
+_pack_command: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command
+
+
+class LeanRedis:
+    """The latency run's measuring client: one RESP2 connection, hiredis packing the
+    commands and parsing the replies, no per-command Python layer.
+
+    The paced producer and the reply reader share the two cores with the worker and
+    Redis; through redis-py they cost ~55 µs of CPU per request (a quarter of the
+    machine at 7,000 requests/s), which this keeps for the measured processes.
+    """
+
+    def __init__(self, stream: SocketStream) -> None:
+        self._stream = stream
+        self._reader = hiredis.Reader()
+
+    @classmethod
+    async def connect(cls, url: str) -> LeanRedis:
+        parts = urlsplit(url)
+        return cls(await anyio.connect_tcp(parts.hostname or "127.0.0.1", parts.port or 6379))
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def send(self, commands: Sequence[tuple[str | int | bytes, ...]]) -> None:
+        await self._stream.send(b"".join([_pack_command(c) for c in commands]))
+
+    async def receive(self, count: int) -> list[Any]:
+        """The next ``count`` replies; a Redis error raises."""
+        out: list[Any] = []
+        reader = self._reader
+        while len(out) < count:
+            reply = reader.gets()
+            if reply is False:
+                reader.feed(await self._stream.receive(1 << 20))
+            elif isinstance(reply, hiredis.ReplyError):
+                raise RuntimeError(f"redis: {reply}")
+            else:
+                out.append(reply)
+        return out
 
 
 async def push(redis: aioredis.Redis, stream: str, entries: Entries) -> None:
@@ -619,7 +685,8 @@ async def measure_latency(
     n = max(1, int(rate * seconds))
     with bed(keys, tmp, args.concurrency, 1000) as b:
         redis = connect(b.url)
-        reader = connect(b.url)
+        reader = await LeanRedis.connect(b.url)
+        producer = await LeanRedis.connect(b.url)
         try:
             await make_sessions(redis, b, 20)
             b.start_workers(1)
@@ -633,31 +700,39 @@ async def measure_latency(
                 if handshakes
                 else ([], [])
             )
+            # What the setup made lives through the run: keep it out of the collector's
+            # full passes, which would pause the producer and the reply reader.
+            gc.collect()
+            gc.freeze()
             sent: dict[str, float] = {}
             arrived: dict[str, float] = {}
             # Redis's clock on both sides of the worker: request and reply entry ids.
             added_ms: dict[str, int] = {}
             replied_ms: dict[str, int] = {}
-            streams = {b.names.reply_stream(g.sid): "0-0" for g in b.grants}
+            streams = {b.names.reply_stream(g.sid).encode(): b"0-0" for g in b.grants}
             finished = anyio.Event()
 
             async def read_replies() -> None:
+                xread = ("XREAD", "COUNT", 1000, "BLOCK", 100, "STREAMS")
                 while not finished.is_set():
-                    resp = await reader.xread(streams, count=1000, block=100)
+                    await reader.send([(*xread, *streams, *streams.values())])
+                    (resp,) = await reader.receive(1)
                     t = time.perf_counter()
-                    for stream, items in resp or []:
-                        name = stream.decode() if isinstance(stream, bytes) else stream
-                        for eid, fields in items:
+                    for name, items in resp or []:
+                        for eid, flat in items:
                             streams[name] = eid
-                            reply = wire.decode_reply(fields)
-                            if reply.mid not in arrived:
-                                arrived[reply.mid] = t
-                                replied_ms[reply.mid] = stream_ms(eid)
+                            mid = reply_mid(flat)
+                            if mid not in arrived:
+                                arrived[mid] = t
+                                replied_ms[mid] = stream_ms(eid)
                     if len(arrived) >= n:
                         finished.set()
 
             tick = 0.005
             per_tick = rate * tick
+            # CPU per request of the worker, Redis and this measuring client.
+            pids = {"worker": b.procs[0].pid, "redis": b.server.process.pid, "client": None}
+            cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
             async with anyio.create_task_group() as tg:
                 tg.start_soon(read_replies)
                 t0 = time.perf_counter()
@@ -675,11 +750,11 @@ async def measure_latency(
                     upto = min(n, int(k * per_tick))
                     if upto <= i:
                         continue
-                    async with redis.pipeline(transaction=False) as pipe:
-                        for j in range(i, upto):
-                            pipe.xadd(b.stream, entries[j])
-                        t_send = time.perf_counter()
-                        ids = await pipe.execute()
+                    t_send = time.perf_counter()
+                    await producer.send(
+                        [("XADD", b.stream, "*", *_flat(entries[j])) for j in range(i, upto)]
+                    )
+                    ids = await producer.receive(upto - i)
                     for j, eid in zip(range(i, upto), ids, strict=True):
                         sent[mids[j]] = t_send
                         added_ms[mids[j]] = stream_ms(eid)
@@ -690,6 +765,7 @@ async def measure_latency(
                     await finished.wait()
                 finished.set()
                 window_s = time.perf_counter() - t0
+            cpu1 = {k: cpu_seconds(pid) for k, pid in pids.items()}
             answered = 0
             if hs_sids:
                 async with redis.pipeline(transaction=False) as pipe:
@@ -714,6 +790,7 @@ async def measure_latency(
                 "max_ms": round(lat[-1], 2) if lat else None,
                 "added_to_reply_p50_ms": percentile(server, 0.50),
                 "added_to_reply_p99_ms": percentile(server, 0.99),
+                "cpu_us_per_request": {k: cpu_us_per(cpu0[k], cpu1[k], n) for k in pids},
             }
             if handshakes:
                 result["handshakes"] = handshakes
@@ -722,8 +799,25 @@ async def measure_latency(
             result["worker_exit_codes"] = b.stop_workers()
             return result
         finally:
+            await producer.aclose()
             await reader.aclose()
             await redis.aclose()
+
+
+def reply_mid(flat: list[bytes]) -> str:
+    """The ``mid`` of a reply entry (its flat field/value list): read straight from a
+    MessagePack ``e`` envelope (what the worker answers this bench's requests with),
+    else through the strict ``wire.decode_reply``."""
+    if len(flat) == 2 and flat[0] == b"e":
+        env = msgpack.unpackb(flat[1])
+        mid = env.get("mid") if isinstance(env, dict) else None
+        if isinstance(mid, str):
+            return mid
+    return wire.decode_reply(dict(zip(flat[::2], flat[1::2], strict=True))).mid
+
+
+def _flat(fields: dict[str, bytes]) -> tuple[str | bytes, ...]:
+    return tuple(x for pair in fields.items() for x in pair)
 
 
 # -- 7: peers (optional) ---------------------------------------------------------------
@@ -1071,6 +1165,10 @@ def fmt_rate(x: Any) -> str:
     return f"{x:,.0f}" if isinstance(x, int | float) and not math.isnan(x) else "-"
 
 
+def fmt_us(x: Any) -> str:
+    return f"{x:.0f}" if isinstance(x, int | float) else "-"
+
+
 def fmt_ratio(x: Any) -> str:
     return f"{x:.2f}" if isinstance(x, int | float) else "-"
 
@@ -1196,6 +1294,10 @@ def summary(out: dict[str, Any]) -> str:
                         for k in ("added_to_reply_p50_ms", "added_to_reply_p99_ms")
                     ),
                     fmt_ratio(r["producer_max_late_ms"]),
+                    " / ".join(
+                        fmt_us(r.get("cpu_us_per_request", {}).get(k))
+                        for k in ("worker", "redis", "client")
+                    ),
                 ]
             )
         parts.append(
@@ -1210,6 +1312,7 @@ def summary(out: dict[str, Any]) -> str:
                     "max",
                     "added->replied p50 / p99",
                     "producer late",
+                    "CPU µs/req: worker / Redis / client",
                 ],
                 body,
             )
@@ -1218,7 +1321,9 @@ def summary(out: dict[str, Any]) -> str:
             "  added->replied: request XADD to reply XADD by Redis's clock (entry ids, 1 ms "
             "steps), without the producer's and the reply reader's own delays; producer "
             "late: the most the paced producer fell behind its schedule (ms); handshakes "
-            "answered: replies in their streams when the run ended"
+            "answered: replies in their streams when the run ended; CPU: the worker's, Redis's and "
+            "the measuring client's (paced producer and reply reader, one hiredis connection "
+            "each), per request over the run (they share the machine's cores)"
         )
         parts.append("")
     mem = next((r["redis_memory"] for r in rows if "redis_memory" in r), None)
