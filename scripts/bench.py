@@ -799,6 +799,7 @@ async def measure_latency(
             result["worker_exit_codes"] = b.stop_workers()
             return result
         finally:
+            gc.unfreeze()  # the next measurement's collector sees this one's leftovers
             await producer.aclose()
             await reader.aclose()
             await redis.aclose()
