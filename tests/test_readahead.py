@@ -385,12 +385,58 @@ async def test_a_full_handshake_lane_does_not_deepen_the_read_ahead(
         await rig.raw.wait_drained(timeout=60)
 
 
+async def test_a_quiet_shard_has_one_read_waiting_and_a_backlog_two_in_flight(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two shards, concurrency 8, fixed prefetch 56 (64 slots): an idle worker has one
+    read blocked on each shard; draining 1,200 requests pre-filled on shard 0, a
+    second reader joins while its reads come back full, so two reads of it are in
+    flight at once (one on its way while the last one's batch is processed). Every
+    request is answered once, and the idle worker is back to one read a shard."""
+    in_flight: Counter[int] = Counter()
+    most: Counter[int] = Counter()
+    read = Store.read
+
+    async def counting(self: Store, shard: int, *args: Any, **kwargs: Any) -> Any:
+        in_flight[shard] += 1
+        most[shard] = max(most[shard], in_flight[shard])
+        try:
+            return await read(self, shard, *args, **kwargs)
+        finally:
+            in_flight[shard] -= 1
+
+    calls: Counter[str] = Counter()
+    async with _serving(
+        settings, keys, redis, calls, anyio.Event(), concurrency=8, prefetch=56, shards=2
+    ) as rig:
+        name = f"sealstream-worker:{rig.worker.consumer}"
+
+        async def one_read_a_shard() -> bool:
+            blocked = [
+                c
+                for c in await redis.client_list()
+                if c["name"] == name and c["cmd"] == "xreadgroup" and "b" in c["flags"]
+            ]
+            return len(blocked) == 2 and in_flight == Counter({0: 1, 1: 1})
+
+        monkeypatch.setattr(Store, "read", counting)
+        await wait_until(one_read_a_shard, timeout=10)  # each reader back in a counted read
+        most.clear()
+        await _prefill(rig.raw, "echo", 1200)
+        await rig.raw.wait_drained(timeout=60)
+        await wait_until(one_read_a_shard, timeout=10)
+    assert 1200 == calls["echo"]
+    assert 2 == most[0]
+    assert most[1] <= 1
+
+
 async def test_a_reader_with_no_slot_free_waits_for_a_quarter_of_its_share(
     settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Concurrency 4, fixed prefetch 12 (16 slots, one shard): each time the reader
-    finds every slot taken it asks to wait for 4 (a quarter of its share), and every
-    one of 300 requests is answered once."""
+    """Concurrency 4, fixed prefetch 12 (16 slots, one shard): each time a reader
+    finds every slot taken it asks to wait for a quarter of its share: 2 of 8 while
+    the shard has a backlog (two readers, half each), 4 of 16 otherwise. Every one of
+    300 requests is answered once."""
     asked: list[tuple[int, int, int]] = []  # (free when asked, most, refill)
     take = Slots.take
 
@@ -407,7 +453,7 @@ async def test_a_reader_with_no_slot_free_waits_for_a_quarter_of_its_share(
     ) as rig:
         await rig.raw.wait_drained(timeout=60)
     assert 300 == calls["echo"]
-    # The reader asks for its share (16); the reclaimer, for up to 256.
-    starved = [refill for free, most, refill in asked if free == 0 and most <= 16]
-    assert starved, "the reader never found every slot taken"
-    assert {4} == set(starved)
+    # A reader asks for its share (8 or 16); the reclaimer, for up to 256.
+    starved = {(most, refill) for free, most, refill in asked if free == 0 and most <= 16}
+    assert (8, 2) in starved, "no reader of the backlog ever found every slot taken"
+    assert starved <= {(8, 2), (16, 4)}

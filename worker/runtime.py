@@ -1,8 +1,9 @@
 """The worker runtime: an anyio task group that owns every task.
 
-- one reader per shard (XREADGROUP ``>``), reading a batch of at most as many
-  entries as there are free slots (handlers running plus the read-ahead,
-  :mod:`worker.readahead`) and handing it to the :class:`~worker.processor.Processor`;
+- a reader per shard (XREADGROUP ``>``), and a second one while the shard has a
+  backlog (:data:`READERS_PER_SHARD`), each reading a batch of at most its share of
+  the free slots (handlers running plus the read-ahead, :mod:`worker.readahead`)
+  and handing it to the :class:`~worker.processor.Processor`;
 - a reclaimer (XAUTOCLAIM past the claim timeout, from any consumer), which also
   enforces the delivery limit;
 - a heartbeat that keeps this worker's in-flight entries from looking idle, so a
@@ -50,6 +51,40 @@ log = get_logger("sealstream.worker")
 _READ_BLOCK_MS = 500
 #: Entries one XREADGROUP or XAUTOCLAIM asks for at most.
 _MAX_READ = 256
+#: Readers of a shard while it has a backlog (its last read came back full), each
+#: with its share of the slots: while one read's batch is decoded and claimed, the
+#: next read is already on its way. With one, a 4 KiB drain kept the worker only
+#: ~82% busy, waiting on its read and CLAIM round trips; with two, ~93% (three: no
+#: more). A quiet shard has one read at a time (the others wait for a backlog): a
+#: second would halve its batches and double their round trips.
+READERS_PER_SHARD = 2
+
+
+class _Backlog:
+    """Whether a shard's last read came back full: its helper readers read only then."""
+
+    def __init__(self) -> None:
+        self.full = False
+        self._raised = anyio.Event()
+
+    def mark(self, full: bool) -> None:
+        """A read of the shard came back full (``True``) or not."""
+        if full and not self.full:
+            self._raised.set()
+        elif not full and self.full:
+            self._raised = anyio.Event()
+        self.full = full
+
+    async def wait(self) -> None:
+        """Until the shard has a backlog, or :meth:`wake` (the caller checks again)."""
+        if not self.full:
+            await self._raised.wait()
+
+    def wake(self) -> None:
+        """Wake the waiting helpers (the worker is stopping)."""
+        self._raised.set()
+
+
 #: A reader that found no slot free waits, once one is, up to _REFILL_PATIENCE_S for
 #: this part of its share (1/4) to be. RSA 1 KiB drain, three alternating rounds:
 #: 3,610-3,974 req/s with 50 ms, 3,577-3,701 with 10 ms, 3,386-3,409 without (reads of
@@ -98,6 +133,8 @@ class Worker:
         #: Shards read now: settings.shards, or more once P:config says so.
         self.shards = settings.shards
         self._in_flight: dict[int, set[str]] = {s: set() for s in range(settings.shards)}
+        #: per shard, whether its last read came back full (its helper readers' cue)
+        self._backlogs: dict[int, _Backlog] = {}
         #: entries read per shard since its last trim (the trimmer's cue)
         self._read_since_trim: Counter[int] = Counter()
         self._feeders: TaskGroup | None = None
@@ -127,6 +164,8 @@ class Worker:
     def stop(self) -> None:
         """Ask the worker to stop reading and finish what it has (idempotent)."""
         self._stopping.set()
+        for backlog in self._backlogs.values():
+            backlog.wake()
         if self._startup is not None:
             self._startup.cancel()
 
@@ -257,7 +296,11 @@ class Worker:
             )
             async with anyio.create_task_group() as feeders:
                 self._feeders = feeders
-                loops = [partial(self._read_loop, store, n) for n in range(self.shards)]
+                loops = [
+                    partial(self._read_loop, store, n, helper=i > 0)
+                    for n in range(self.shards)
+                    for i in range(READERS_PER_SHARD)
+                ]
                 loops += [partial(self._reclaim_loop, store), partial(self._trim_loop, store)]
                 if s.burst:
                     loops.append(partial(self._burst_watch, store))
@@ -340,15 +383,26 @@ class Worker:
                 return
             delay = min(delay * 2, 5.0)
 
-    async def _read_loop(self, store: Store, shard: int) -> None:
+    async def _read_loop(self, store: Store, shard: int, *, helper: bool = False) -> None:
+        """Read ``shard`` until the worker stops. A ``helper`` reads only while the
+        shard has a backlog (see :data:`READERS_PER_SHARD`)."""
+        backlog = self._backlogs.setdefault(shard, _Backlog())
         busy = False  # whether the last read filled what it asked for
         while not self._stopping.is_set():
+            if helper:
+                if not backlog.full:
+                    await backlog.wait()
+                    continue
+                busy = True
             # A reader blocked on a quiet shard must not hold every free slot: it
             # asks for its share of the starting limit; only a reader whose last
-            # read came back full asks for its share of a deeper one, and only its
-            # waiting for a slot counts as the read-ahead holding the pace.
-            limit = self._slots.limit if busy else self.settings.in_flight_limit
-            share = max(1, limit // self.shards)
+            # read came back full asks for its share of a deeper one (with the
+            # shard's helpers), and only its waiting for a slot counts as the
+            # read-ahead holding the pace.
+            if busy:
+                share = max(1, self._slots.limit // (self.shards * READERS_PER_SHARD))
+            else:
+                share = max(1, self.settings.in_flight_limit // self.shards)
             if busy and not self._slots.free:
                 self._read_ahead.starved()
             # With no slot free, wait a little for a quarter of the share rather than
@@ -364,6 +418,7 @@ class Worker:
             self.health.read_completed()
             self._give_back(slots - len(entries))
             busy = slots > 1 and len(entries) >= slots  # one asked for proves nothing
+            backlog.mark(busy)
             if entries:
                 self._read_ahead.read(len(entries), sum(map(_entry_size, entries)))
                 await self._process(shard, entries, {})
@@ -455,8 +510,9 @@ class Worker:
             return
         await self._retrier(lambda: store.ensure_groups(self.shards))
         for shard in range(before, self.shards):
-            reader = partial(self._read_loop, store, shard)
-            self._feeders.start_soon(self._supervised, store, reader)
+            for i in range(READERS_PER_SHARD):
+                reader = partial(self._read_loop, store, shard, helper=i > 0)
+                self._feeders.start_soon(self._supervised, store, reader)
         log.info("shards_added", before=before, shards=self.shards)
 
     async def _burst_watch(self, store: Store) -> None:
