@@ -21,6 +21,7 @@ from worker import handshake_lane, readahead, wire
 from worker.errors import AuthFailed
 from worker.handlers import App
 from worker.readahead import BUDGET_BYTES, DEEPEST, ReadAhead
+from worker.runtime import Worker
 from worker.settings import Settings
 from worker.slots import Slots
 from worker.streams import Store
@@ -428,6 +429,34 @@ async def test_a_quiet_shard_has_one_read_waiting_and_a_backlog_two_in_flight(
     assert 1200 == calls["echo"]
     assert 2 == most[0]
     assert most[1] <= 1
+
+
+async def test_every_reader_returns_on_its_own_when_the_worker_stops(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two shards, 300 requests drained from shard 0, then a stop: every reader of
+    both shards, the helpers waiting for a backlog included, returns on its own, none
+    cancelled by the feeders' deadline (which would cut off a read Redis answered)."""
+    ended: list[str] = []
+    read_loop = Worker._read_loop
+
+    async def recording(self: Worker, store: Store, shard: int, *, helper: bool = False) -> None:
+        try:
+            await read_loop(self, store, shard, helper=helper)
+        except anyio.get_cancelled_exc_class():
+            ended.append("cancelled")
+            raise
+        ended.append("returned")
+
+    monkeypatch.setattr(Worker, "_read_loop", recording)
+    calls: Counter[str] = Counter()
+    async with _serving(
+        settings, keys, redis, calls, anyio.Event(), concurrency=8, prefetch=56, shards=2
+    ) as rig:
+        await _prefill(rig.raw, "echo", 300)
+        await rig.raw.wait_drained(timeout=60)
+    assert 300 == calls["echo"]
+    assert ["returned"] * 4 == ended
 
 
 async def test_a_reader_with_no_slot_free_waits_for_a_quarter_of_its_share(

@@ -395,12 +395,14 @@ class Worker:
                     continue
                 busy = True
             # A reader blocked on a quiet shard must not hold every free slot: it
-            # asks for its share of the starting limit; only a reader whose last
-            # read came back full asks for its share of a deeper one (with the
-            # shard's helpers), and only its waiting for a slot counts as the
-            # read-ahead holding the pace.
+            # asks for its share of the starting limit; only a reader of a shard
+            # with a backlog asks for its share of a deeper one (split with the
+            # helpers), and only its waiting for a slot counts as the read-ahead
+            # holding the pace.
             if busy:
-                share = max(1, self._slots.limit // (self.shards * READERS_PER_SHARD))
+                share = max(1, self._slots.limit // self.shards)
+                if self._split():
+                    share //= READERS_PER_SHARD
             else:
                 share = max(1, self.settings.in_flight_limit // self.shards)
             if busy and not self._slots.free:
@@ -408,6 +410,10 @@ class Worker:
             # With no slot free, wait a little for a quarter of the share rather than
             # read the first one given back (see worker.slots).
             slots = await self._take_slots(share, refill=share // _REFILL_PART)
+            if self._stopping.is_set():
+                # Stopped while waiting for slots: no read the grace period could cut off.
+                self._give_back(slots)
+                return
             try:
                 entries = await self._retrier(
                     partial(store.read, shard, self.consumer, count=slots, block_ms=_READ_BLOCK_MS)
@@ -418,10 +424,16 @@ class Worker:
             self.health.read_completed()
             self._give_back(slots - len(entries))
             busy = slots > 1 and len(entries) >= slots  # one asked for proves nothing
-            backlog.mark(busy)
+            backlog.mark(busy and self._split())
             if entries:
                 self._read_ahead.read(len(entries), sum(map(_entry_size, entries)))
                 await self._process(shard, entries, {})
+
+    def _split(self) -> bool:
+        """Whether a shard with a backlog has room for its helpers: a share of at least
+        two slots each (a read of one proves nothing, so split further every read
+        would be of one)."""
+        return self._slots.limit // (self.shards * READERS_PER_SHARD) >= 2
 
     async def _reclaim_loop(self, store: Store) -> None:
         s = self.settings
