@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import anyio
 import pytest
 
 from tests.helpers import wait_until
+from worker import cli
 from worker.demo_app import app
 from worker.keys import load_service_key
 from worker.settings import Settings
@@ -400,3 +402,16 @@ async def test_no_subcommand_prints_the_redis_password(
     for logs in re.findall(r"logs in (\S+?)\)", text):
         text += "".join(p.read_text() for p in Path(logs).glob("*.log"))
     assert PASSWORD not in text, text
+
+
+def test_the_worker_process_keeps_start_up_out_of_its_collector() -> None:
+    """``sealstream worker`` freezes what start-up made (full passes skip it) and runs
+    the young generation every ``GC_YOUNG`` net new objects, not Python's 700."""
+    before = gc.get_threshold()
+    try:
+        cli.tune_gc()
+        assert gc.get_freeze_count() > 0
+        assert (cli.GC_YOUNG, *before[1:]) == gc.get_threshold()
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
