@@ -408,6 +408,7 @@ def test_the_worker_process_keeps_start_up_out_of_its_collector() -> None:
     """``sealstream worker`` freezes what start-up made (full passes skip it) and runs
     the young generation every ``GC_YOUNG`` net new objects, not Python's 700."""
     before = gc.get_threshold()
+    assert 0 == gc.get_freeze_count()  # nothing frozen yet, so the check below can fail
     try:
         cli.tune_gc()
         assert gc.get_freeze_count() > 0
@@ -415,3 +416,40 @@ def test_the_worker_process_keeps_start_up_out_of_its_collector() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+async def test_the_worker_command_tunes_its_collector_before_the_app_starts(
+    settings: Settings, keys: ThrowawayKeys, tmp_path: Path
+) -> None:
+    """`sealstream worker` sets the collector up before the event loop starts: the app's
+    startup hook already sees start-up frozen and a young generation of ``GC_YOUNG``."""
+    seen = tmp_path / "gc.json"
+    (tmp_path / "gcapp.py").write_text(
+        "import gc, json\n"
+        "from worker import App\n"
+        "app = App()\n\n"
+        "@app.on_startup\n"
+        "async def record():\n"
+        f"    open({str(seen)!r}, 'w').write(json.dumps(\n"
+        "        [gc.get_threshold()[0], gc.get_freeze_count()]))\n\n"
+        "@app.handler('hi')\n"
+        "async def hi(p):\n"
+        "    return p\n"
+    )
+    env = {
+        **keys.write(tmp_path / "keys"),
+        "SEALSTREAM_REDIS_URL": settings.redis_url,
+        "SEALSTREAM_PREFIX": settings.prefix,
+    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SEALSTREAM_", "PYTHONPATH"))}
+    sealstream = str(Path(sys.executable).with_name("sealstream"))
+    result = await anyio.run_process(
+        [sealstream, "worker", "gcapp:app", "--burst"],
+        env={**base, **env},
+        cwd=tmp_path,
+        check=False,
+    )
+    assert 0 == result.returncode, result.stderr.decode()
+    threshold, frozen = json.loads(seen.read_text())
+    assert cli.GC_YOUNG == threshold
+    assert frozen > 0

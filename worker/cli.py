@@ -292,10 +292,11 @@ def _worker(args: argparse.Namespace) -> int:
 #: Net new container objects between two young-generation collections (Python's
 #: default: 700). A batch in flight holds a few thousand short-lived ones (about 15 a
 #: request), so at 700 the collector ran ~14 times per 1,000 requests of a drain,
-#: walking the same live batches and promoting them: ~3 µs of CPU per request, 4-5%
-#: of the worker's (SK 256 B), with pauses up to 1.7-5 ms (its full passes). At 5,000
-#: it ran ~0.2 times per 1,000 (0.01 s in a 60,000-request drain, against 0.17-0.22 s)
-#: with pauses of at most ~1.5 ms.
+#: walking the same live batches and promoting them: 2.7-3.7 µs of CPU per request,
+#: 6-9% of the worker's ~42 µs (SK 256 B), with pauses up to 1.7-5 ms (its full
+#: passes). At 5,000 it ran ~0.2 times per 1,000 (0.01 s in a 60,000-request drain,
+#: against 0.16-0.22 s) with pauses of at most ~1.5 ms. Only the CLI's worker
+#: processes set it: an embedded ``Worker`` keeps its host's collector.
 GC_YOUNG = 5_000
 
 
