@@ -10,6 +10,7 @@ import signal
 import stat
 import sys
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import anyio
 import pytest
@@ -137,29 +138,34 @@ async def test_worker_finds_an_app_in_the_current_directory(
     settings: Settings, keys: ThrowawayKeys, tmp_path: Path
 ) -> None:
     """`sealstream worker myapp:app` run from myapp's directory imports it (burst run)."""
-    (tmp_path / "myapp.py").write_text(
-        "from worker import App\n"
-        "app = App()\n\n"
-        "@app.handler('hi')\n"
-        "async def hi(p):\n"
-        "    return p\n"
+    source = "from worker import App\napp = App()\n"
+    result = await _burst_from(tmp_path, "myapp", source, settings, keys)
+    err = result.stderr.decode()
+    assert 0 == result.returncode, err
+    assert "'hi'" in err or '"hi"' in err
+
+
+async def _burst_from(
+    directory: Path, module: str, source: str, settings: Settings, keys: ThrowawayKeys
+) -> CompletedProcess[bytes]:
+    """Run `sealstream worker <module>:app --burst` from ``directory``, where the module
+    is written from ``source`` plus a handler ``hi`` (echo)."""
+    (directory / f"{module}.py").write_text(
+        f"{source}\n@app.handler('hi')\nasync def hi(p):\n    return p\n"
     )
     env = {
-        **keys.write(tmp_path / "keys"),
+        **keys.write(directory / "keys"),
         "SEALSTREAM_REDIS_URL": settings.redis_url,
         "SEALSTREAM_PREFIX": settings.prefix,
     }
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SEALSTREAM_", "PYTHONPATH"))}
     sealstream = str(Path(sys.executable).with_name("sealstream"))
-    result = await anyio.run_process(
-        [sealstream, "worker", "myapp:app", "--burst"],
+    return await anyio.run_process(
+        [sealstream, "worker", f"{module}:app", "--burst"],
         env={**base, **env},
-        cwd=tmp_path,
+        cwd=directory,
         check=False,
     )
-    err = result.stderr.decode()
-    assert 0 == result.returncode, err
-    assert "'hi'" in err or '"hi"' in err
 
 
 async def test_send_without_redis_is_one_line() -> None:
@@ -424,31 +430,16 @@ async def test_the_worker_command_tunes_its_collector_before_the_app_starts(
     """`sealstream worker` sets the collector up before the event loop starts: the app's
     startup hook already sees start-up frozen and a young generation of ``GC_YOUNG``."""
     seen = tmp_path / "gc.json"
-    (tmp_path / "gcapp.py").write_text(
+    source = (
         "import gc, json\n"
         "from worker import App\n"
         "app = App()\n\n"
         "@app.on_startup\n"
         "async def record():\n"
         f"    open({str(seen)!r}, 'w').write(json.dumps(\n"
-        "        [gc.get_threshold()[0], gc.get_freeze_count()]))\n\n"
-        "@app.handler('hi')\n"
-        "async def hi(p):\n"
-        "    return p\n"
+        "        [gc.get_threshold()[0], gc.get_freeze_count()]))\n"
     )
-    env = {
-        **keys.write(tmp_path / "keys"),
-        "SEALSTREAM_REDIS_URL": settings.redis_url,
-        "SEALSTREAM_PREFIX": settings.prefix,
-    }
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SEALSTREAM_", "PYTHONPATH"))}
-    sealstream = str(Path(sys.executable).with_name("sealstream"))
-    result = await anyio.run_process(
-        [sealstream, "worker", "gcapp:app", "--burst"],
-        env={**base, **env},
-        cwd=tmp_path,
-        check=False,
-    )
+    result = await _burst_from(tmp_path, "gcapp", source, settings, keys)
     assert 0 == result.returncode, result.stderr.decode()
     threshold, frozen = json.loads(seen.read_text())
     assert cli.GC_YOUNG == threshold
