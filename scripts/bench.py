@@ -456,7 +456,7 @@ async def blocked_readers(redis: aioredis.Redis) -> int:
     return out
 
 
-async def armed_start(redis: aioredis.Redis, b: Bed, processes: int, n: int) -> None:
+async def armed_start(redis: aioredis.Redis, b: Bed, processes: int, n: int) -> list[float | None]:
     """Start the workers so that all of them are reading before any entry is visible.
 
     The group is moved to the stream's end while the workers start (a consumer
@@ -466,6 +466,7 @@ async def armed_start(redis: aioredis.Redis, b: Bed, processes: int, n: int) -> 
     connections are named ``sealstream-worker:<consumer>``), the group goes back
     to id 0 and one more XADD (the last of the ``n`` requests, held back) wakes
     the blocked readers. The timing then starts at the first entry read as usual.
+    Returns each worker's CPU time (:func:`cpu_seconds`) just before that.
     """
     info = await redis.xinfo_stream(b.stream)
     await redis.xreadgroup(GROUP, "bench-hold", {b.stream: ">"}, count=1)
@@ -480,8 +481,10 @@ async def armed_start(redis: aioredis.Redis, b: Bed, processes: int, n: int) -> 
             raise RuntimeError("workers did not start reading within 60 s")
         b.check_alive()
         await anyio.sleep(0.01)
+    cpu = [cpu_seconds(p.pid) for p in b.procs]
     await redis.xgroup_setid(b.stream, GROUP, "0", entries_read=0)
     await redis.xadd(b.stream, b.held_back)
+    return cpu
 
 
 # -- 1, 2, 3a, 5: drain, end to end, bare loop, memory ----------------------------------
@@ -582,10 +585,19 @@ async def measure_size(
                     await anyio.to_thread.run_sync(bare_loop, b.url, b.stream, b.prefix, n - 1)
                 )
                 await redis.delete(*[f"{b.prefix}:bare:{i}" for i in range(20)])
-            await armed_start(redis, b, processes, n)
+            cpu0 = await armed_start(redis, b, processes, n)
             drain_s = await time_drain(redis, b, n, timeout=max(120.0, n / 20))
+            cpu1 = [cpu_seconds(p.pid) for p in b.procs]
             result["drain_s"] = round(drain_s, 3)
             result["drain_per_s"] = round(n / drain_s)
+            if None not in cpu0 and None not in cpu1:
+                # The workers' CPU over the drain, per request: steadier than a rate
+                # on a shared machine, and comparable between machines' runs.
+                result["drain_cpu_us_per_req"] = cpu_us_per(
+                    sum(c for c in cpu0 if c is not None),
+                    sum(c for c in cpu1 if c is not None),
+                    n,
+                )
             if with_e2e:
                 await redis.delete(*[b.names.reply_stream(g.sid) for g in b.grants])
                 entries, _ = await anyio.to_thread.run_sync(seal_many, b, alg, size, n)
@@ -960,6 +972,8 @@ def requests_for(args: argparse.Namespace, alg: str, size: int) -> int:
 
 
 RATES = ("drain_per_s", "e2e_per_s", "bare_per_s")
+#: other per-run figures whose median a repeated measurement shows
+MEDIANS = ("drain_cpu_us_per_req",)
 
 
 def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -974,6 +988,11 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in runs if key in r]
         if values:
             row[key] = round(statistics.median(values))
+            row[f"{key}_runs"] = values
+    for key in MEDIANS:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            row[key] = round(statistics.median(values), 1)
             row[f"{key}_runs"] = values
     for key in ("peak_rss_bytes", "worker_exit_codes"):
         row[key] = [x for r in runs for x in r.get(key, [])]
@@ -1237,6 +1256,7 @@ def summary(out: dict[str, Any]) -> str:
                     fmt_rate(r.get("e2e_per_s")),
                     fmt_rate(r.get("bare_per_s")),
                     ceiling,
+                    fmt_us(r.get("drain_cpu_us_per_req")),
                     fmt_bytes(max((x for x in r["peak_rss_bytes"] if x), default=None)),
                     ",".join(str(c) for c in r["worker_exit_codes"]),
                 ]
@@ -1250,6 +1270,7 @@ def summary(out: dict[str, Any]) -> str:
                     "end-to-end",
                     "bare loop",
                     "drain/ceiling",
+                    "worker CPU µs/req",
                     "peak RSS",
                     "exit",
                 ],
@@ -1259,7 +1280,8 @@ def summary(out: dict[str, Any]) -> str:
         parts.append(
             "  drain: pre-filled shard, timed from first read to all read and none "
             "pending; end-to-end: producer pushing while the worker runs, until "
-            "every reply is in"
+            "every reply is in; worker CPU: the worker process's user + system time "
+            "over the drain, per request (steadier than a rate on a shared machine)"
         )
         parts.append("")
     ceil = out.get("rsa_ceiling")
