@@ -10,6 +10,7 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     ClusterDownError,
+    ClusterError,
     MovedError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -32,7 +33,7 @@ from worker.demo_app import app
 from worker.errors import ConfigError
 from worker.keyspace import Names
 from worker.protocol import ALG_RSA, ALG_SK, new_id
-from worker.retrier import Retrier, transient
+from worker.retrier import Retrier, for_now, transient
 from worker.settings import Settings
 from worker.streams import Claim, ReplyWrite
 from worker.testing import RedisServer, ThrowawayKeys, running_worker
@@ -164,6 +165,13 @@ def test_cluster_refusals_are_transient(exc: ResponseError) -> None:
     """Errors a cluster, a failover or a full server give for now are waited out, not
     dead-lettered (redis-py strips their code from the text: the class decides)."""
     assert transient(exc)
+
+
+def test_a_cluster_client_out_of_redirections_is_waited_out() -> None:
+    """The cluster client's ``TTL exhausted`` (its MOVED/ASK/TRYAGAIN attempts used up
+    while a slot moves) is for now, whether raised or left in a pipeline's results."""
+    assert for_now(ClusterError("TTL exhausted."))
+    assert not for_now(RedisClusterException("No way to dispatch this command"))
 
 
 async def test_the_retrier_waits_out_a_cluster_down() -> None:

@@ -28,13 +28,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.cluster import key_slot
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import scripts
 from worker.errors import ConfigError
 from worker.keyspace import GROUP
+from worker.retrier import for_now
 from worker.streams import (
     AckWrite,
     AnyRedis,
@@ -47,7 +46,6 @@ from worker.streams import (
     claim_arguments,
     client_options,
     connect,
-    transient,
 )
 
 SENTINEL_SCHEME = "redis+sentinel"
@@ -166,11 +164,11 @@ def store_for(client: AnyRedis, *args: Any, **kwargs: Any) -> Store:
 
 
 def _raise_first(results: Sequence[Any]) -> None:
-    """Raise the first error that means "for now" (the caller retries the call)."""
+    """Raise the first error that means "for now" (the caller retries the call): an
+    outage, a refusal for now, or the cluster client giving up on a command whose
+    slot is moving ("TTL exhausted"), which is no refusal for good."""
     for r in results:
-        if isinstance(r, RedisConnectionError | RedisTimeoutError | OSError):
-            raise r
-        if isinstance(r, ResponseError) and transient(r):
+        if isinstance(r, BaseException) and for_now(r):
             raise r
 
 

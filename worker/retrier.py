@@ -74,9 +74,7 @@ class Retrier:
                 ResponseError,
                 *_CLUSTER,
             ) as exc:
-                if isinstance(exc, ResponseError) and not transient(exc):
-                    raise
-                if isinstance(exc, RedisClusterException) and not _cluster_transient(exc):
+                if not for_now(exc):
                     raise
                 if not self.in_outage:
                     self.in_outage = True
@@ -126,6 +124,17 @@ def transient(exc: ResponseError) -> bool:
     # "user_script:12: OOM command not allowed ..." from a script that aborted
     head = text.split(": ", 1)[1] if text.startswith("user_script:") and ": " in text else text
     return head.startswith(_TRANSIENT_CODES)
+
+
+def for_now(exc: BaseException) -> bool:
+    """Whether :class:`Retrier` waits ``exc`` out rather than raising it: Redis down or
+    refusing for now (see :func:`transient`), or the cluster client giving up for now
+    (a slot not covered, its redirections exhausted while a slot moves)."""
+    if isinstance(exc, ResponseError):
+        return transient(exc)
+    if isinstance(exc, RedisClusterException):
+        return _cluster_transient(exc)
+    return isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError | ClusterError)
 
 
 def _cluster_transient(exc: RedisClusterException) -> bool:
