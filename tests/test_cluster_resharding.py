@@ -267,3 +267,16 @@ async def test_a_session_slot_moved_mid_traffic_answers_every_request_once(
     )
     assert await _tryagains(small_cluster) > before  # the scripts met the window
     assert outages >= 1  # long enough for the retrier to wait it out, past redis-py
+
+
+async def test_a_request_shard_moved_mid_traffic_answers_every_request_once(
+    small_cluster: ClusterServers, cluster_settings: Settings, keys: ThrowawayKeys, raw: Raw
+) -> None:
+    """While requests keep arriving, request shard 0's stream (with its consumer
+    group and pending entries) moves to the other primary: reads, acknowledgements
+    and new entries follow it (ASK, then MOVED). Every request gets exactly one
+    reply, opened and correct; nothing stays pending; no dead letter."""
+    grant = await raw.grant()
+    await _move_under_traffic(
+        small_cluster, cluster_settings, keys, raw, grant, raw.names.request_stream(0)
+    )

@@ -222,11 +222,21 @@ class ClusterStore(Store):
         return results
 
     async def read(self, shard: int, consumer: str, *, count: int, block_ms: int) -> list[Entry]:
-        """New entries for this consumer (XREADGROUP ``>``), through the cluster client."""
+        """New entries for this consumer (XREADGROUP ``>``), through the cluster client.
+
+        A read blocked on a node whose stream leaves it (its slot migrated to another
+        node, or the stream deleted) ends in ``UNBLOCKED``: nothing was read, and the
+        next read finds the stream where it went (or NOGROUP, and the group is made).
+        """
         stream = self.names.request_stream(shard)
-        raw = await self.redis.xreadgroup(
-            GROUP, consumer, {stream: ">"}, count=count, block=block_ms
-        )
+        try:
+            raw = await self.redis.xreadgroup(
+                GROUP, consumer, {stream: ">"}, count=count, block=block_ms
+            )
+        except ResponseError as exc:
+            if str(exc).startswith("UNBLOCKED"):
+                return []
+            raise
         if not raw:
             return []
         # RESP3 answers a map of streams; RESP2 a list of [stream, entries] pairs.
