@@ -8,6 +8,12 @@ the ASK redirections, and a script whose keys are not all on one node (or not ye
 on a node that owns the slot) is refused with TRYAGAIN until the slot is handed
 over, which the worker waits out (see :mod:`worker.retrier`).
 
+A migration can also be left broken half way: the dead-letter stream's slot
+MIGRATING on its source with no IMPORTING on the target. redis-py is then sent back
+and forth (ASK, MOVED) until it gives up with ``ClusterError("TTL exhausted.")``; a
+dead letter written meanwhile is waited out until the slot is settled, never
+dropped, and nothing of its entry (reply, notice, XACK) is written before it.
+
 The cluster is this module's own (2 primaries, no replicas): a test that failed
 half way must not leave the session's cluster with a slot in migration.
 """
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -27,7 +33,7 @@ import structlog
 from redis.cluster import key_slot
 
 from tests.helpers import Raw, open_ok, wait_until
-from worker import envelopes
+from worker import envelopes, wire
 from worker.cluster import cluster_client
 from worker.handlers import App
 from worker.handshake import SessionGrant
@@ -54,6 +60,12 @@ async def slow(payload: Any) -> Any:
     move than their claims."""
     await anyio.sleep(0.15)
     return payload
+
+
+@app.handler("fail", retries=0)
+async def fail(payload: Any) -> Any:
+    """Fail at once, not retried: an error reply and a ``handler_error`` dead letter."""
+    raise RuntimeError("boom")
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +292,132 @@ async def test_a_request_shard_moved_mid_traffic_answers_every_request_once(
     await _move_under_traffic(
         small_cluster, cluster_settings, keys, raw, grant, raw.names.request_stream(0)
     )
+
+
+async def _errorstat(port: int, code: str) -> int:
+    """The ``code`` errors (MOVED, say) one node has answered so far."""
+    node = aioredis.Redis(host="127.0.0.1", port=port)
+    try:
+        stats = await node.info("errorstats")
+    finally:
+        await node.aclose()
+    return int(stats.get(f"errorstat_{code}", {}).get("count", 0))
+
+
+async def _keys_in_slot(move: SlotMove) -> int:
+    """The slot's keys on its source and target together."""
+    total = 0
+    for port in (move.source, move.target):
+        total += int(await move._cmd(port, "CLUSTER", "COUNTKEYSINSLOT", move.slot))
+    return total
+
+
+async def _letter_through_a_broken_slot(
+    cluster: ClusterServers,
+    settings: Settings,
+    keys: ThrowawayKeys,
+    raw: Raw,
+    seal: Callable[[SessionGrant], envelopes.Outgoing],
+    reason: str,
+) -> tuple[envelopes.Outgoing, wire.Reply]:
+    """Send a request sealed by ``seal`` for a new session, whose entry ends in a
+    dead letter for ``reason``, while the dead-letter stream's slot is left MIGRATING
+    on its source without IMPORTING on the target: the source answers ASK, the
+    target MOVED back, and redis-py gives up on the pipelined XADD with
+    ``ClusterError("TTL exhausted.")``. While the slot stays so: no dead letter on
+    either node, no reply or notice, the entry pending, no error logged. Then the
+    slot is made STABLE: the dead letter lands exactly once, the one reply or notice
+    is written, the entry is acknowledged, no error is logged. Returns the request
+    and its reply (or notice). Only the dead letter's slot is broken: the session's
+    and the request shard's are others."""
+    dlq = raw.names.dlq
+    slot = key_slot(dlq.encode())
+    source = cluster.primary_of(dlq)
+    (target,) = [p for p in cluster.ports if p != source]
+    shard = next(n for n in range(SHARDS) if key_slot(raw.names.request_stream(n).encode()) != slot)
+    grant = await raw.grant()
+    while key_slot(raw.names.session(grant.sid).encode()) == slot:
+        grant = await raw.grant()
+    out = seal(grant)
+    move = await SlotMove.open(cluster, slot, source, target)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with running_worker(app, settings, keys) as worker:
+
+                def errors() -> list[Any]:
+                    return [e for e in logs if e["log_level"] in ("error", "critical")]
+
+                def outages() -> float:
+                    n = worker.metrics.registry.get_sample_value("sealstream_redis_outages_total")
+                    return n or 0.0
+
+                keys_before = await _keys_in_slot(move)  # no dead letter: none of ours
+                moved_before = await _errorstat(target, "MOVED")
+                target_id = move.nodes[target][1]
+                await move._cmd(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+                entry_id = await raw.send(out.request, shard=shard)
+                # The dead letter's XADD was tried: waited out as an outage, or taken
+                # as refused for good (a refusal then counted done, a reply's letter
+                # logged as dead_letter_refused).
+                await wait_until(
+                    lambda: outages() >= 1 or errors() or worker.stats.get("refused", 0)
+                )
+                await anyio.sleep(HOLD_S)
+                assert [] == errors()
+                assert keys_before == await _keys_in_slot(move)  # no dead letter anywhere
+                assert [] == await raw.replies(grant.sid)  # nothing before its letter
+                assert 1 == await raw.pending(shard)  # not acknowledged
+                assert outages() >= 1  # waited out (TTL exhausted: "for now")
+                assert await _errorstat(target, "MOVED") > moved_before  # ASK, then MOVED
+                await move._cmd(source, "CLUSTER", "SETSLOT", slot, "STABLE")
+                await raw.wait_drained(shard)
+                letters = await raw.dead_letters()
+                assert [(reason.encode(), entry_id.encode())] == [
+                    (letter["reason"], letter["id"]) for letter in letters
+                ]
+                replies = await raw.replies(grant.sid)
+                assert [out.request.mid] == [r.mid for r in replies]
+        assert source == cluster.primary_of(dlq)
+        assert [] == errors()
+        return out, replies[0]
+    finally:
+        await move.close()
+
+
+async def test_a_failed_requests_dead_letter_in_a_broken_migration_waits_for_the_slot(
+    small_cluster: ClusterServers, cluster_settings: Settings, keys: ThrowawayKeys, raw: Raw
+) -> None:
+    """A failing handler's dead letter, its XADD given up on by redis-py while the
+    dead-letter stream's slot is in a broken migration, is waited out, not refused
+    for good (which left the request unanswered, pending until reclaimed): nothing
+    is written before it, and once the slot is settled the dead letter lands once,
+    the one error reply is written and the entry acknowledged."""
+    out, reply = await _letter_through_a_broken_slot(
+        small_cluster,
+        cluster_settings,
+        keys,
+        raw,
+        lambda grant: raw.seal(grant, {"x": 1}, type_="fail"),
+        "handler_error",
+    )
+    assert "error" == reply.status
+    assert "handler_error" == open_ok(reply, out)["code"]
+
+
+async def test_a_refusals_dead_letter_in_a_broken_migration_is_not_dropped(
+    small_cluster: ClusterServers, cluster_settings: Settings, keys: ThrowawayKeys, raw: Raw
+) -> None:
+    """A refused request's dead letter (an expired one), its XADD given up on by
+    redis-py while the dead-letter stream's slot is in a broken migration, is waited
+    out, not dropped with the entry acknowledged: nothing is written before it, and
+    once the slot is settled the dead letter lands once, the one ``expired`` notice
+    is written and the entry acknowledged."""
+    _, notice = await _letter_through_a_broken_slot(
+        small_cluster,
+        cluster_settings,
+        keys,
+        raw,
+        lambda grant: raw.seal(grant, {"x": 1}, ts=1),
+        "expired",
+    )
+    assert ("rejected", "expired") == (notice.status, notice.code)
