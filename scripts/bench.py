@@ -8,7 +8,9 @@ For each algorithm and payload size (echo handler, 20 sessions, MessagePack):
    crypto, no framework) over the same pre-filled entries, and RSA-2048 OAEP-SHA256
    decrypts per second (1 and 2 threads);
 4. latency p50/p95/p99 at about half the measured maximum drain rate (open loop),
-   then the same during a burst of handshakes;
+   then the same during a burst of handshakes (the burst's worker keeps as many
+   session keys ready, ``SEALSTREAM_HANDSHAKE_POOL``; both runs start once the
+   worker's pool is full);
 5. peak worker RSS and Redis memory per session and per replay record;
 6. the drain rate of several worker processes and its ratio to one;
 7. (``--peers``) the same echo work with AES-GCM in taskiq-redis, arq and SAQ;
@@ -17,9 +19,9 @@ For each algorithm and payload size (echo handler, 20 sessions, MessagePack):
 
 Every measurement starts its own private ``redis-server``. Uses only the stable
 APIs (``create_session``, ``envelopes.seal_request``, ``wire.encode_request`` /
-``decode_reply``, ``Names``, ``connect``, ``RedisServer``, ``ThrowawayKeys``) and
-the worker CLI. Prints a summary table (``--json``: one JSON object instead) and a
-progress bar on stderr.
+``decode_reply``, ``Names``, ``connect``, ``RedisServer``, ``ThrowawayKeys``,
+``free_port``, ``Settings``), the worker CLI and its metrics endpoint. Prints a
+summary table (``--json``: one JSON object instead) and a progress bar on stderr.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -61,8 +64,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
 from worker import envelopes, wire
 from worker.handshake import SessionGrant
 from worker.keyspace import GROUP, Names
+from worker.settings import Settings
 from worker.streams import connect
-from worker.testing import RedisServer, ThrowawayKeys
+from worker.testing import RedisServer, ThrowawayKeys, free_port
 from worker.trusted import create_session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -270,8 +274,8 @@ class Bed:
             "SEALSTREAM_REPLY_MAXLEN": str(self.reply_maxlen),
         }
 
-    def start_workers(self, count: int) -> None:
-        env = self.env()
+    def start_workers(self, count: int, extra_env: dict[str, str] | None = None) -> None:
+        env = {**self.env(), **(extra_env or {})}
         for _ in range(count):
             log = open(self.tmp / f"worker-{self.prefix}-{len(self.procs)}.log", "wb")
             cmd = [sys.executable, "-m", "worker", "worker", "--concurrency", str(self.concurrency)]
@@ -701,17 +705,34 @@ async def measure_latency(
         producer = await LeanRedis.connect(b.url)
         try:
             await make_sessions(redis, b, 20)
-            b.start_workers(1)
+            # The burst's run keeps as many session keys ready as it has handshakes
+            # (made while the worker is quiet: SEALSTREAM_HANDSHAKE_POOL), the steady
+            # run the default; both start once the pool is full.
+            pool = args.handshake_pool if handshakes else Settings().handshake_pool
+            metrics_port = free_port()
+            b.start_workers(
+                1,
+                {
+                    "SEALSTREAM_HANDSHAKE_POOL": str(pool),
+                    "SEALSTREAM_METRICS_PORT": str(metrics_port),
+                },
+            )
             with anyio.fail_after(30):
                 while not await redis.hexists(b.names.config, "kid"):
                     b.check_alive()
                     await anyio.sleep(0.05)
+            t_pool = time.perf_counter()
             entries, mids = await anyio.to_thread.run_sync(seal_many, b, ALG_SK, size, n)
             hs_entries, hs_sids = (
                 await anyio.to_thread.run_sync(seal_handshakes, keys, handshakes)
                 if handshakes
                 else ([], [])
             )
+            with anyio.fail_after(max(60.0, pool * 0.5)):
+                while await anyio.to_thread.run_sync(keys_ready, metrics_port) < pool:
+                    b.check_alive()
+                    await anyio.sleep(0.1)
+            pool_fill_s = time.perf_counter() - t_pool
             # What the setup made lives through the run: keep it out of the collector's
             # full passes, which would pause the producer and the reply reader.
             gc.collect()
@@ -804,6 +825,8 @@ async def measure_latency(
                 "added_to_reply_p99_ms": percentile(server, 0.99),
                 "cpu_us_per_request": {k: cpu_us_per(cpu0[k], cpu1[k], n) for k in pids},
             }
+            result["handshake_pool"] = pool
+            result["handshake_pool_fill_s"] = round(pool_fill_s, 1)
             if handshakes:
                 result["handshakes"] = handshakes
                 result["handshakes_answered"] = answered
@@ -815,6 +838,19 @@ async def measure_latency(
             await producer.aclose()
             await reader.aclose()
             await redis.aclose()
+
+
+def keys_ready(port: int) -> float:
+    """The worker's ``sealstream_handshake_keys_ready`` (0 until it serves metrics)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith("sealstream_handshake_keys_ready "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def reply_mid(flat: list[bytes]) -> str:
@@ -1300,8 +1336,8 @@ def summary(out: dict[str, Any]) -> str:
         body = []
         for r in lat:
             label = (
-                f"+{r['handshakes']} handshakes ({r['handshakes_answered']} answered "
-                f"in {r['handshakes_window_s']} s)"
+                f"+{r['handshakes']} handshakes, pool {r.get('handshake_pool', '?')} "
+                f"({r['handshakes_answered']} answered in {r['handshakes_window_s']} s)"
                 if "handshakes" in r
                 else "steady"
             )
@@ -1345,7 +1381,8 @@ def summary(out: dict[str, Any]) -> str:
         parts.append(
             "  added->replied: request XADD to reply XADD by Redis's clock (entry ids, 1 ms "
             "steps), without the producer's and the reply reader's own delays; producer "
-            "late: the most the paced producer fell behind its schedule (ms); handshakes "
+            "late: the most the paced producer fell behind its schedule (ms); pool: the "
+            "burst's worker's SEALSTREAM_HANDSHAKE_POOL, full when the run started; handshakes "
             "answered: replies in their streams when the run ended; CPU: the worker's, Redis's and "
             "the measuring client's (paced producer and reply reader, one hiredis connection "
             "each), per request over the run (they share the machine's cores)"
@@ -1445,6 +1482,12 @@ def main() -> int:
         "--latency-fraction", type=float, default=0.5, help="of the SK 4 KiB drain rate"
     )
     parser.add_argument("--handshakes", type=int, default=200, help="handshake burst size")
+    parser.add_argument(
+        "--handshake-pool",
+        type=int,
+        default=None,
+        help="SEALSTREAM_HANDSHAKE_POOL of the burst's worker (default: the burst size)",
+    )
     parser.add_argument("--rsa-seconds", type=float, default=None, help="RSA ceiling duration")
     parser.add_argument(
         "--peers",
@@ -1484,6 +1527,8 @@ def main() -> int:
         args.rsa_seconds = 0.5 if args.quick else 2.0
     if args.quick and args.handshakes == 200:
         args.handshakes = 50
+    if args.handshake_pool is None:
+        args.handshake_pool = args.handshakes
 
     started = time.monotonic()
     out: dict[str, Any] = {

@@ -19,6 +19,8 @@ import msgpack
 import pytest
 import redis.asyncio as aioredis
 import structlog
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests import helpers
 from tests.helpers import Raw, Rig, new_id, now_ms, open_ok, wait_until
@@ -364,6 +366,30 @@ async def test_a_handshake_ttl_is_clamped_to_the_maximum_session_lifetime(
         await wait_until(
             lambda: 'sealstream_handshakes_total{outcome="ok"} 1.0' in _metrics_text(rig.worker)
         )
+
+
+async def test_handshakes_take_the_keys_a_quiet_worker_made_ahead(
+    settings: Settings, keys: ThrowawayKeys, redis: aioredis.Redis
+) -> None:
+    """A quiet worker makes ``SEALSTREAM_HANDSHAKE_POOL`` session keys ahead (the
+    ``sealstream_handshake_keys_ready`` gauge shows them); handshakes are answered with
+    those keys, one each, and the pool fills again once the worker is quiet."""
+    async with serving(settings, keys, redis, handshake_pool=3) as rig:
+        full = "sealstream_handshake_keys_ready 3.0"
+        await wait_until(lambda: full in _metrics_text(rig.worker), timeout=30)
+        assert rig.worker.processor is not None
+        made_ahead = {k.public_key().public_numbers().n for k in rig.worker.processor.keys._ready}
+        shakes = [handshake(keys) for _ in range(3)]
+        for out, _ in shakes:
+            await rig.raw.send(out.request)
+        used = set()
+        for out, sid in shakes:
+            body = open_ok(await rig.raw.reply(sid, out.request.mid, timeout=30), out)
+            public = serialization.load_pem_public_key(body["publicKey"].encode())
+            assert isinstance(public, rsa.RSAPublicKey)
+            used.add(public.public_numbers().n)
+        assert made_ahead == used
+        await wait_until(lambda: full in _metrics_text(rig.worker), timeout=30)
 
 
 def test_handshake_settings_are_read_from_the_environment() -> None:

@@ -63,6 +63,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="liveall",
         )
+        self.handshake_keys_ready = Gauge(
+            "sealstream_handshake_keys_ready",
+            "Session key pairs made ahead and ready for handshakes (SEALSTREAM_HANDSHAKE_POOL).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.reclaimed = Counter(
             "sealstream_reclaimed",
             "Entries reclaimed from consumers idle past the claim timeout.",

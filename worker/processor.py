@@ -77,11 +77,15 @@ class Processor:
             app, default_timeout_s=settings.handler_timeout_s, metrics=self.metrics
         )
         self.attempts = AttemptLog(store, self.retry)
+        #: batches taken in (the key pool fills up while it stays the same)
+        self.batches = 0
         self.keys = KeyPool(
             bits=settings.session_key_bits,
-            size=4,
+            size=settings.handshake_pool,
             threads=settings.handshake_concurrency,
             priority=settings.handshake_priority,
+            activity=lambda: self.batches,
+            ready_gauge=self.metrics.handshake_keys_ready,
         )
         # The stages, last first: each holds the ones it hands on to.
         self.writer = Writer(
@@ -180,6 +184,7 @@ class Processor:
 
     async def process(self, batch: Sequence[Delivery]) -> None:
         """Take a batch as far as its handlers (or the handshake lane); refuse the rest."""
+        self.batches += 1
         handshakes = await self.intake.process(batch)
         # Last: a full handshake lane holds this batch (back-pressure on the reader),
         # never the ordinary requests read with it.

@@ -56,6 +56,8 @@ class Settings:
     handshake_concurrency: int = 1
     #: the handshake lane's CPU priority: "idle" (SCHED_IDLE) or "low" (nice 19)
     handshake_priority: str = "idle"
+    #: session key pairs kept ready for handshakes (worker.keypool)
+    handshake_pool: int = 16
     session_max_ttl_s: int = 86_400
     #: entries read ahead of the handlers; None: adaptive (worker.readahead)
     prefetch: int | None = None
@@ -106,6 +108,7 @@ class Settings:
             dlq_copy_max=_int(env, "DLQ_COPY_MAX", 64 * 1024, low=0),
             handshake_concurrency=_int(env, "HANDSHAKE_CONCURRENCY", 1, low=1, high=64),
             handshake_priority=text("HANDSHAKE_PRIORITY", "idle").lower(),
+            handshake_pool=_int(env, "HANDSHAKE_POOL", 16, low=0, high=10_000),
             session_max_ttl_s=_int(env, "SESSION_MAX_TTL_S", 86_400, low=60),
             prefetch=_int(env, "PREFETCH", 0, low=1, high=10_000)
             if env.get("SEALSTREAM_PREFETCH")
