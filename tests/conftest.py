@@ -71,8 +71,8 @@ def settings(redis_server: RedisServer, prefix: str) -> Settings:
         # Handshake tests wait for key generation; at the default (idle) priority a
         # busy CI runner would starve it. tests/test_keypool.py checks idle itself.
         handshake_priority="low",
-        # A few keys made ahead, as before the pool's size was a setting: every test's
-        # worker fills it once it is quiet (tests/test_keypool.py checks the rules).
+        # A small key pool: a test's worker makes these four once it has been quiet
+        # for a second (tests/test_keypool_fill.py checks the rules).
         handshake_pool=4,
     )
 

@@ -373,12 +373,14 @@ async def test_handshakes_take_the_keys_a_quiet_worker_made_ahead(
 ) -> None:
     """A quiet worker makes ``SEALSTREAM_HANDSHAKE_POOL`` session keys ahead (the
     ``sealstream_handshake_keys_ready`` gauge shows them); handshakes are answered with
-    those keys, one each, and the pool fills again once the worker is quiet."""
-    async with serving(settings, keys, redis, handshake_pool=3) as rig:
-        full = "sealstream_handshake_keys_ready 3.0"
+    the oldest of them, one each, and the pool fills again (four at once, the rest
+    once the worker is quiet)."""
+    async with serving(settings, keys, redis, handshake_pool=6) as rig:
+        full = "sealstream_handshake_keys_ready 6.0"
         await wait_until(lambda: full in _metrics_text(rig.worker), timeout=30)
         assert rig.worker.processor is not None
-        made_ahead = {k.public_key().public_numbers().n for k in rig.worker.processor.keys._ready}
+        ready = list(rig.worker.processor.keys._ready)
+        made_ahead = {k.public_key().public_numbers().n for k in ready[:3]}
         shakes = [handshake(keys) for _ in range(3)]
         for out, _ in shakes:
             await rig.raw.send(out.request)

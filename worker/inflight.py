@@ -77,6 +77,9 @@ class Tracker(Protocol):
     def done_many(self, ds: Sequence[Delivery]) -> None:
         """Each of ``ds`` is finished (the writer's flush, in one call)."""
 
+    def in_flight(self) -> int:
+        """Entries read and not finished yet."""
+
 
 @dataclass(slots=True, kw_only=True)  # not frozen: built per message, 3x cheaper; never mutated
 class Job:

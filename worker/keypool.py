@@ -4,19 +4,23 @@ A handshake needs a new RSA pair (35-150 ms of CPU for 2048 bits). The pool keep
 to ``SEALSTREAM_HANDSHAKE_POOL`` ready (default 16), so a handshake usually takes one
 at once:
 
-- while the worker is quiet (no batch read for a second, start-up included) it makes
-  keys until the pool is full, and stops as soon as a batch is read;
-- once a handshake has taken a key, it keeps at least ``REFILL_AT_ONCE`` (4) ready,
-  made at once whatever else the worker is doing.
+- while the worker is quiet (no batch read for a second and nothing in flight,
+  start-up included) it makes keys until the pool is full, checking again before
+  each key, so work arriving stops the filling after the key in progress;
+- once a handshake has taken a key, it keeps ``REFILL_AT_ONCE`` (4, or the size
+  if smaller) ready, made at once whatever else the worker is doing;
+- a stopping worker makes none (:meth:`KeyPool.stop_filling`).
 
 So a burst of handshakes is served from keys made while the worker had nothing else
 to do, and refilling past the first few waits for the next quiet second instead of
 taking CPU from the requests that follow the burst (measured: 200 handshakes during
 12,000 SK 4 KiB requests/s, request p99 10.0-12.4 ms with a pool of 200 against
 17.5-22.9 ms with 4, three alternating pairs; README, "Handshakes and their keys").
-A worker under load without a quiet second keeps the four. Key generation and the handshake's RSA unwrap run in the
-pool's own threads (``SEALSTREAM_HANDSHAKE_CONCURRENCY`` of them), never on the event
-loop and never in the threads of ordinary requests. On Linux those threads run at the
+A worker under load without a quiet second keeps the four (so does one that a writer
+keeps busy with an entry a second: what it had before the pool's size was a
+setting). Key generation and the handshake's RSA unwrap run in the pool's own
+threads (``SEALSTREAM_HANDSHAKE_CONCURRENCY`` of them), never on the event loop and
+never in the threads of ordinary requests. On Linux those threads run at the
 lowest CPU priority: on a busy machine a burst of handshakes then takes the CPU
 ordinary requests leave over instead of half of it (measured: request latency p50
 went from ~9 ms to ~220 ms during 200 handshakes at normal priority).
@@ -57,6 +61,8 @@ from worker.logging import get_logger
 
 T = TypeVar("T")
 log = get_logger("sealstream.worker")
+#: The name every handshake-lane thread starts with.
+HANDSHAKE_THREADS = "sealstream-handshake"
 #: Keys kept ready at any cost once the worker serves handshakes.
 REFILL_AT_ONCE = 4
 #: How long the worker must read nothing before the pool fills past REFILL_AT_ONCE (s).
@@ -87,8 +93,9 @@ def lower_priority(priority: str) -> None:
 class KeyPool:
     """Up to ``size`` ready key pairs of ``bits`` bits, made in ``threads`` threads.
 
-    ``activity`` counts the worker's work (batches read): the pool fills past
-    ``REFILL_AT_ONCE`` only while it stays the same (:meth:`run`).
+    ``activity`` counts the worker's work (batches read) and ``busy`` says whether it
+    holds any: the pool fills past ``REFILL_AT_ONCE`` only while the count stays the
+    same and nothing is held (:meth:`run`).
     """
 
     def __init__(
@@ -99,6 +106,7 @@ class KeyPool:
         threads: int,
         priority: str = "idle",
         activity: Callable[[], int] = lambda: 0,
+        busy: Callable[[], bool] = lambda: False,
         quiet_s: float = QUIET_S,
         ready_gauge: Gauge | None = None,
     ) -> None:
@@ -106,11 +114,12 @@ class KeyPool:
         self.size = size
         self._at_once = min(size, REFILL_AT_ONCE)
         self._activity = activity
+        self._busy = busy
         self._quiet_s = quiet_s
         self._gauge = ready_gauge
         self._executor = ThreadPoolExecutor(
             max_workers=threads,
-            thread_name_prefix="sealstream-handshake",
+            thread_name_prefix=HANDSHAKE_THREADS,
             initializer=lower_priority,
             initargs=(priority,),
         )
@@ -120,6 +129,11 @@ class KeyPool:
         self._taken = anyio.Event()
         #: whether a handshake has taken a key (from then on, REFILL_AT_ONCE are kept)
         self._serving = False
+        #: cleared when the worker stops: no more keys made ahead
+        self._filling = True
+        #: whether :meth:`run` is making a key now, and the event set when it is done
+        self._making = False
+        self._made = anyio.Event()
 
     def __len__(self) -> int:
         return len(self._ready)
@@ -128,10 +142,18 @@ class KeyPool:
         """Run ``fn(*args)`` in the pool's threads (the handshake lane)."""
         return await asyncio.wrap_future(self._executor.submit(fn, *args))
 
+    def stop_filling(self) -> None:
+        """Make no more keys ahead (the worker is stopping); a take still gets one."""
+        self._filling = False
+        self._taken.set()
+
     async def take(self) -> rsa.RSAPrivateKey:
-        """The oldest ready key pair, or one made now."""
+        """The oldest ready key pair, or one made now (the one :meth:`run` is making,
+        when the pool is empty: it is further along than a new one)."""
         self._serving = True
         self._taken.set()
+        if not self._ready and self._making:
+            await self._made.wait()
         if self._ready:
             key = self._ready.popleft()
             self._counted()
@@ -142,15 +164,18 @@ class KeyPool:
         """Keep the pool filled until cancelled.
 
         Below ``REFILL_AT_ONCE`` after a take: a key at once. Past it, up to ``size``:
-        keys while the worker is quiet (``activity`` unchanged for ``quiet_s``, then
-        checked again before each key). A full pool waits for a take.
+        keys while the worker is quiet (``activity`` unchanged for ``quiet_s`` and not
+        ``busy``, checked again before each key). A full pool waits for a take, and a
+        stopped one (:meth:`stop_filling`) for cancellation.
         """
         task_status.started()
         self._counted()
         try:
             while True:
                 taken = self._taken = anyio.Event()
-                if self._serving and len(self._ready) < self._at_once:
+                if not self._filling:
+                    await anyio.sleep_forever()
+                elif self._serving and len(self._ready) < self._at_once:
                     await self._make()
                 elif len(self._ready) >= self.size:
                     await taken.wait()
@@ -160,22 +185,31 @@ class KeyPool:
                         len(self._ready) < self.size
                         and not taken.is_set()
                         and self._activity() == mark
+                        and not self._busy()
                     ):
                         await self._make()
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _quiet(self, taken: anyio.Event) -> bool:
-        """Whether the worker did nothing for ``quiet_s`` (False at once on a take)."""
+        """Whether the worker read nothing for ``quiet_s`` and holds nothing now (False
+        at once on a take)."""
         mark = self._activity()
         with anyio.move_on_after(self._quiet_s):
             await taken.wait()
             return False
-        return self._activity() == mark
+        return self._activity() == mark and not self._busy()
 
     async def _make(self) -> None:
-        self._ready.append(await self.call(generate, self.bits))
-        self._counted()
+        self._making = True
+        try:
+            self._ready.append(await self.call(generate, self.bits))
+            self._counted()
+        finally:
+            # Wake a take waiting for this key (or, cancelled, to make its own).
+            self._making = False
+            self._made.set()
+            self._made = anyio.Event()
 
     def _counted(self) -> None:
         if self._gauge is not None:

@@ -85,6 +85,7 @@ class Processor:
             threads=settings.handshake_concurrency,
             priority=settings.handshake_priority,
             activity=lambda: self.batches,
+            busy=lambda: tracker.in_flight() > 0,
             ready_gauge=self.metrics.handshake_keys_ready,
         )
         # The stages, last first: each holds the ones it hands on to.

@@ -164,6 +164,8 @@ class Worker:
     def stop(self) -> None:
         """Ask the worker to stop reading and finish what it has (idempotent)."""
         self._stopping.set()
+        if self.processor is not None:
+            self.processor.keys.stop_filling()
         for backlog in self._backlogs.values():
             backlog.wake()
         if self._startup is not None:
@@ -632,6 +634,10 @@ class Worker:
 
     def _give_back(self, n: int) -> None:
         self._slots.give(n)
+
+    def in_flight(self) -> int:
+        """Entries read and not finished yet (the key pool fills only at none)."""
+        return self._count_in_flight()
 
     def _count_in_flight(self) -> int:
         return sum(len(ids) for ids in self._in_flight.values())
