@@ -1,6 +1,6 @@
 """Session RSA key pairs made ahead of time, in low-priority threads of their own.
 
-A handshake needs a new RSA pair (35-150 ms of CPU for 2048 bits). The pool keeps up
+A handshake needs a new RSA pair (30-150 ms of CPU for 2048 bits). The pool keeps up
 to ``SEALSTREAM_HANDSHAKE_POOL`` ready (default 16), so a handshake usually takes one
 at once:
 
@@ -15,7 +15,8 @@ So a burst of handshakes is served from keys made while the worker had nothing e
 to do, and refilling past the first few waits for the next quiet second instead of
 taking CPU from the requests that follow the burst (measured: 200 handshakes during
 12,000 SK 4 KiB requests/s, request p99 10.0-12.4 ms with a pool of 200 against
-17.5-22.9 ms with 4, three alternating pairs; README, "Handshakes and their keys").
+17.5-22.9 ms with 4, three alternating pairs at d9d5aa5; README, "Handshakes and
+their keys").
 A worker under load without a quiet second keeps the four (so does one that a writer
 keeps busy with an entry a second: what it had before the pool's size was a
 setting). Key generation and the handshake's RSA unwrap run in the pool's own
