@@ -57,7 +57,12 @@ def _run(
             if not chunk:
                 break
             out += chunk
-        return proc.wait(timeout), out
+        try:
+            return proc.wait(timeout), out
+        except subprocess.TimeoutExpired:
+            proc.kill()  # its terminal closed, but it did not exit: fail, never leak it
+            proc.wait()
+            raise
     finally:
         os.close(leader)
         if follower != -1:

@@ -36,7 +36,6 @@ from redis.exceptions import RedisError
 from worker import cli_ops
 from worker.errors import ConfigError, InvalidArgument, SealstreamError, StartupFailed
 from worker.handlers import App
-from worker.keypool import HANDSHAKE_THREADS
 from worker.logging import configure, get_logger
 from worker.settings import Settings, redacted_url
 
@@ -335,16 +334,11 @@ def _exit_past_stuck_threads() -> None:
     Python cannot stop a thread, and the interpreter would wait for it at exit: a
     worker asked to stop would hang on a stuck handler. The worker has already
     written its replies and acks (the abandoned request was answered ``timeout``).
-    The handshake lane's threads are not handlers: one still making a key finishes it
-    (a stopped worker makes none after it), and the interpreter waits for that.
     """
     stuck = [
         t
         for t in threading.enumerate()
-        if t is not threading.main_thread()
-        and t.is_alive()
-        and not t.daemon
-        and not t.name.startswith(HANDSHAKE_THREADS)
+        if t is not threading.main_thread() and t.is_alive() and not t.daemon
     ]
     if stuck:
         get_logger("sealstream.worker").warning("exit_past_stuck_handlers", threads=len(stuck))

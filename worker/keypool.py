@@ -47,10 +47,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import anyio
@@ -91,6 +92,66 @@ def lower_priority(priority: str) -> None:
             log.warning("handshake_priority_unavailable", priority=priority, errno=exc.errno)
 
 
+_Job = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...]]
+
+
+class LaneThreads:
+    """``threads`` daemon threads at the lane's priority, running submitted calls.
+
+    Daemon threads, unlike a ``ThreadPoolExecutor``'s, which the interpreter waits for
+    at exit: a key still being made when the worker stops (at the lowest CPU priority,
+    on a busy machine, that can take seconds) is thrown away instead of holding the
+    process. Nothing else runs in them: a key, or a handshake's unwrap.
+    """
+
+    def __init__(self, threads: int, priority: str) -> None:
+        self._count = threads
+        self._priority = priority
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run ``fn(*args)`` in one of the threads (started at the first call)."""
+        future: Future[T] = Future()
+        self._jobs.put((future, fn, args))
+        if not self._threads:
+            self._threads = [
+                threading.Thread(target=self._serve, name=f"{HANDSHAKE_THREADS}_{i}", daemon=True)
+                for i in range(self._count)
+            ]
+            for thread in self._threads:
+                thread.start()
+        return future
+
+    def shutdown(self, *, wait: bool = False) -> None:
+        """Cancel what has not started; the threads end after their current call."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[0].cancel()
+        for _ in self._threads:
+            self._jobs.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+    def _serve(self) -> None:
+        lower_priority(self._priority)
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the caller, as an executor does
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+
 class KeyPool:
     """Up to ``size`` ready key pairs of ``bits`` bits, made in ``threads`` threads.
 
@@ -118,12 +179,7 @@ class KeyPool:
         self._busy = busy
         self._quiet_s = quiet_s
         self._gauge = ready_gauge
-        self._executor = ThreadPoolExecutor(
-            max_workers=threads,
-            thread_name_prefix=HANDSHAKE_THREADS,
-            initializer=lower_priority,
-            initargs=(priority,),
-        )
+        self._executor = LaneThreads(threads, priority)
         #: oldest first
         self._ready: deque[rsa.RSAPrivateKey] = deque()
         #: set when a key is taken (wakes :meth:`run`)
@@ -190,7 +246,7 @@ class KeyPool:
                     ):
                         await self._make()
         finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor.shutdown()
 
     async def _quiet(self, taken: anyio.Event) -> bool:
         """Whether the worker read nothing for ``quiet_s`` and holds nothing now (False
