@@ -248,3 +248,15 @@ def test_a_key_being_made_does_not_hold_the_process_at_exit() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
     )
     assert (0, "exit handlers ran\n") == (out.returncode, out.stdout), out.stderr
+
+
+def test_the_lane_threads_run_calls_and_refuse_them_once_shut_down() -> None:
+    """A call's result and a call's exception come back through its future; after
+    ``shutdown`` a call is refused, as an executor's would be."""
+    lane = keypool.LaneThreads(1, "low")
+    assert 3 == lane.submit(sum, [1, 2]).result(timeout=_WAIT_S)
+    with pytest.raises(ZeroDivisionError):
+        lane.submit(divmod, 1, 0).result(timeout=_WAIT_S)
+    lane.shutdown(wait=True)
+    with pytest.raises(RuntimeError, match="shut down"):
+        lane.submit(sum, [1])

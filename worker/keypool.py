@@ -109,9 +109,12 @@ class LaneThreads:
         self._priority = priority
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._closed = False
 
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run ``fn(*args)`` in one of the threads (started at the first call)."""
+        if self._closed:
+            raise RuntimeError("the handshake lane's threads are shut down")
         future: Future[T] = Future()
         self._jobs.put((future, fn, args))
         if not self._threads:
@@ -125,6 +128,7 @@ class LaneThreads:
 
     def shutdown(self, *, wait: bool = False) -> None:
         """Cancel what has not started; the threads end after their current call."""
+        self._closed = True
         while True:
             try:
                 job = self._jobs.get_nowait()
