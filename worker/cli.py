@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 from worker import cli_ops
 from worker.errors import ConfigError, InvalidArgument, SealstreamError, StartupFailed
 from worker.handlers import App
+from worker.keypool import HANDSHAKE_THREADS
 from worker.logging import configure, get_logger
 from worker.settings import Settings, redacted_url
 
@@ -329,11 +330,14 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _exit_past_stuck_threads() -> None:
-    """Exit now when a plain handler's thread outlived its timeout.
+    """Exit now when a thread outlived the worker.
 
     Python cannot stop a thread, and the interpreter would wait for it at exit: a
-    worker asked to stop would hang on a stuck handler. The worker has already
-    written its replies and acks (the abandoned request was answered ``timeout``).
+    worker asked to stop would hang on a stuck handler, or on a session key its
+    handshake lane is still making (at the lowest CPU priority that can take long on
+    a busy machine). The worker has already written its replies and acks (an
+    abandoned request was answered ``timeout``); a key made ahead is only thrown
+    away. Only a handler's thread is worth a warning.
     """
     stuck = [
         t
@@ -341,7 +345,11 @@ def _exit_past_stuck_threads() -> None:
         if t is not threading.main_thread() and t.is_alive() and not t.daemon
     ]
     if stuck:
-        get_logger("sealstream.worker").warning("exit_past_stuck_handlers", threads=len(stuck))
+        handlers = [t for t in stuck if not t.name.startswith(HANDSHAKE_THREADS)]
+        if handlers:
+            get_logger("sealstream.worker").warning(
+                "exit_past_stuck_handlers", threads=len(handlers)
+            )
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -47,11 +47,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import anyio
@@ -92,70 +91,6 @@ def lower_priority(priority: str) -> None:
             log.warning("handshake_priority_unavailable", priority=priority, errno=exc.errno)
 
 
-_Job = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...]]
-
-
-class LaneThreads:
-    """``threads`` daemon threads at the lane's priority, running submitted calls.
-
-    Daemon threads, unlike a ``ThreadPoolExecutor``'s, which the interpreter waits for
-    at exit: a key still being made when the worker stops (at the lowest CPU priority,
-    on a busy machine, that can take seconds) is thrown away instead of holding the
-    process. Nothing else runs in them: a key, or a handshake's unwrap.
-    """
-
-    def __init__(self, threads: int, priority: str) -> None:
-        self._count = threads
-        self._priority = priority
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._closed = False
-
-    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        """Run ``fn(*args)`` in one of the threads (started at the first call)."""
-        if self._closed:
-            raise RuntimeError("the handshake lane's threads are shut down")
-        future: Future[T] = Future()
-        self._jobs.put((future, fn, args))
-        if not self._threads:
-            self._threads = [
-                threading.Thread(target=self._serve, name=f"{HANDSHAKE_THREADS}_{i}", daemon=True)
-                for i in range(self._count)
-            ]
-            for thread in self._threads:
-                thread.start()
-        return future
-
-    def shutdown(self, *, wait: bool = False) -> None:
-        """Cancel what has not started; the threads end after their current call."""
-        self._closed = True
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job[0].cancel()
-        for _ in self._threads:
-            self._jobs.put(None)
-        if wait:
-            for thread in self._threads:
-                thread.join()
-
-    def _serve(self) -> None:
-        lower_priority(self._priority)
-        while (job := self._jobs.get()) is not None:
-            future, fn, args = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # handed to the caller, as an executor does
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-
-
 class KeyPool:
     """Up to ``size`` ready key pairs of ``bits`` bits, made in ``threads`` threads.
 
@@ -183,7 +118,12 @@ class KeyPool:
         self._busy = busy
         self._quiet_s = quiet_s
         self._gauge = ready_gauge
-        self._executor = LaneThreads(threads, priority)
+        self._executor = ThreadPoolExecutor(
+            max_workers=threads,
+            thread_name_prefix=HANDSHAKE_THREADS,
+            initializer=lower_priority,
+            initargs=(priority,),
+        )
         #: oldest first
         self._ready: deque[rsa.RSAPrivateKey] = deque()
         #: set when a key is taken (wakes :meth:`run`)
@@ -250,7 +190,7 @@ class KeyPool:
                     ):
                         await self._make()
         finally:
-            self._executor.shutdown()
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _quiet(self, taken: anyio.Event) -> bool:
         """Whether the worker read nothing for ``quiet_s`` and holds nothing now (False
