@@ -22,6 +22,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import replace
@@ -329,6 +330,10 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
     return anyio.run(supervisor.run)
 
 
+#: seconds the worker's threads get to end at exit before they count as stuck
+_THREADS_END_S = 0.5
+
+
 def _exit_past_stuck_threads() -> None:
     """Exit now when a thread outlived the worker.
 
@@ -344,6 +349,13 @@ def _exit_past_stuck_threads() -> None:
         for t in threading.enumerate()
         if t is not threading.main_thread() and t.is_alive() and not t.daemon
     ]
+    # An idle thread of anyio's pool is told to end when the event loop closes, and
+    # may not have ended yet: give the threads that are not making keys a moment.
+    deadline = time.monotonic() + _THREADS_END_S
+    for t in stuck:
+        if not t.name.startswith(HANDSHAKE_THREADS):
+            t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in stuck if t.is_alive()]
     if stuck:
         handlers = [t for t in stuck if not t.name.startswith(HANDSHAKE_THREADS)]
         if handlers:
