@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -57,12 +58,23 @@ def test_variables_are_read() -> None:
         ("SEALSTREAM_LOG_LEVEL", "loud"),
         ("SEALSTREAM_REDIS_URL", "http://127.0.0.1:6379"),
         ("SEALSTREAM_REDIS_URL", "127.0.0.1:6379"),
+        ("SEALSTREAM_UNWRAP_PROCESSES", "-1"),
+        ("SEALSTREAM_UNWRAP_PROCESSES", "65"),
     ],
 )
 def test_bad_values_name_their_variable(name: str, value: str) -> None:
     """A bad value raises ConfigError naming the variable."""
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+def test_unwrap_processes_default_to_one_per_cpu() -> None:
+    """Unset, a worker keeps one unwrap process per CPU; 0 keeps none (threads)."""
+    assert (os.cpu_count() or 2) == Settings.from_env({}).unwrap_processes_or_cpus
+    env = {"SEALSTREAM_UNWRAP_PROCESSES": "0"}
+    assert 0 == Settings.from_env(env).unwrap_processes_or_cpus
+    env = {"SEALSTREAM_UNWRAP_PROCESSES": "3"}
+    assert 3 == Settings.from_env(env).unwrap_processes_or_cpus
 
 
 def test_master_key_never_in_repr() -> None:

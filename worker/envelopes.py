@@ -51,17 +51,25 @@ def open_request(
     key for a handshake) and ``SK+A256GCM`` needs the session key ``ks``. The
     caller has already checked ``encryptedAesKey`` is exactly the modulus size.
     """
-    aad = request_aad(request.alg, request.sid, request.mid, request.ts, request.type)
-    box = _sealed_box(iv=request.iv, ciphertext=request.encrypted_data, tag=request.auth_tag)
     if request.alg == ALG_RSA:
         if private_key is None or request.encrypted_aes_key is None:
             raise DecryptError("cannot open") from None
-        key = unwrap_key(private_key, request.encrypted_aes_key)
-        return _opened(plaintext=open_sealed(key, box, aad), reply_key=key)
+        return open_unwrapped(request, unwrap_key(private_key, request.encrypted_aes_key))
     if ks is None:
         raise DecryptError("cannot open") from None
+    aad = request_aad(request.alg, request.sid, request.mid, request.ts, request.type)
+    box = _sealed_box(iv=request.iv, ciphertext=request.encrypted_data, tag=request.auth_tag)
     plaintext = open_sealed(sk_request_key(ks, request.mid), box, aad)
     return _opened(plaintext=plaintext, reply_key=sk_reply_key(ks, request.mid))
+
+
+def open_unwrapped(request: Request, key: bytes) -> Opened:
+    """Open an ``RSA-OAEP-256+A256GCM`` request whose ``encryptedAesKey`` was already
+    unwrapped to ``key`` (:func:`worker.crypto.unwrap_key`: a random key when it failed
+    to unwrap); one opaque :class:`DecryptError` on failure."""
+    aad = request_aad(request.alg, request.sid, request.mid, request.ts, request.type)
+    box = _sealed_box(iv=request.iv, ciphertext=request.encrypted_data, tag=request.auth_tag)
+    return _opened(plaintext=open_sealed(key, box, aad), reply_key=key)
 
 
 def seal_reply(

@@ -4,7 +4,8 @@
 
     Delivery batch -> decode and admit (wire.decode_request: size and shape; the
       delivery limit; freshness) -> sessions (one MGET per batch, SessionCache)
-      -> envelopes.open_request (SK on the loop; RSA in threads, in chunks of 16)
+      -> envelopes.open_request (SK on the loop; RSA unwraps in child processes,
+         worker.unwrapping, or threads, in chunks of 16)
       -> freshness again -> replay records (the CLAIM script, one call per batch)
       -> Job -> Handling.run_here
 
@@ -59,6 +60,7 @@ from worker.protocol import ALG_RSA
 from worker.sessions import Session, open_record
 from worker.settings import Settings
 from worker.streams import AckWrite, Claim, Retrier, Store
+from worker.unwrapping import UnwrapPool
 from worker.writer import Writer
 
 log = get_logger("sealstream.worker")
@@ -143,9 +145,11 @@ class Intake:
         attempts: AttemptLog,
         handling: Handling,
         writer: Writer,
+        unwraps: UnwrapPool | None = None,
         tracing: _tracing.Tracing | None = None,
     ) -> None:
         self.store = store
+        self.unwraps = unwraps or UnwrapPool(0)
         self.tracing = tracing
         self.retry = retry
         self.metrics = metrics
@@ -266,7 +270,8 @@ class Intake:
                 else:
                     self._refuse(d, fill_context(exc, r))
         if wrapped:
-            # Chunks run in parallel threads (cryptography releases the GIL for RSA).
+            # Chunks run in parallel: in the unwrap processes, or in threads
+            # (cryptography releases the GIL for RSA).
             async with anyio.create_task_group() as tg:
                 for start in range(0, len(wrapped), _RSA_CHUNK):
                     chunk = wrapped[start : start + _RSA_CHUNK]
@@ -285,7 +290,13 @@ class Intake:
         doubtful: list[_Doubt],
         from_cache: Mapping[str, str],
     ) -> None:
-        results = await anyio.to_thread.run_sync(_open_rsa, chunk, limiter=self._rsa)
+        keys = await self.unwraps.unwrap(
+            [(s.private_key_der(), r.encrypted_aes_key or b"") for _, r, s in chunk]
+        )
+        if keys is None:
+            results = await anyio.to_thread.run_sync(_open_rsa, chunk, limiter=self._rsa)
+        else:
+            results = [_open_unwrapped(r, key) for (_, r, _), key in zip(chunk, keys, strict=True)]
         for (d, r, _), result in zip(chunk, results, strict=True):
             if result is not None:
                 opened.append((d, r, result))
@@ -433,6 +444,14 @@ def open_request(request: wire.Request, private_key: Any, ks: bytes | None) -> e
         return envelopes.open_request(request, private_key=private_key, ks=ks)
     except DecryptError:
         raise AuthFailed("authentication failed") from None
+
+
+def _open_unwrapped(request: wire.Request, key: bytes) -> envelopes.Opened | None:
+    """The payload of a request whose key a child process unwrapped (None: it fails)."""
+    try:
+        return envelopes.open_unwrapped(request, key)
+    except DecryptError:
+        return None
 
 
 def _open_rsa(

@@ -69,6 +69,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.unwrap_processes = Gauge(
+            "sealstream_unwrap_processes",
+            "Child processes doing RSA unwraps (SEALSTREAM_UNWRAP_PROCESSES), running now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.reclaimed = Counter(
             "sealstream_reclaimed",
             "Entries reclaimed from consumers idle past the claim timeout.",

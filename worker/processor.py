@@ -3,7 +3,8 @@
 ::
 
     entries -> intake: wire.decode_request -> freshness -> sessions (one MGET per
-      batch) -> envelopes.open_request (SK on the loop; RSA in threads, in chunks)
+      batch) -> envelopes.open_request (SK on the loop; RSA in chunks: unwrap
+      processes, worker.unwrapping, or threads)
       -> replay records (one script per batch)
       -> handling: handlers inline, then the handler pool -> envelopes.seal_reply
       -> writer: reply + record done + XACK (one script per flush of many messages)
@@ -39,6 +40,7 @@ from worker.logging import get_logger
 from worker.metrics import Metrics
 from worker.settings import Settings
 from worker.streams import Retrier, Store
+from worker.unwrapping import UnwrapPool
 from worker.writer import Writer
 
 log = get_logger("sealstream.worker")
@@ -88,6 +90,10 @@ class Processor:
             busy=lambda: tracker.in_flight() > 0,
             ready_gauge=self.metrics.handshake_keys_ready,
         )
+        #: RSA unwraps in child processes (started when the first RSA request comes)
+        self.unwraps = UnwrapPool(
+            settings.unwrap_processes_or_cpus, gauge=self.metrics.unwrap_processes
+        )
         # The stages, last first: each holds the ones it hands on to.
         self.writer = Writer(
             store=store,
@@ -123,6 +129,7 @@ class Processor:
             attempts=self.attempts,
             handling=self.handling,
             writer=self.writer,
+            unwraps=self.unwraps,
             tracing=tracing,
         )
         self.lane = HandshakeLane(
@@ -165,6 +172,7 @@ class Processor:
                     tg.start_soon(self.writer.write_loop)
                 tg.start_soon(self.dispatcher.watchdog)
                 await tg.start(self.keys.run)
+                await tg.start(self.unwraps.run)
                 task_status.started()
 
     def submit(self, batch: Sequence[Delivery]) -> None:

@@ -37,6 +37,19 @@ class Session:
     ks: bytes = field(repr=False)
     created: int
     expires: int
+    #: the private key as PKCS#8 DER, when it was opened from a record (the unwrap
+    #: processes load it from there; see worker.unwrapping)
+    private_der: bytes | None = field(default=None, repr=False, compare=False)
+
+    def private_key_der(self) -> bytes:
+        """The private key as PKCS#8 DER."""
+        if self.private_der is not None:
+            return self.private_der
+        return self.private_key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     @property
     def public_key(self) -> rsa.RSAPublicKey:
@@ -92,11 +105,7 @@ def seal_record(session: Session, kek: MasterKey) -> bytes:
     """The session's sealed record, as stored at ``P:{sid}:session``."""
     inner = msgpack.packb(
         {
-            "priv": session.private_key.private_bytes(
-                serialization.Encoding.DER,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
+            "priv": session.private_key_der(),
             "pub": session.public_key.public_bytes(
                 serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
             ),
@@ -150,5 +159,10 @@ def _session_from(sid: str, inner: Any) -> Session:
     if not isinstance(key, rsa.RSAPrivateKey):
         raise DecryptError("cannot open")
     return Session(
-        sid=sid, private_key=key, ks=inner["ks"], created=inner["created"], expires=inner["expires"]
+        sid=sid,
+        private_key=key,
+        ks=inner["ks"],
+        created=inner["created"],
+        expires=inner["expires"],
+        private_der=inner["priv"],
     )

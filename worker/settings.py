@@ -58,6 +58,9 @@ class Settings:
     handshake_priority: str = "idle"
     #: session key pairs kept ready for handshakes (worker.keypool)
     handshake_pool: int = 16
+    #: child processes doing RSA unwraps (worker.unwrapping); 0: threads; None: one
+    #: per CPU
+    unwrap_processes: int | None = None
     session_max_ttl_s: int = 86_400
     #: entries read ahead of the handlers; None: adaptive (worker.readahead)
     prefetch: int | None = None
@@ -109,6 +112,9 @@ class Settings:
             handshake_concurrency=_int(env, "HANDSHAKE_CONCURRENCY", 1, low=1, high=64),
             handshake_priority=text("HANDSHAKE_PRIORITY", "idle").lower(),
             handshake_pool=_int(env, "HANDSHAKE_POOL", 16, low=0, high=10_000),
+            unwrap_processes=_int(env, "UNWRAP_PROCESSES", 0, low=0, high=64)
+            if env.get("SEALSTREAM_UNWRAP_PROCESSES")
+            else None,
             session_max_ttl_s=_int(env, "SESSION_MAX_TTL_S", 86_400, low=60),
             prefetch=_int(env, "PREFETCH", 0, low=1, high=10_000)
             if env.get("SEALSTREAM_PREFETCH")
@@ -122,6 +128,13 @@ class Settings:
             log_format=text("LOG_FORMAT", "auto").lower(),
             otel=_flag(env, "OTEL"),
         ).validated()
+
+    @property
+    def unwrap_processes_or_cpus(self) -> int:
+        """``unwrap_processes``, or one per CPU when unset."""
+        if self.unwrap_processes is not None:
+            return self.unwrap_processes
+        return os.cpu_count() or 2
 
     def validated(self) -> Settings:
         """Check cross-field rules; return self or raise :class:`ConfigError`."""
