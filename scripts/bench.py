@@ -279,6 +279,10 @@ class Bed:
 
     def start_workers(self, count: int, extra_env: dict[str, str] | None = None) -> None:
         env = {**self.env(), **(extra_env or {})}
+        if count > 1 and "SEALSTREAM_UNWRAP_PROCESSES" not in env:
+            # As `sealstream worker --processes N` shares them out (worker.supervisor).
+            cpus = Settings.from_env({}).unwrap_processes_or_cpus
+            env["SEALSTREAM_UNWRAP_PROCESSES"] = str(max(1, cpus // count))
         for _ in range(count):
             log = open(self.tmp / f"worker-{self.prefix}-{len(self.procs)}.log", "wb")
             cmd = [sys.executable, "-m", "worker", "worker", "--concurrency", str(self.concurrency)]

@@ -262,6 +262,19 @@ def test_children_read_the_password_file_themselves(tmp_path: Path) -> None:
     assert "redis://other:6379/0" == Settings.from_env(env).redis_url
 
 
+def test_children_share_the_cpus_as_unwrap_processes() -> None:
+    """Unless set, N supervised workers get the CPUs shared out as unwrap processes (at
+    least one each); a value that is set is passed on as it is."""
+    cpus = os.cpu_count() or 2
+    settings = Settings.from_env({})
+    for n, each in ((1, cpus), (cpus, 1), (cpus * 4, 1)):
+        env = child_environment({}, settings, redis_url_flag=False, processes=n)
+        assert str(each) == env["SEALSTREAM_UNWRAP_PROCESSES"]
+    settings = Settings.from_env({"SEALSTREAM_UNWRAP_PROCESSES": "0"})
+    env = child_environment({}, settings, redis_url_flag=False, processes=2)
+    assert "0" == env["SEALSTREAM_UNWRAP_PROCESSES"]
+
+
 def _running(pid: int) -> bool:
     """Whether ``pid`` is a live process (a zombie awaiting its reaper is not)."""
     try:

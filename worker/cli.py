@@ -321,7 +321,12 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
     supervisor = Supervisor(
         processes=args.processes,
         args=[*([args.app] if args.app else []), *(["--burst"] if settings.burst else [])],
-        env=child_environment(os.environ, settings, redis_url_flag=args.redis_url is not None),
+        env=child_environment(
+            os.environ,
+            settings,
+            redis_url_flag=args.redis_url is not None,
+            processes=args.processes,
+        ),
         metrics_port=settings.metrics_port,
         metrics_addr=settings.metrics_addr,
         burst=settings.burst,

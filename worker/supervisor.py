@@ -233,14 +233,18 @@ class Supervisor:
 
 
 def child_environment(
-    base: Mapping[str, str], settings: Settings, *, redis_url_flag: bool
+    base: Mapping[str, str], settings: Settings, *, redis_url_flag: bool, processes: int = 1
 ) -> dict[str, str]:
     """The children's environment: ``base`` with the supervisor's resolved settings.
 
     The Redis URL is passed on only when it came from ``--redis-url`` (then any
     password file is dropped, as a flag's URL is used as it is); otherwise children
     read ``SEALSTREAM_REDIS_URL`` and ``SEALSTREAM_REDIS_PASSWORD_FILE`` themselves,
-    so a password from a file stays out of their environment.
+    so a password from a file stays out of their environment. Unless it is set, the
+    machine's CPUs are shared out as unwrap processes: one per CPU in all, at least
+    one per worker (``processes`` workers on a host, each with one unwrap process per
+    CPU, kept a decrypt per CPU-bound process more than the cores could run: two
+    workers with two each drained RSA slower than two with one, see README).
     """
     env = dict(base)
     env.update(
@@ -248,6 +252,11 @@ def child_environment(
         SEALSTREAM_CONCURRENCY=str(settings.concurrency),
         SEALSTREAM_SHARDS=str(settings.shards),
         SEALSTREAM_GRACE_S=repr(settings.grace_s),
+        SEALSTREAM_UNWRAP_PROCESSES=str(
+            settings.unwrap_processes
+            if settings.unwrap_processes is not None
+            else max(1, settings.unwrap_processes_or_cpus // max(1, processes))
+        ),
     )
     if redis_url_flag:
         env["SEALSTREAM_REDIS_URL"] = settings.redis_url
